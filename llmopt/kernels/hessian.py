@@ -1,0 +1,68 @@
+"""Hessian helpers shared by every OBS-style kernel (SparseGPT, GPTQ).
+
+Both papers work with the layer-wise reconstruction objective ‖WX − ŴX‖², whose Hessian with respect
+to one row of W is H = 2 X Xᵀ / N (X: (in, N) calibration inputs). Writing the preparation once keeps
+SparseGPT and GPTQ on exactly the same numerics (llm-compressor normalises them differently).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Input columns that never fired in calibration (diag H == 0): (in,) bool.
+
+    GPTQ §4 / IST-DASLab code: their weights can be anything without changing the outputs, so kernels
+    set them to zero and give H a unit diagonal there so it stays invertible.
+    """
+    return torch.diag(H) == 0
+
+
+def inverse_hessian_cholesky(
+    H: torch.Tensor, damp: float = 0.01, max_tries: int = 6
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp·mean(diag H): (in, in) float32.
+
+    SparseGPT §3.3 / GPTQ §3 ("Cholesky reformulation"): the rows of U give, for each column q, the
+    quantities [H⁻¹_F]_qq and the error-propagation row needed after eliminating columns < q, without
+    ever re-inverting. ``H`` must already have dead columns given a unit diagonal. If the factorisation
+    fails (H numerically indefinite, e.g. few samples), the damping is multiplied by 10 and retried;
+    returns the damping actually used so callers can report it.
+    """
+    H = H.to(torch.float32)
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(max_tries):
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            U = torch.linalg.cholesky(Hinv, upper=True)
+            return U, damp
+        except torch.linalg.LinAlgError:
+            log.warning("Cholesky failed with damp=%g; retrying with damp=%g", damp, damp * 10)
+            damp *= 10
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damp={damp:g}")
+
+
+def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy W (out, in) and H (in, in) to float32, zero dead columns of W and unit-diagonal them in H.
+
+    Returns (W, H, dead) with dead: (in,) bool.
+    """
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+    dead = dead_columns(H)
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H, dead
+
+
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W−Ŵ) H (W−Ŵ)ᵀ): the layer's output reconstruction error under calibration inputs."""
+    D = (W - W_hat).to(torch.float64)
+    return float(torch.einsum("ij,jk,ik->", D, H.to(torch.float64), D))
