@@ -1,0 +1,68 @@
+"""PyTorch eager backend (transformers model on CPU or an accelerator)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llmopt.backends.base import Backend, SpeedResult
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, model_spec: str = "", threads: int | None = None):
+        self.model = model.eval()
+        self.model_spec = model_spec
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_spec(cls, spec: str, threads: int | None = None, device: str | None = None) -> TorchBackend:
+        from llmopt.models import load_model
+
+        loaded = load_model(spec, device=device)
+        return cls(loaded.model, spec, threads=threads)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=False)
+        return out.logits[0].float().cpu()  # (L, V)
+
+    @torch.inference_mode()
+    def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:
+        ids = prompt.view(1, -1).to(self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=ids, use_cache=True)
+        _sync(self.device)
+        t_prefill = time.perf_counter() - t0
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = self.model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(self.device)
+        t_decode = time.perf_counter() - t0
+        return SpeedResult(
+            prefill_tok_s=ids.shape[1] / t_prefill,
+            decode_tok_s=new_tokens / t_decode,
+            prompt_tokens=ids.shape[1],
+            new_tokens=new_tokens,
+            threads=self.threads,
+        )

@@ -1,0 +1,120 @@
+"""Command line: ``llmopt eval`` and ``llmopt compress``. Each command is a few lines over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from llmopt.evaluate import evaluate, format_result
+
+    r = evaluate(
+        a.model,
+        data=a.data,
+        seq_len=a.seq_len,
+        max_windows=a.max_windows,
+        base=a.base,
+        speed=a.speed,
+        backend=a.backend,
+        threads=a.threads,
+        progress=not a.quiet,
+    )
+    print(format_result(r))
+    if a.json:
+        Path(a.json).write_text(json.dumps(r.to_dict(), indent=1))
+    return 0
+
+
+def _compress(a: argparse.Namespace) -> int:
+    from llmopt.compress import compress
+
+    res = compress(
+        a.model,
+        a.recipe,
+        a.output,
+        calib=a.calib,
+        calib_samples=a.calib_samples,
+        calib_seq_len=a.calib_seq_len,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        device=a.device,
+        true_sequential=a.true_sequential,
+    )
+    r = res.report
+    print(f"saved {res.output}")
+    for key, s in r["stages"].items():
+        extra = ""
+        if "sparsity" in s:
+            extra += f" sparsity {100 * s['sparsity']:.2f}%"
+        if "bits_per_weight" in s:
+            extra += f" {s['bits_per_weight']:.3f} bits/weight"
+        print(f"  stage {key}: {s['linears']} Linears{extra}, kernels {s['seconds']:.1f} s")
+    print(
+        f"  compress {r['compress_seconds']:.1f} s, total {r['total_seconds']:.1f} s, "
+        f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmopt", description="Compress causal LMs and measure what it bought.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="perplexity, KL vs a base model, speed")
+    e.add_argument("model", help="bundled:smollm2, a Hub id, a local HF folder, or a .gguf file")
+    e.add_argument("--backend", default="auto", help="torch (default for HF models)")
+    e.add_argument(
+        "--data", default="wikitext2", help="wikitext2, c4, text:PATH[#A:B], hf:NAME[:CONFIG]:SPLIT"
+    )
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument("--base", default=None, help="reference model for KL divergence (same tokenizer)")
+    e.add_argument(
+        "--speed", action="store_true", help="prefill tok/s (512-token prompt), decode tok/s (128)"
+    )
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", default=None, help="write the result as JSON here")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_eval)
+
+    c = sub.add_parser("compress", help="run a YAML recipe and save an HF model folder")
+    c.add_argument("model")
+    c.add_argument("--recipe", required=True, help="YAML recipe, e.g. configs/sparsegpt-50.yaml")
+    c.add_argument("--output", required=True, help="output folder (written atomically)")
+    c.add_argument("--calib", default=None, help="calibration data spec (overrides the recipe), e.g. self:32")
+    c.add_argument("--calib-samples", type=int, default=None)
+    c.add_argument("--calib-seq-len", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--device", default=None, help="cpu (default) or cuda")
+    c.add_argument("--true-sequential", action="store_true", help="calibrate q/k/v, o, gate/up, down in turn")
+    c.set_defaults(func=_compress)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmopt.errors import LLMOptError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except LLMOptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

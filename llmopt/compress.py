@@ -1,0 +1,277 @@
+"""``llmopt.compress``: load a model, run a recipe's stages, save an HF folder atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from llmopt.calibration import apply_to_linear, find_decoder_layers, layer_statistics, run_layerwise
+from llmopt.errors import LLMOptError
+from llmopt.recipe import parse_recipe, recipe_to_yaml
+from llmopt.stages import build_stages
+from llmopt.stages.base import CompressionState, LinearStats, Stage
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "llmopt_report.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class CompressResult:
+    output: str
+    report: dict
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_output_folder(output: str | Path, overwrite: bool) -> Path:
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise LLMOptError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise LLMOptError(f"output path {out} exists and is not a folder; choose another --output")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(output: Path, overwrite: bool):
+    """Yield a temporary sibling folder; on success it replaces ``output``, on failure it is removed,
+    so a crash or a bad input never leaves a half-written output."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if output.exists():
+            if not overwrite:
+                raise LLMOptError(f"output folder {output} appeared while compressing; pass --overwrite")
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _preflight(model: nn.Module, stages: list[Stage]) -> dict[int, list[tuple[str, nn.Linear]]]:
+    """Check every target Linear against every stage before any work (width, group size, N:M)."""
+    try:
+        prefix, layers = find_decoder_layers(model)
+    except LLMOptError:
+        prefix = None
+    targets = {}
+    for st in stages:
+        found = st.targets(model)
+        for name, lin in found:
+            st.check(name, lin)
+            if st.needs_calibration and (prefix is None or not name.startswith(prefix + ".")):
+                raise LLMOptError(
+                    f"stage '{st.name}' needs calibration but {name} is outside the decoder layers; "
+                    "add it to 'ignore' or use a data-free stage for it"
+                )
+        targets[st.index] = found
+    return targets
+
+
+def _plan_owl(model, windows, stages, state, batch_size) -> None:
+    """OWL (Yin et al. 2024 §4): per-layer sparsities from outlier ratios of the dense model."""
+    from llmopt.kernels.owl import layer_outlier_ratio, owl_sparsities
+
+    owl_stages = [s for s in stages if getattr(s.cfg, "owl", None) is not None]
+    if not owl_stages:
+        return
+    stats = layer_statistics(model, windows, "act_sq_norm", batch_size)
+    for st in owl_stages:
+        ratios = []
+        for layer_stats in stats:
+            pairs = []
+            for name, s in layer_stats.items():
+                if st.matches(name):
+                    lin = model.get_submodule(name)
+                    pairs.append((lin.weight.data, s.act_sq_norm.sqrt()))
+            ratios.append(layer_outlier_ratio(pairs, m=st.cfg.owl.m))
+        state.layer_sparsity[st.index] = owl_sparsities(ratios, st.cfg.sparsity, st.cfg.owl.lam)
+        log.info(
+            "OWL sparsities for stage %s: %s", st.name, [round(s, 3) for s in state.layer_sparsity[st.index]]
+        )
+
+
+def compress_model(
+    model: nn.Module,
+    recipe: BaseModel,
+    windows: torch.Tensor | None,
+    true_sequential: bool = False,
+) -> tuple[CompressionState, dict]:
+    """Apply a parsed recipe to a loaded model in place. ``windows``: (N, L) calibration ids, needed when
+    a stage is data-driven. Returns the state (masks, quantized tensors) and a timing summary."""
+    stages = build_stages(recipe)
+    targets = _preflight(model, stages)
+    state = CompressionState()
+    t0 = time.perf_counter()
+    needs_data = any(s.needs_calibration or getattr(s.cfg, "owl", None) for s in stages)
+    if needs_data and windows is None:
+        raise LLMOptError("this recipe has a data-driven stage: give calibration data (--calib)")
+    batch = recipe.calibration.batch_size
+    if needs_data:
+        _plan_owl(model, windows, stages, state, batch)
+    # Data-driven stages go through the layer-wise engine together (one capture, per layer in recipe
+    # order); data-free stages apply directly. Order between the two groups follows the recipe.
+    prefix = None
+    if needs_data:
+        prefix, _ = find_decoder_layers(model)
+    i = 0
+    while i < len(stages):
+        if stages[i].needs_calibration:
+            j = i
+            while j < len(stages) and stages[j].needs_calibration:
+                j += 1
+            run_layerwise(
+                model, windows, stages[i:j], state, batch_size=batch, true_sequential=true_sequential
+            )
+            i = j
+        else:
+            st = stages[i]
+            for name, lin in targets[st.index]:
+                layer_index = None
+                if prefix and name.startswith(prefix + "."):
+                    layer_index = int(name[len(prefix) + 1 :].split(".")[0])
+                apply_to_linear(st, name, lin, LinearStats(), state, layer_index)
+            i += 1
+    return state, {"compress_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _summarise(state: CompressionState) -> dict:
+    per_stage: dict[str, dict] = {}
+    for r in state.reports:
+        key = f"{r['stage_index']}:{r['stage']}"
+        s = per_stage.setdefault(key, {"linears": 0, "params": 0, "zeros": 0.0, "seconds": 0.0})
+        n = r["shape"][0] * r["shape"][1]
+        s["linears"] += 1
+        s["params"] += n
+        s["seconds"] += r["seconds"]
+        if "sparsity" in r:
+            s["zeros"] += r["sparsity"] * n
+        if "bits_per_weight" in r:
+            s["bits_weighted"] = s.get("bits_weighted", 0.0) + r["bits_per_weight"] * n
+    for s in per_stage.values():
+        if s["zeros"]:
+            s["sparsity"] = s["zeros"] / s["params"]
+        if "bits_weighted" in s:
+            s["bits_per_weight"] = s.pop("bits_weighted") / s["params"]
+        del s["zeros"]
+        s["seconds"] = round(s["seconds"], 3)
+    return per_stage
+
+
+def compress(
+    model: str,
+    recipe: str | Path | dict | BaseModel,
+    output: str | Path,
+    calib: str | None = None,
+    calib_samples: int | None = None,
+    calib_seq_len: int | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    true_sequential: bool = False,
+) -> CompressResult:
+    """Compress ``model`` (any model spec) with ``recipe`` and save an HF folder at ``output``.
+
+    The folder holds the model (safetensors; ``from_pretrained`` loads it), its tokenizer, the resolved
+    recipe (``recipe.yaml``, calibration overrides applied) and ``llmopt_report.json`` (per-Linear
+    sparsity/bits/loss, times, peak memory). Everything is written to a temporary sibling first and
+    renamed on success; an existing output is refused unless ``overwrite``.
+    """
+    from llmopt.data import calibration_windows
+    from llmopt.models import load_model
+
+    t_start = time.perf_counter()
+    rec = recipe if isinstance(recipe, BaseModel) else parse_recipe(recipe)
+    overrides = {
+        k: v
+        for k, v in dict(data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed).items()
+        if v is not None
+    }
+    if overrides:
+        cal = rec.calibration.model_validate({**rec.calibration.model_dump(), **overrides})
+        rec = rec.model_copy(update={"calibration": cal})
+    out = check_output_folder(output, overwrite)
+    loaded = load_model(model, device=device)
+    stages = build_stages(rec)
+    _preflight(loaded.model, stages)
+    windows = None
+    t_calib = 0.0
+    if any(s.needs_calibration or getattr(s.cfg, "owl", None) for s in stages):
+        c = rec.calibration
+        t0 = time.perf_counter()
+        windows = calibration_windows(
+            c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model
+        )
+        t_calib = time.perf_counter() - t0
+        log.info(
+            "calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed
+        )
+    state, timing = compress_model(loaded.model, rec, windows, true_sequential=true_sequential)
+
+    report = {
+        "model": model,
+        "recipe": rec.model_dump(mode="json"),
+        "calibration_seconds": round(t_calib, 2),
+        **timing,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "stages": _summarise(state),
+        "linears": state.reports,
+    }
+    with atomic_folder(out, overwrite) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        save_quantized(state, tmp)
+        report["total_seconds"] = round(time.perf_counter() - t_start, 2)
+        (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    log.info("saved %s", out)
+    return CompressResult(str(out), report)
+
+
+def save_quantized(state: CompressionState, folder: Path) -> None:
+    """Per quantized Linear: integer codes and scales (``quantization.safetensors``) plus a JSON index
+    of formats, so exporters write them without re-quantizing."""
+    if not state.quantized:
+        return
+    from safetensors.torch import save_file
+
+    tensors, index = {}, {}
+    for name, oc in state.quantized.items():
+        q = oc.quant
+        tensors[f"{name}.codes"] = q.codes.contiguous()
+        tensors[f"{name}.scale"] = q.qparams.scale.contiguous()
+        tensors[f"{name}.zero"] = q.qparams.zero.contiguous()
+        f = oc.fmt
+        index[name] = {
+            "format": f.name,
+            "bits": f.bits,
+            "group_size": f.group_size,
+            "symmetric": f.symmetric,
+            "gguf_type": f.gguf_type.name if f.gguf_type is not None else None,
+            "codes_dtype": str(q.codes.dtype).removeprefix("torch."),
+        }
+    save_file(tensors, str(folder / "quantization.safetensors"))
+    (folder / "quantization.json").write_text(json.dumps(index, indent=1))

@@ -1,0 +1,161 @@
+"""Perplexity, KL divergence and speed, computed from any :class:`~llmopt.backends.Backend`.
+
+Perplexity follows the GPTQ / SparseGPT papers' protocol (Frantar et al. 2022, §4 "Setup"; reference
+code ``datautils.py`` + ``llama_eval``): the evaluation text is joined, tokenized once, cut into
+non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is dropped), each window
+is scored independently (no BOS inserted, no context carried over), the mean next-token NLL of each
+window is averaged over windows, and ``ppl = exp(mean)``. This is the number ``model(x, labels=x)``
+gives averaged over the same windows.
+
+KL divergence mirrors llama-perplexity's ``--kl-divergence`` report: per scored token
+KL(p_base ‖ p_model) over the full vocabulary, summarised by mean, median, p90/p99/p99.9, max; the
+fraction of tokens where both models' top-1 tokens agree ("same top p"); the mean change of the
+probability of the correct token (Δp); and the perplexity ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llmopt.backends.base import Backend, SpeedResult
+from llmopt.errors import LLMOptError
+
+log = logging.getLogger(__name__)
+
+
+def make_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut a (T,) token stream into non-overlapping windows: (W, seq_len)."""
+    if seq_len < 2:
+        raise LLMOptError(f"--seq-len must be at least 2, got {seq_len}")
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise LLMOptError(
+            f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seq_len}: "
+            "use more text or a smaller --seq-len"
+        )
+    if max_windows is not None:
+        if max_windows < 1:
+            raise LLMOptError(f"--max-windows must be >= 1, got {max_windows}")
+        n = min(n, max_windows)
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+@dataclass
+class KLStats:
+    mean: float
+    median: float
+    p90: float
+    p99: float
+    p999: float
+    max: float
+    top1_agreement: float  # fraction of scored tokens where argmax(base) == argmax(model)
+    mean_delta_p: float  # mean of p_model(correct) − p_base(correct)
+    ppl_ratio: float  # ppl(model) / ppl(base)
+    base_perplexity: float
+
+
+@dataclass
+class EvalResult:
+    model: str
+    backend: str
+    data: str
+    seq_len: int
+    windows: int
+    tokens_scored: int
+    perplexity: float
+    nll: float
+    kl: KLStats | None = None
+    speed: SpeedResult | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("kl", "speed"):
+            if d[k] is None:
+                del d[k]
+        return d
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    # torch.quantile refuses > 16M elements; sort once instead.
+    s, _ = torch.sort(x)
+    return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
+
+
+def score_windows(
+    backend: Backend,
+    windows: torch.Tensor,
+    base: Backend | None = None,
+    progress: bool = True,
+) -> tuple[float, int, dict | None]:
+    """Mean NLL over windows (GPTQ protocol) and, with ``base``, per-token KL statistics.
+
+    windows: (W, L). Row t of each window's logits predicts token t+1, so L−1 tokens are scored per window.
+    """
+    window_nll: list[float] = []
+    base_nll: list[float] = []
+    kls: list[torch.Tensor] = []
+    top1_same = 0
+    delta_p = 0.0
+    for w in tqdm(windows, desc="scoring windows", disable=not progress, leave=False):
+        target = w[1:]  # (L−1,)
+        logp = F.log_softmax(backend.logits(w)[:-1].float(), dim=-1)  # (L−1, V)
+        nll = -logp.gather(1, target[:, None]).squeeze(1)  # (L−1,)
+        window_nll.append(float(nll.double().mean()))
+        if base is not None:
+            logq = F.log_softmax(base.logits(w)[:-1].float(), dim=-1)  # base model: (L−1, V)
+            if logq.shape != logp.shape:
+                raise LLMOptError(
+                    f"--base has vocabulary {logq.shape[-1]} but the model has {logp.shape[-1]}"
+                )
+            base_nll.append(float(-logq.gather(1, target[:, None]).double().mean()))
+            # KL(base ‖ model) = Σ_v q_v (log q_v − log p_v), per token
+            kls.append((logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0))
+            top1_same += int((logq.argmax(-1) == logp.argmax(-1)).sum())
+            delta_p += float(
+                (logp.gather(1, target[:, None]).exp() - logq.gather(1, target[:, None]).exp()).sum()
+            )
+        del logp
+    mean_nll = sum(window_nll) / len(window_nll)
+    n_scored = windows.shape[0] * (windows.shape[1] - 1)
+    kl = None
+    if base is not None:
+        allk = torch.cat(kls)
+        base_ppl = math.exp(sum(base_nll) / len(base_nll))
+        kl = dict(
+            mean=float(allk.double().mean()),
+            median=_quantile(allk, 0.5),
+            p90=_quantile(allk, 0.90),
+            p99=_quantile(allk, 0.99),
+            p999=_quantile(allk, 0.999),
+            max=float(allk.max()),
+            top1_agreement=top1_same / n_scored,
+            mean_delta_p=delta_p / n_scored,
+            ppl_ratio=math.exp(mean_nll) / base_ppl,
+            base_perplexity=base_ppl,
+        )
+    return mean_nll, n_scored, kl
+
+
+def measure_speed(
+    backend: Backend, prompt: torch.Tensor, new_tokens: int = 128, repeats: int = 1
+) -> SpeedResult:
+    """Prefill throughput over ``prompt`` (P,) and greedy decode throughput over ``new_tokens``.
+
+    A short warm-up run (not timed) precedes the timed runs (allocators, thread pools, kernel
+    selection); with ``repeats`` > 1 the best run is kept, the one least disturbed by other processes.
+    """
+    backend.time_generation(prompt[:32], 4)
+    runs = [backend.time_generation(prompt, new_tokens) for _ in range(max(1, repeats))]
+    return SpeedResult(
+        prefill_tok_s=max(r.prefill_tok_s for r in runs),
+        decode_tok_s=max(r.decode_tok_s for r in runs),
+        prompt_tokens=int(prompt.numel()),
+        new_tokens=new_tokens,
+        threads=runs[0].threads,
+    )

@@ -1,0 +1,128 @@
+"""Recipes: YAML files that list compression stages, validated with pydantic.
+
+.. code-block:: yaml
+
+    name: sparsegpt-50
+    calibration: {data: wikitext2, samples: 32, seq_len: 512, seed: 0}
+    stages:
+      - stage: sparsegpt
+        sparsity: 0.5
+
+Every model forbids unknown keys (``extra="forbid"``): a misspelt key is an error that names the valid
+ones. Stage names resolve through the one registry in :mod:`llmopt.stages`.
+"""
+
+from __future__ import annotations
+
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from llmopt.errors import LLMOptError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationConfig(StrictModel):
+    """Where calibration windows come from (GPTQ-paper sampling; see :mod:`llmopt.data`)."""
+
+    data: str = "wikitext2"
+    samples: int = Field(32, ge=1)
+    seq_len: int = Field(512, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)  # windows per forward in the calibration engine
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
+        from llmopt.data import parse_data_spec
+
+        parse_data_spec(v)
+        return v
+
+
+class StageConfig(StrictModel):
+    """Fields every stage has: which nn.Linear modules it touches (fnmatch patterns on module names)."""
+
+    stage: str
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+
+
+@cache
+def _recipe_model() -> type[BaseModel]:
+    from llmopt.stages import REGISTRY
+
+    configs = tuple(cls.Config for cls in REGISTRY.values())
+    StageUnion = Annotated[typing.Union[configs], Field(discriminator="stage")]  # noqa: UP007
+
+    class Recipe(StrictModel):
+        name: str | None = None
+        description: str | None = None
+        calibration: CalibrationConfig = CalibrationConfig()
+        stages: list[StageUnion] = Field(min_length=1)  # type: ignore[valid-type]
+
+    return Recipe
+
+
+def _one_line(err: ValidationError, raw: dict) -> str:
+    """Turn pydantic's multi-line report into one actionable line (first error only)."""
+    from llmopt.stages import REGISTRY
+
+    # A misspelt key also makes the intended one "missing"; report the misspelling, it is the cause.
+    priority = {"extra_forbidden": 0, "union_tag_invalid": 1, "union_tag_not_found": 1}
+    e = min(err.errors(), key=lambda x: priority.get(x["type"], 2))
+    loc = [str(x) for x in e["loc"]]
+    where = ".".join(loc)
+    if e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+        got = e.get("input", {}).get("stage") if isinstance(e.get("input"), dict) else None
+        return f"unknown stage '{got}' at {where or 'stages'}; valid stages: {', '.join(REGISTRY)}"
+    if e["type"] == "extra_forbidden":
+        key = loc[-1]
+        model: Any = _recipe_model()
+        ctx = "recipe"
+        if loc[0] == "calibration":
+            model, ctx = CalibrationConfig, "calibration"
+        elif loc[0] == "stages" and len(loc) >= 3:
+            model = REGISTRY[loc[2]].Config
+            ctx = f"stage {int(loc[1]) + 1} ({loc[2]})"
+        valid = ", ".join(model.model_fields)
+        return f"unknown key '{key}' in {ctx}; valid keys: {valid}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if loc[:1] == ["stages"] and len(loc) >= 3:
+        where = f"stage {int(loc[1]) + 1} ({loc[2]}) {'.'.join(loc[3:])}".strip()
+    return f"invalid recipe value at {where}: {msg}"
+
+
+def parse_recipe(source: str | Path | dict) -> BaseModel:
+    """A recipe from a YAML path, a YAML string, or a dict. Raises LLMOptError with one line."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        text = str(source)
+        p = Path(text)
+        if "\n" not in text and (p.suffix in (".yaml", ".yml") or p.exists()):
+            if not p.is_file():
+                raise LLMOptError(f"recipe not found: {p} (see configs/ for the shipped recipes)")
+            text = p.read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise LLMOptError(f"recipe is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise LLMOptError("a recipe is a YAML mapping with a 'stages' list; see configs/ for examples")
+    try:
+        return TypeAdapter(_recipe_model()).validate_python(raw)
+    except ValidationError as e:
+        raise LLMOptError(_one_line(e, raw)) from None
+
+
+def recipe_to_yaml(recipe: BaseModel) -> str:
+    """The resolved recipe (all defaults filled in), as saved next to every output."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

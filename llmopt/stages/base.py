@@ -1,0 +1,108 @@
+"""The stage interface: a thin adapter between a recipe entry and a pure kernel.
+
+A stage never walks the model or runs forwards itself. It answers three questions:
+
+* which statistic its kernel needs from calibration data (``statistic``): none, the Hessian
+  ``H = 2/N Σ xᵀx`` (SparseGPT, GPTQ), or the per-column ``Σ x_j²`` (Wanda);
+* whether a given Linear is acceptable (``check``, run on every target before any work starts);
+* what to do with one Linear's weight given that statistic (``compress_linear``).
+
+The calibration engine (:mod:`llmopt.calibration`) or, for data-free stages, :func:`llmopt.compress.compress`
+calls it once per target Linear.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from llmopt.errors import LLMOptError
+from llmopt.recipe import StageConfig
+
+Statistic = Literal["none", "hessian", "act_sq_norm"]
+
+
+@dataclass
+class LinearStats:
+    """Calibration statistics of one Linear's input X (N tokens × in features)."""
+
+    hessian: torch.Tensor | None = None  # (in, in) float32, 2/N Σ xᵀx
+    act_sq_norm: torch.Tensor | None = None  # (in,) float32, Σ_n x_nj²
+    tokens: int = 0
+
+
+@dataclass
+class LinearOutcome:
+    """What a stage did to one Linear: the new weight and what the report and exporters need."""
+
+    weight: torch.Tensor  # (out, in) float32, the weight the model continues with
+    keep_mask: torch.Tensor | None = None  # (out, in) bool, True = kept (pruning stages)
+    quant: object | None = None  # llmopt.formats.QuantResult (quantization stages)
+    fmt: object | None = None  # llmopt.formats.QuantFormat
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompressionState:
+    """What stages hand to later stages and to the saver (masks kept by GPTQ, codes for exporters)."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: dict[str, LinearOutcome] = field(default_factory=dict)
+    reports: list[dict] = field(default_factory=list)
+    # per-decoder-layer override of the stage's sparsity (OWL), keyed by stage index then layer index
+    layer_sparsity: dict[int, list[float]] = field(default_factory=dict)
+
+
+class Stage:
+    """Base class; subclasses set ``name``, ``Config`` and ``statistic`` and implement ``compress_linear``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]]
+    statistic: ClassVar[Statistic] = "none"
+
+    def __init__(self, cfg: StageConfig, index: int = 0):
+        self.cfg = cfg
+        self.index = index
+
+    def matches(self, name: str) -> bool:
+        hit = any(fnmatch.fnmatchcase(name, p) for p in self.cfg.targets)
+        return hit and not any(fnmatch.fnmatchcase(name, p) for p in self.cfg.ignore)
+
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and self.matches(n)]
+        if not found:
+            raise LLMOptError(
+                f"stage '{self.name}' matches no nn.Linear (targets={self.cfg.targets}, "
+                f"ignore={self.cfg.ignore}); fix the patterns (fnmatch on module names such as "
+                "model.layers.0.mlp.down_proj)"
+            )
+        return found
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic != "none"
+
+    def check(self, name: str, linear: nn.Linear) -> None:
+        """Raise LLMOptError when this Linear cannot be handled (width, group size, N:M)."""
+
+    def compress_linear(
+        self, name: str, W: torch.Tensor, stats: LinearStats, state: CompressionState, layer_index: int | None
+    ) -> LinearOutcome:
+        raise NotImplementedError
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """'2:4' → (2, 4): N pruned in every M consecutive input weights; None/'unstructured' → None."""
+    if pattern is None or pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"pattern must be 'N:M' such as '2:4' or 'unstructured', got '{pattern}'") from None
+    if not 1 <= n < m:
+        raise ValueError(f"pattern N:M needs 1 <= N < M, got {pattern}")
+    return n, m

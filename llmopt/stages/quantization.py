@@ -1,0 +1,124 @@
+"""Quantization stages: RTN and GPTQ onto a number format (see :mod:`llmopt.formats`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from llmopt.errors import LLMOptError
+from llmopt.recipe import StageConfig
+from llmopt.stages.base import LinearOutcome, Stage
+
+FORMAT_NAMES = ("int", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+class QuantConfig(StageConfig):
+    format: str = "int"  # "int" (bits, group_size, symmetric) or a llama.cpp block type: q8_0, q4_0, ...
+    bits: int | None = None  # 2..8 for "int"; implied by block formats
+    group_size: int | None = None  # along the input dim; None = one scale per output channel
+    symmetric: bool = True
+    mse_grid: int = Field(0, ge=0)  # > 0: search the clipping range on this many points (MSE)
+
+    @field_validator("format")
+    @classmethod
+    def _fmt(cls, v: str) -> str:
+        if v not in FORMAT_NAMES:
+            raise ValueError(f"unknown format '{v}'; valid formats: {', '.join(FORMAT_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.format == "int":
+            if self.bits is None:
+                raise ValueError("format 'int' needs bits (2..8)")
+            if not 2 <= self.bits <= 8:
+                raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        try:
+            self.make_format()
+        except LLMOptError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def make_format(self):
+        from llmopt.formats import make_format
+
+        return make_format(self.format, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
+class QuantStage(Stage):
+    cfg: QuantConfig
+
+    def __init__(self, cfg, index: int = 0):
+        super().__init__(cfg, index)
+        self.fmt = cfg.make_format()
+
+    def check(self, name: str, linear: nn.Linear) -> None:
+        self.fmt.check_width(linear.in_features, name)
+
+    def _outcome(self, name, res, state) -> LinearOutcome:
+        report = {
+            "format": self.fmt.name,
+            "bits_per_weight": self.fmt.bits_per_weight(res.weight.shape[1]),
+            "loss": res.loss,
+        }
+        mask = state.masks.get(name)
+        if mask is not None:
+            pruned = ~mask
+            report["sparsity"] = float((res.weight == 0).float().mean())
+            # formats whose grid has no exact 0 (q4_1, q5_1) take the nearest code: say how many
+            report["pruned_nonzero"] = int((res.weight[pruned] != 0).sum())
+        return LinearOutcome(weight=res.weight, quant=res, fmt=self.fmt, report=report)
+
+
+class RTNConfig(QuantConfig):
+    stage: Literal["rtn"]
+
+
+class RTNStage(QuantStage):
+    """Round-to-nearest onto the format's grid: the data-free baseline."""
+
+    name = "rtn"
+    Config: ClassVar = RTNConfig
+    statistic = "none"
+
+    def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
+        from llmopt.formats import rtn_quantize
+
+        mask = state.masks.get(name)
+        kw = {"keep_mask": mask} if mask is not None else {}
+        res = rtn_quantize(W, self.fmt, mse_grid=self.cfg.mse_grid, **kw)
+        return self._outcome(name, res, state)
+
+
+class GPTQStageConfig(QuantConfig):
+    stage: Literal["gptq"]
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0.0)
+    act_order: bool = False
+    static_groups: bool = False
+
+
+class GPTQStage(QuantStage):
+    """GPTQ (Frantar et al. 2022) on the format; keeps an earlier stage's sparsity mask."""
+
+    name = "gptq"
+    Config: ClassVar = GPTQStageConfig
+    statistic = "hessian"
+
+    def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
+        from llmopt.kernels.gptq import GPTQConfig, gptq_quantize
+
+        c = self.cfg
+        cfg = GPTQConfig(
+            block_size=c.block_size,
+            damp=c.damp,
+            act_order=c.act_order,
+            static_groups=c.static_groups,
+            mse_grid=c.mse_grid,
+        )
+        res = gptq_quantize(W, stats.hessian, self.fmt, cfg, keep_mask=state.masks.get(name))
+        return self._outcome(name, res, state)

@@ -1,0 +1,157 @@
+"""compress end to end on a tiny model, and every bad input: one-line error, exit code != 0, no output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from llmopt.cli import main
+from llmopt.compress import REPORT_FILE, compress
+from llmopt.evaluate import evaluate
+
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_recipe(tmp_path, stages, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump({"stages": stages}))
+    return str(p)
+
+
+def test_magnitude_50_exact_and_reloads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "mag50"
+    res = compress(str(tiny_model_dir), "configs/magnitude-50.yaml", out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    n = 0
+    for name, mod in model.named_modules():
+        if name.endswith(LINEAR_SUFFIXES):
+            w = mod.weight
+            assert int((w == 0).sum()) == round(0.5 * w.numel()), name
+            n += 1
+    assert n == 2 * 7
+    # lm_head / embeddings untouched
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["stages"]["0:magnitude"]["sparsity"] == pytest.approx(0.5)
+    assert report["peak_rss_mib"] > 0 and res.report["linears"][0]["sparsity"] == pytest.approx(0.5)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["sparsity"] == 0.5
+    assert not list(tmp_path.glob(".mag50.tmp-*"))
+
+
+def test_rtn_8bit_has_lower_kl_than_4bit(tiny_model_dir, tiny_text_file, tmp_path):
+    kl = {}
+    for bits in (4, 8):
+        out = tmp_path / f"rtn{bits}"
+        recipe = write_recipe(
+            tmp_path, [{"stage": "rtn", "format": "int", "bits": bits, "group_size": 32}], f"{bits}.yaml"
+        )
+        compress(str(tiny_model_dir), recipe, out)
+        r = evaluate(
+            str(out),
+            data=f"text:{tiny_text_file}",
+            seq_len=64,
+            max_windows=3,
+            base=str(tiny_model_dir),
+            progress=False,
+        )
+        kl[bits] = r.kl.mean
+    assert 0 < kl[8] < kl[4]
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "stage, expect",
+    [
+        ({"stage": "magnitude", "sparsty": 0.5}, "unknown key 'sparsty'"),
+        ({"stage": "magnitude", "sparsity": 1.0}, "sparsity must be in [0, 1)"),
+        ({"stage": "magnitude", "sparsity": -0.2}, "sparsity must be in [0, 1)"),
+        ({"stage": "rtn", "format": "int", "bits": 1}, "bits must be in 2..8"),
+        ({"stage": "rtn", "format": "int", "bits": 9}, "bits must be in 2..8"),
+        ({"stage": "rtn", "format": "int", "bits": 4, "group_size": 128}, "group size 128 does not divide"),
+        ({"stage": "magnitude", "pattern": "2:3"}, "does not divide the input width"),
+    ],
+)
+def test_bad_recipe_inputs(tiny_model_dir, tmp_path, capsys, stage, expect):
+    out = tmp_path / "out"
+    rc, err = run_cli(
+        ["compress", str(tiny_model_dir), "--recipe", write_recipe(tmp_path, [stage]), "--output", str(out)],
+        capsys,
+    )
+    assert rc != 0 and expect in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_unknown_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run_cli(
+        [
+            "compress",
+            str(tmp_path / "no-such-model"),
+            "--recipe",
+            "configs/magnitude-50.yaml",
+            "--output",
+            str(out),
+        ],
+        capsys,
+    )
+    assert rc != 0 and "no-such-model" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_existing_output_refused_then_overwritten(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    rc, err = run_cli(
+        ["compress", str(tiny_model_dir), "--recipe", "configs/magnitude-50.yaml", "--output", str(out)],
+        capsys,
+    )
+    assert rc != 0 and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "user data"
+    rc, _ = run_cli(
+        [
+            "compress",
+            str(tiny_model_dir),
+            "--recipe",
+            "configs/magnitude-50.yaml",
+            "--output",
+            str(out),
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert rc == 0 and (out / REPORT_FILE).exists() and not (out / "keep.txt").exists()
+
+
+def test_cli_subprocess_error_is_one_line(tmp_path):
+    """The installed entry point itself: exit code 2 and a single 'error:' line, no traceback."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmopt.cli",
+            "compress",
+            "bundled:nope",
+            "--recipe",
+            "configs/magnitude-50.yaml",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "o").exists()
