@@ -148,16 +148,18 @@ class StatsAccumulator:
         self.stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
-        self._last: tuple[int, tuple, str] | None = None
+        # The previous hooked input and who accumulated it. Holding the tensor itself (not its address)
+        # matters: a freed activation's memory is reused by the next one of the same shape, so an
+        # address comparison would merge the statistics of unrelated Linears.
+        self._last: tuple[torch.Tensor, str] | None = None
 
     def _hook(self, name: str):
         def hook(module, args, output):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if self._last is not None and self._last[:2] == key:
-                self._alias[name] = self._last[2]  # same input tensor as the previous Linear
+            if self._last is not None and self._last[0] is x:
+                self._alias[name] = self._last[1]  # q/k/v (gate/up) read the very same tensor
                 return
-            self._last = (*key, name)
+            self._last = (x, name)
             self._add(name, x.detach().reshape(-1, x.shape[-1]))
 
         return hook

@@ -88,9 +88,9 @@ class RTNStage(QuantStage):
     def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
         from llmopt.formats import rtn_quantize
 
-        mask = state.masks.get(name)
-        kw = {"keep_mask": mask} if mask is not None else {}
-        res = rtn_quantize(W, self.fmt, mse_grid=self.cfg.mse_grid, **kw)
+        # Pruned weights are already 0 in W; every grid with an exact 0 (int, q8_0, q4_0, q5_0) keeps
+        # them at 0, and the report counts those that moved (q4_1/q5_1).
+        res = rtn_quantize(W, self.fmt, mse_grid=self.cfg.mse_grid)
         return self._outcome(name, res, state)
 
 
@@ -120,5 +120,5 @@ class GPTQStage(QuantStage):
             static_groups=c.static_groups,
             mse_grid=c.mse_grid,
         )
-        res = gptq_quantize(W, stats.hessian, self.fmt, cfg, keep_mask=state.masks.get(name))
+        res = gptq_quantize(W, stats.hessian, self.fmt, cfg, keep_mask=state.masks.get(name), name=name)
         return self._outcome(name, res, state)

@@ -1,0 +1,538 @@
+"""Quantization number formats: grid, rounding, storage, and GGUF block layout.
+
+A format only answers questions; it never runs an algorithm. RTN (:func:`rtn_quantize`) and GPTQ
+(:mod:`llmopt.kernels.gptq`) ask it for per-group parameters (:meth:`QuantFormat.qparams`), for the
+code of each weight (:meth:`QuantFormat.quantize`) and for the float value of a code
+(:meth:`QuantFormat.dequantize`).
+
+Groups. W: (rows, cols) = (out, in) is cut along the input dim into ``n_groups = cols / group_size``
+contiguous groups (one group per row when ``group_size`` is None). :class:`QParams` tensors are
+(rows, n_groups). ``quantize``/``dequantize`` infer the group width from the shapes (cols / n_groups),
+so one column ``W[:, j:j+1]`` with the parameters of its group, ``qp.select(k)``, works: that is how
+GPTQ quantizes column by column.
+
+Formats.
+
+* ``int{b}``, b = 2..8 (IST-DASLab ``gptq`` ``Quantizer`` convention, as in GPTQ checkpoints): codes
+  q ∈ 0..2ᵇ−1, value = scale·(q − zero). Symmetric: zero = 2ᵇ⁻¹ and scale = 2·max|w| / (2ᵇ−1).
+  Asymmetric: the range is widened to contain 0, scale = (max − min) / (2ᵇ−1) and the integer
+  zero = round(−min / scale), so 0.0 is always exactly representable (code ``zero``). Scales are
+  rounded to fp16, the precision a GPTQ checkpoint stores them in.
+* llama.cpp blocks of 32 along the row (``ggml-quants.c``, ``quantize_row_*_ref``), fp16 scale d:
+  ``q8_0`` value d·q, q ∈ −127..127 (int8 codes), d = max|w| / 127;
+  ``q4_0``/``q5_0`` value d·(q − 2ᵇ⁻¹), q ∈ 0..2ᵇ−1, d = max / −2ᵇ⁻¹ with max the signed value of
+  largest magnitude; ``q4_1``/``q5_1`` value d·q + m, q ∈ 0..2ᵇ−1, d = (max − min) / (2ᵇ−1), m = min
+  (fp16). What this module simulates is bit for bit what a GGUF file holds and what llama.cpp /
+  gguf-py dequantize.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from llmopt.errors import LLMOptError
+from llmopt.kernels.hessian import weighted_error
+
+Tensor = torch.Tensor
+
+GGUF_BLOCK = 32  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 in ggml-common.h
+MSE_MAX_SHRINK = 0.8  # clipping search tries range factors 1 − i/grid for i < 0.8·grid (IST-DASLab)
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Per-group parameters of a format, each (rows, n_groups) float32.
+
+    scale: the step of the grid. GGUF block formats: the fp16 d the file stores (rounded before it is
+        put here); int formats: the fp16-rounded scale.
+    zero:  int formats: the integer zero-point (value = scale·(q − zero)); q4_1/q5_1: the fp16 min m
+        (value = d·q + m); q8_0/q4_0/q5_0: zeros, unused (their offset 0 / 2ᵇ⁻¹ is a format constant).
+    ref_inv_scale, ref_min: only set by ``qparams`` of GGUF block formats. llama.cpp's reference
+        quantizer picks codes with the unrounded float32 1/d (and, for q4_1/q5_1, the unrounded min)
+        while it stores fp16 d and m; when present, ``quantize`` does the same, so RTN bytes equal
+        ``gguf.quants.quantize``. :meth:`on_grid` drops them: codes are then the nearest points of
+        the stored grid (what GPTQ and the clipping search use).
+    """
+
+    scale: Tensor
+    zero: Tensor
+    ref_inv_scale: Tensor | None = None
+    ref_min: Tensor | None = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[1]
+
+    def select(self, k: int | slice) -> QParams:
+        """Parameters of group k (an int gives (rows, 1)) or of a slice of groups."""
+        k = slice(k, k + 1) if isinstance(k, int) else k
+        return QParams(*(None if t is None else t[:, k] for t in self._fields()))
+
+    def on_grid(self) -> QParams:
+        """The same grid without llama.cpp's reference rounding: quantize picks the nearest grid point."""
+        return replace(self, ref_inv_scale=None, ref_min=None)
+
+    @staticmethod
+    def cat(parts: list[QParams]) -> QParams:
+        """Concatenate parameters of consecutive groups along the group dim."""
+        fields = list(zip(*(p._fields() for p in parts)))
+        return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=1) for f in fields))
+
+    def _fields(self) -> tuple[Tensor | None, ...]:
+        return self.scale, self.zero, self.ref_inv_scale, self.ref_min
+
+
+@dataclass
+class QuantResult:
+    """Output of a quantization kernel (RTN or GPTQ).
+
+    codes:   (rows, cols) integer codes as the format stores them (uint8; int8 for q8_0), in the
+             original column order.
+    qparams: (rows, n_groups) scales / zeros, groups in the original column order.
+    weight:  (rows, cols) float32 dequantized ("fake-quant") weights = fmt.dequantize(codes, qparams).
+    loss:    tr((W − Ŵ) H (W − Ŵ)ᵀ); nan when no Hessian was given.
+    pruned_nonzero: weights marked pruned (keep_mask False) whose quantized value is not exactly 0.
+             0 for every format whose grid contains 0 (int, q8_0, q4_0, q5_0); can be > 0 for
+             q4_1/q5_1, whose grid d·q + m generally misses 0.
+    damp:    damping fraction GPTQ actually used (None for RTN).
+    """
+
+    codes: Tensor
+    qparams: QParams
+    weight: Tensor
+    loss: float
+    pruned_nonzero: int = 0
+    damp: float | None = None
+
+
+def _fp16(t: Tensor) -> Tensor:
+    """Round to the nearest fp16 value (ties to even, as numpy's astype), kept in float32."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def _per_column(t: Tensor, cols: int) -> Tensor:
+    """(rows, n_groups) → (rows, cols): each group's value repeated over its cols / n_groups columns."""
+    n = t.shape[1]
+    if n == 0 or cols % n:
+        raise ValueError(f"{cols} columns cannot be split into {n} equal groups")
+    return t.repeat_interleave(cols // n, dim=1)
+
+
+def _safe_inverse(d: Tensor) -> Tensor:
+    """1/d with 0 where d == 0 (ggml: ``id = d ? 1.0f/d : 0.0f``)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+
+
+def _safe_div(x: Tensor, d: Tensor) -> Tensor:
+    """x / d, with 0 where d == 0."""
+    return torch.where(d == 0, torch.zeros_like(x), x / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C ``roundf``: round half away from zero, with gguf-py's exact float32 formula (``np_roundf``)."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def _pow2_divisors(n: int, below: int) -> list[int]:
+    """Powers of two in [8, below) that divide n, largest first."""
+    return [g for g in (2**k for k in range(12, 2, -1)) if g < below and n % g == 0]
+
+
+class QuantFormat(ABC):
+    """A quantization number format (see the module docstring for the grids).
+
+    name:       "int4", "q4_0", ...
+    bits:       bits per code.
+    group_size: columns sharing one scale, along the input dim; None = one group per output row.
+    symmetric:  grid symmetric around 0 without a stored zero-point / min.
+    gguf_type:  the GGML tensor type holding this format, None if GGUF has none.
+    code_dtype: torch dtype of the codes (uint8, or int8 for q8_0).
+    """
+
+    name: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    gguf_type: GGMLQuantizationType | None
+    code_dtype: torch.dtype = torch.uint8
+
+    # --- what subclasses define -----------------------------------------------------------------
+    @abstractmethod
+    def _range_params(self, Wg: Tensor, shrink: float) -> QParams:
+        """Reference parameters of each group of Wg: (rows, n_groups, g), range scaled by ``shrink``."""
+
+    @abstractmethod
+    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        """Codes of W: (rows, k·n_groups) on the grid of qp: (rows, n_groups) → (rows, k·n_groups)."""
+
+    @abstractmethod
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        """Float32 values of codes: (rows, k·n_groups) → (rows, k·n_groups)."""
+
+    @abstractmethod
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """Storage bits per weight, code plus per-group scale/zero/min overhead."""
+
+    # --- shared behaviour -----------------------------------------------------------------------
+    def fake_quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        """dequantize(quantize(W)): W: (rows, cols) → the float32 grid values W rounds to."""
+        return self.dequantize(self.quantize(W, qp), qp)
+
+    def check_width(self, in_features: int, layer: str | None = None) -> None:
+        """Raise :class:`LLMOptError` when the group size does not divide ``in_features``."""
+        g = self.group_size
+        if g is None or in_features % g == 0:
+            return
+        of = f" of {layer}" if layer else ""
+        if self.gguf_type is not None:
+            raise LLMOptError(
+                f"{self.name} blocks of {g} do not divide in_features={in_features}{of}; "
+                "use an int format per channel (group_size=None) for this layer or leave it unquantized"
+            )
+        fits = _pow2_divisors(in_features, g)[:2]
+        hint = " or ".join(map(str, fits)) if fits else "group_size=None (one group per output row)"
+        raise LLMOptError(f"group size {g} does not divide in_features={in_features}{of}; use {hint}")
+
+    def qparams(self, W: Tensor, mse_grid: int = 0, weight: Tensor | None = None) -> QParams:
+        """Per-group parameters for W: (rows, cols) → QParams (rows, n_groups).
+
+        mse_grid = 0: the round-to-nearest reference choice (min/max, or llama.cpp's ``_ref`` rule).
+        mse_grid > 0: clipping search (IST-DASLab ``Quantizer.find_params(mse=True)``): scale the range
+        by 1 − i/mse_grid for i < 0.8·mse_grid and keep per group the parameters minimising
+        Σ_j weight_j (w_j − ŵ_j)² (weight: (cols,) column importance, e.g. diag(H) or mean x²; None =
+        plain MSE). The result then rounds to the nearest grid point (:meth:`QParams.on_grid`).
+        """
+        rows, cols = W.shape
+        self.check_width(cols)
+        W = W.detach().to(torch.float32)
+        g = self.group_size or cols
+        Wg = W.reshape(rows, cols // g, g)  # (rows, n_groups, g)
+        qp = self._range_params(Wg, 1.0)
+        if mse_grid <= 0:
+            return qp
+        imp = torch.ones(cols) if weight is None else weight.detach().to(torch.float32).reshape(cols)
+        imp = imp.to(W.device).reshape(1, cols // g, g)
+
+        def group_error(p: QParams) -> Tensor:  # (rows, n_groups) Σ_j imp_j (w − ŵ)²
+            return ((W - self.fake_quantize(W, p)).reshape(Wg.shape) ** 2 * imp).sum(-1)
+
+        best = qp.on_grid()
+        best_err = group_error(best)
+        for i in range(1, int(MSE_MAX_SHRINK * mse_grid)):
+            cand = self._range_params(Wg, 1 - i / mse_grid).on_grid()
+            err = group_error(cand)
+            better = err < best_err
+            best = QParams(
+                torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero)
+            )
+            best_err = torch.where(better, err, best_err)
+        return best
+
+    def to_gguf_blocks(self, codes: Tensor, qp: QParams) -> np.ndarray:
+        """Pack codes + params as GGUF bytes: uint8 (rows, n_blocks · bytes_per_block)."""
+        raise LLMOptError(
+            f"{self} has no GGUF tensor type; use q8_0, q4_0, q4_1, q5_0 or q5_1 for GGUF export"
+        )
+
+    def from_gguf_blocks(self, data: np.ndarray) -> tuple[Tensor, QParams]:
+        """Inverse of :meth:`to_gguf_blocks`: uint8 (rows, n_bytes) → (codes, QParams)."""
+        raise LLMOptError(f"{self} has no GGUF tensor type; use q8_0, q4_0, q4_1, q5_0 or q5_1")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class IntFormat(QuantFormat):
+    """b-bit integer grid, value = scale·(q − zero), q ∈ 0..2ᵇ−1 (IST-DASLab ``gptq`` ``Quantizer``).
+
+    Symmetric: zero = 2ᵇ⁻¹, scale = 2·max|w| / (2ᵇ−1) (so +max|w| is slightly clipped, as in GPTQ).
+    Asymmetric: [min, max] widened to contain 0, scale = (max − min)/(2ᵇ−1), zero = round(−min/scale)
+    clamped to the code range; value 0 is exactly code ``zero``. Scales are rounded to fp16 first.
+    An all-zero group gets the range [−1, 1] (any scale; its codes all decode to 0).
+    """
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+
+    gguf_type = None
+    code_dtype = torch.uint8
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"int{self.bits}"
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def __str__(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """b + (16 [fp16 scale] + b [packed zero-point, asym only]) / group size.
+
+        Per-channel formats amortise the overhead over ``in_features`` when given, else ignore it.
+        No act-order index is counted (act-order here always uses static, contiguous groups).
+        """
+        g = self.group_size or in_features
+        overhead = 16 + (0 if self.symmetric else self.bits)
+        return self.bits + (overhead / g if g else 0.0)
+
+    def _range_params(self, Wg: Tensor, shrink: float) -> QParams:
+        xmin = Wg.amin(-1).clamp(max=0) * shrink  # (rows, n_groups)
+        xmax = Wg.amax(-1).clamp(min=0) * shrink
+        if self.symmetric:
+            amax = torch.maximum(-xmin, xmax)
+            amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+            scale = _fp16(2 * amax / self.maxq).clamp(min=2**-24)  # smallest fp16 subnormal
+            zero = torch.full_like(scale, 2 ** (self.bits - 1))
+        else:
+            empty = (xmin == 0) & (xmax == 0)
+            xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+            xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+            scale = _fp16((xmax - xmin) / self.maxq).clamp(min=2**-24)
+            zero = torch.round(-xmin / scale).clamp(0, self.maxq)
+        return QParams(scale, zero)
+
+    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        cols = W.shape[1]
+        scale, zero = _per_column(qp.scale, cols), _per_column(qp.zero, cols)  # (rows, cols)
+        return (torch.round(W / scale) + zero).clamp(0, self.maxq).to(torch.uint8)
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        cols = codes.shape[1]
+        return _per_column(qp.scale, cols) * (codes.to(torch.float32) - _per_column(qp.zero, cols))
+
+
+class _GGUFBlockFormat(QuantFormat):
+    """llama.cpp legacy block formats: blocks of 32 weights along the row, fp16 scale (and min)."""
+
+    group_size = GGUF_BLOCK
+    has_min = False
+
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """GGUF bytes per block · 8 / 32: codes + fp16 d (+ fp16 m for q4_1/q5_1)."""
+        block, type_size = GGML_QUANT_SIZES[self.gguf_type]
+        return type_size * 8 / block
+
+    def __repr__(self) -> str:
+        return f"make_format({self.name!r})"
+
+    def to_gguf_blocks(self, codes: Tensor, qp: QParams) -> np.ndarray:
+        """llama.cpp block layout (``block_q4_0`` etc. in ggml-common.h), little-endian.
+
+        q8_0: d, qs[32] int8.  q4_0: d, qs[16].  q4_1: d, m, qs[16].  q5_0: d, qh[4], qs[16].
+        q5_1: d, m, qh[4], qs[16]. qs[i] = (q[i] & 15) | (q[i+16] & 15) << 4; bit i of the uint32 qh
+        is bit 4 of q[i].
+        """
+        rows, cols = codes.shape
+        nb = cols // GGUF_BLOCK
+        q = codes.cpu().numpy().reshape(rows, nb, GGUF_BLOCK)
+
+        def f16_bytes(t: Tensor) -> np.ndarray:  # (rows, nb) → (rows, nb, 2)
+            return t.cpu().numpy().astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+
+        parts = [f16_bytes(qp.scale)]
+        if self.has_min:
+            parts.append(f16_bytes(qp.zero))
+        if self.bits == 8:
+            parts.append(q.astype(np.int8).view(np.uint8))
+        else:
+            q = q.astype(np.uint8)
+            if self.bits == 5:
+                parts.append(np.packbits((q >> 4) & 1, axis=-1, bitorder="little"))  # qh: (rows, nb, 4)
+            half = GGUF_BLOCK // 2
+            parts.append((q[..., :half] & 0x0F) | ((q[..., half:] & 0x0F) << 4))  # qs: (rows, nb, 16)
+        out = np.concatenate(parts, axis=-1)
+        assert out.shape[-1] == GGML_QUANT_SIZES[self.gguf_type][1]
+        return out.reshape(rows, -1)
+
+    def from_gguf_blocks(self, data: np.ndarray) -> tuple[Tensor, QParams]:
+        type_size = GGML_QUANT_SIZES[self.gguf_type][1]
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        rows = data.shape[0]
+        blocks = data.reshape(rows, -1, type_size)  # (rows, nb, type_size)
+
+        def take_f16(at: int) -> Tensor:  # (rows, nb) float32
+            raw = np.ascontiguousarray(blocks[..., at : at + 2]).view(np.float16)[..., 0]
+            return torch.from_numpy(raw.astype(np.float32))
+
+        scale = take_f16(0)
+        zero = take_f16(2) if self.has_min else torch.zeros_like(scale)
+        at = 4 if self.has_min else 2
+        if self.bits == 8:
+            q = torch.from_numpy(blocks[..., at:].copy().view(np.int8))
+        else:
+            qh = None
+            if self.bits == 5:
+                qh = np.unpackbits(blocks[..., at : at + 4], axis=-1, bitorder="little")  # (rows, nb, 32)
+                at += 4
+            qs = blocks[..., at:]
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, nb, 32)
+            if qh is not None:
+                q = q | (qh << 4)
+            q = torch.from_numpy(q.astype(np.uint8))
+        return q.reshape(rows, -1), QParams(scale, zero)
+
+
+class _Q8_0(_GGUFBlockFormat):
+    """q8_0: value d·q, q ∈ −127..127, d = fp16(max|w| / 127) (``quantize_row_q8_0_ref``)."""
+
+    name = "q8_0"
+    bits = 8
+    symmetric = True
+    gguf_type = GGMLQuantizationType.Q8_0
+    code_dtype = torch.int8
+
+    def _range_params(self, Wg: Tensor, shrink: float) -> QParams:
+        amax = Wg.abs().amax(-1) * shrink  # (rows, nb)
+        d = amax / torch.full_like(amax, 127.0)  # float32 division, as ggml
+        return QParams(_fp16(d), torch.zeros_like(d), ref_inv_scale=_safe_inverse(d))
+
+    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        cols = W.shape[1]
+        if qp.ref_inv_scale is not None:  # ggml: roundf(x · id), id from the unrounded d
+            q = _round_half_away(W * _per_column(qp.ref_inv_scale, cols))
+        else:
+            q = torch.round(_safe_div(W, _per_column(qp.scale, cols)))
+        return q.clamp(-127, 127).to(torch.int8)
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        return codes.to(torch.float32) * _per_column(qp.scale, codes.shape[1])  # gguf-py: x · d
+
+
+class _SignedMaxBlock(_GGUFBlockFormat):
+    """q4_0 / q5_0: value d·(q − 2ᵇ⁻¹), q ∈ 0..2ᵇ−1, d = fp16(max / −2ᵇ⁻¹), max = signed value of
+    largest magnitude (first one on ties), so max itself lands exactly on code 0."""
+
+    symmetric = True
+
+    @property
+    def offset(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    def _range_params(self, Wg: Tensor, shrink: float) -> QParams:
+        imax = Wg.abs().argmax(-1, keepdim=True)  # first index of the largest |w|, as numpy argmax
+        mx = Wg.gather(-1, imax).squeeze(-1) * shrink  # (rows, nb) signed
+        d = mx / -self.offset  # exact: power of two
+        return QParams(_fp16(d), torch.zeros_like(d), ref_inv_scale=_safe_inverse(d))
+
+    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        cols, o = W.shape[1], self.offset
+        if qp.ref_inv_scale is not None:  # ggml: MIN(2ᵇ−1, (int8_t)(x·id + o + 0.5f))
+            q = torch.trunc(W * _per_column(qp.ref_inv_scale, cols) + (o + 0.5))
+        else:
+            q = torch.round(_safe_div(W, _per_column(qp.scale, cols))) + o
+        return q.clamp(0, 2**self.bits - 1).to(torch.uint8)
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        # gguf-py: d · (q − o) with (q − o) int8 → float32
+        return _per_column(qp.scale, codes.shape[1]) * (codes.to(torch.float32) - self.offset)
+
+
+class _MinBlock(_GGUFBlockFormat):
+    """q4_1 / q5_1: value d·q + m, q ∈ 0..2ᵇ−1, d = fp16((max − min)/(2ᵇ−1)), m = fp16(min)."""
+
+    symmetric = False
+    has_min = True
+
+    def _range_params(self, Wg: Tensor, shrink: float) -> QParams:
+        mn = Wg.amin(-1) * shrink  # (rows, nb)
+        mx = Wg.amax(-1) * shrink
+        d = (mx - mn) / torch.full_like(mn, float(2**self.bits - 1))
+        return QParams(_fp16(d), _fp16(mn), ref_inv_scale=_safe_inverse(d), ref_min=mn)
+
+    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        cols = W.shape[1]
+        if qp.ref_inv_scale is not None and qp.ref_min is not None:  # ggml: (x − min)·id + 0.5f
+            q = torch.trunc((W - _per_column(qp.ref_min, cols)) * _per_column(qp.ref_inv_scale, cols) + 0.5)
+        else:
+            q = torch.round(_safe_div(W - _per_column(qp.zero, cols), _per_column(qp.scale, cols)))
+        return q.clamp(0, 2**self.bits - 1).to(torch.uint8)
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        cols = codes.shape[1]
+        return _per_column(qp.scale, cols) * codes.to(torch.float32) + _per_column(qp.zero, cols)  # d·q + m
+
+
+class _Q4_0(_SignedMaxBlock):
+    name, bits, gguf_type = "q4_0", 4, GGMLQuantizationType.Q4_0
+
+
+class _Q5_0(_SignedMaxBlock):
+    name, bits, gguf_type = "q5_0", 5, GGMLQuantizationType.Q5_0
+
+
+class _Q4_1(_MinBlock):
+    name, bits, gguf_type = "q4_1", 4, GGMLQuantizationType.Q4_1
+
+
+class _Q5_1(_MinBlock):
+    name, bits, gguf_type = "q5_1", 5, GGMLQuantizationType.Q5_1
+
+
+GGUF_FORMATS: dict[str, QuantFormat] = {f.name: f for f in (_Q8_0(), _Q4_0(), _Q4_1(), _Q5_0(), _Q5_1())}
+FORMAT_NAMES = ("int", *GGUF_FORMATS)
+
+
+def make_format(
+    name: str, bits: int | None = None, group_size: int | None = None, symmetric: bool = True
+) -> QuantFormat:
+    """Format by name: "int" (with bits 2..8; "int4" also works) or a GGUF block format.
+
+    GGUF block formats have fixed bits and blocks of 32 (``group_size`` must be 32 or None) and
+    ignore ``symmetric`` (q4_1/q5_1 are asymmetric by construction).
+    """
+    key = name.strip().lower()
+    if key.startswith("int") and key[3:].isdigit():
+        named = int(key[3:])
+        if bits is not None and bits != named:
+            raise LLMOptError(f"format {name!r} says {named} bits but bits={bits}; give one of them")
+        key, bits = "int", named
+    if key == "int":
+        if bits is None:
+            raise LLMOptError("format 'int' needs bits in 2..8, e.g. bits=4")
+        if not 2 <= bits <= 8:
+            raise LLMOptError(f"bits must be in 2..8, got {bits}")
+        if group_size is not None and group_size < 1:
+            raise LLMOptError(
+                f"group size must be a positive integer or None (per channel), got {group_size}"
+            )
+        return IntFormat(bits, group_size, symmetric)
+    fmt = GGUF_FORMATS.get(key)
+    if fmt is None:
+        raise LLMOptError(f"unknown quantization format {name!r}; valid: {', '.join(FORMAT_NAMES)}")
+    if group_size not in (None, GGUF_BLOCK):
+        raise LLMOptError(
+            f"{key} uses fixed blocks of {GGUF_BLOCK}; set group_size to {GGUF_BLOCK} or leave it out"
+        )
+    if bits is not None and bits != fmt.bits:
+        raise LLMOptError(f"{key} has {fmt.bits} bits, got bits={bits}; leave bits out for GGUF formats")
+    return fmt
+
+
+def rtn_quantize(
+    W: Tensor, fmt: QuantFormat, mse_grid: int = 0, weight: Tensor | None = None, H: Tensor | None = None
+) -> QuantResult:
+    """Round-to-nearest: per-group params from ``fmt.qparams`` then each weight on its own grid.
+
+    W: (out, in). With mse_grid = 0 a GGUF format reproduces ``gguf.quants.quantize`` byte for byte.
+    H: optional (in, in) Hessian for ``loss`` = tr((W − Ŵ) H (W − Ŵ)ᵀ) (nan without it).
+    """
+    W = W.detach().to(torch.float32)
+    qp = fmt.qparams(W, mse_grid=mse_grid, weight=weight)
+    codes = fmt.quantize(W, qp)
+    W_hat = fmt.dequantize(codes, qp)
+    loss = weighted_error(W, W_hat, H) if H is not None else math.nan
+    return QuantResult(codes=codes, qparams=qp, weight=W_hat, loss=loss)

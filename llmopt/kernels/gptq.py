@@ -1,0 +1,161 @@
+"""GPTQ: one-shot weight quantization with OBS error compensation (Frantar et al. 2022, arXiv 2210.17323).
+
+Follows Algorithm 1 of the paper and the IST-DASLab reference ``GPTQ.fasterquant``: quantize the
+columns of W one at a time in a fixed order (§3 "arbitrary order insight"); after each column spread
+its error (w − q) / U_jj over the not-yet-quantized columns of the current block of B columns, and
+apply the block's accumulated update to all later columns in one matrix product (§3 "lazy batch
+updates"); the rows of U, the upper Cholesky factor of H⁻¹, give every quantity needed without
+re-inverting H (§3 "Cholesky reformulation").
+
+The number format is a :class:`~llmopt.formats.QuantFormat`; this kernel only asks it for group
+parameters, codes and values, so it serves int and GGUF formats alike.
+
+Groups. With a group size, each group's parameters are chosen when the walk reaches its first column,
+from the weights *as updated so far* (IST-DASLab default), or, with ``static_groups``, for all groups
+up front from the original W (IST-DASLab ``--static-groups``). ``act_order`` (IST-DASLab
+``--act-order``) walks the columns by decreasing diag(H); it then requires ``static_groups`` for any
+grouped format (int with a group size, all GGUF formats), so that every group is still a contiguous
+run of columns in the ORIGINAL order and the result can be exported without a g_idx permutation.
+We raise rather than silently switch static groups on, so a recipe always says what it runs.
+
+Sparsity. ``keep_mask`` (True = kept, from a pruning stage) is honoured as in SparseGPT §3.5 (joint
+sparsification + quantization): when a column is reached its pruned entries are set to 0 before
+rounding, and the error of doing so is compensated like any quantization error; so error propagation
+never brings a pruned weight back. 0 maps to an exact 0 for every format whose grid contains it (int,
+q8_0, q4_0, q5_0); q4_1/q5_1 round it to the nearest code and ``pruned_nonzero`` counts the misses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.errors import LLMOptError
+from llmopt.formats import QParams, QuantFormat, QuantResult
+from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    block_size: int = 128  # B: columns updated lazily together (§3 "lazy batch updates")
+    damp: float = 0.01  # fraction of mean(diag H) added to diag H before inverting (§4 "dampening")
+    act_order: bool = False  # walk columns by decreasing diag(H); grouped formats need static_groups
+    static_groups: bool = False  # all group parameters from the original W, before any update
+    mse_grid: int = 0  # > 0: clipping search for group parameters (QuantFormat.qparams)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise LLMOptError(f"GPTQ block_size is {self.block_size}; use a positive integer, e.g. 128")
+        if not self.damp > 0:
+            raise LLMOptError(f"GPTQ damp is {self.damp}; use a small positive fraction, e.g. 0.01")
+        if self.mse_grid < 0:
+            raise LLMOptError(f"GPTQ mse_grid is {self.mse_grid}; use 0 (off) or a grid size such as 100")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    fmt: QuantFormat,
+    cfg: GPTQConfig = GPTQConfig(),  # noqa: B008 (frozen, immutable default)
+    keep_mask: torch.Tensor | None = None,
+    name: str | None = None,
+) -> QuantResult:
+    """Quantize W onto ``fmt`` minimising ‖WX − ŴX‖² (GPTQ Algorithm 1).
+
+    W: (out, in); H: (in, in) = 2 X Xᵀ / N from calibration inputs X: (in, N); keep_mask: (out, in)
+    bool, True = kept. ``name`` (the layer) only makes error messages precise.
+    Returns codes and dequantized weights in the original column order, group parameters (rows,
+    n_groups) in the original group order, and ``loss`` = tr((W − Ŵ) H (W − Ŵ)ᵀ).
+    Dead input columns (diag H == 0) are zeroed before quantization (their inputs are always 0).
+    """
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"H must be ({cols}, {cols}) for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    if keep_mask is not None and keep_mask.shape != W.shape:
+        raise ValueError(f"keep_mask must have W's shape {tuple(W.shape)}, got {tuple(keep_mask.shape)}")
+    fmt.check_width(cols, name)
+    g = fmt.group_size
+    static = g is None or cfg.static_groups  # per-channel params are always computed up front
+    if cfg.act_order and not static:
+        raise LLMOptError(
+            f"GPTQ act_order with {fmt} (groups of {g}) needs static_groups=True so groups stay contiguous "
+            "in the original column order; set static_groups: true or act_order: false"
+        )
+
+    W_orig, H_orig = W, H
+    W, H, _dead = prepare(W, H)  # float32 copies; dead columns zeroed / unit diagonal
+    keep = None if keep_mask is None else keep_mask.to(device=W.device, dtype=torch.bool)
+    if keep is not None:
+        W = W * keep  # pruned weights start (and will end) at 0
+    importance = torch.diag(H)  # (in,) column weights for the optional clipping search
+
+    qp_static = fmt.qparams(W, cfg.mse_grid, importance).on_grid() if static else None
+    col = torch.arange(cols, device=W.device)  # original index of the j-th column walked
+    if cfg.act_order:
+        col = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, col], H[col][:, col]
+        keep = None if keep is None else keep[:, col]
+        importance = importance[col]
+    group_of = torch.zeros_like(col) if g is None else col // g  # (in,) group of the j-th column
+
+    U, damp = inverse_hessian_cholesky(H, cfg.damp)  # (in, in) upper Cholesky of (H + λI)⁻¹
+    Q = torch.zeros_like(W)  # (out, in) dequantized weights, walk order
+    codes = torch.zeros(rows, cols, dtype=fmt.code_dtype, device=W.device)
+    dynamic: list[QParams] = []  # group params chosen during the walk (not static)
+    B = cfg.block_size
+
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1 = W[:, i1:i2].clone()  # (out, B) block being quantized
+        U1 = U[i1:i2, i1:i2]  # (B, B)
+        Err1 = torch.zeros_like(W1)  # (out, B) errors (w − q) / U_jj
+        for i in range(i2 - i1):
+            j = i1 + i
+            if qp_static is not None:
+                qp = qp_static.select(int(group_of[j]))  # (out, 1)
+            elif j % g == 0:  # first column of a group: params from the weights updated so far
+                Wg = _updated_columns(W, W1, Err1, U, i1, i, j + g)  # (out, g)
+                if keep is not None:
+                    Wg = Wg * keep[:, j : j + g]
+                qp = fmt.qparams(Wg, cfg.mse_grid, importance[j : j + g]).on_grid()
+                dynamic.append(qp)
+            w = W1[:, i]  # (out,)
+            target = w if keep is None else w * keep[:, j]  # pruned → 0 (SparseGPT §3.5)
+            c = fmt.quantize(target[:, None], qp)  # (out, 1)
+            q = fmt.dequantize(c, qp)[:, 0]  # (out,)
+            err = (w - q) / U1[i, i]  # (out,)
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBS update of the rest of the block
+            Q[:, j], codes[:, j], Err1[:, i] = q, c[:, 0], err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of all later columns: (out, B) @ (B, in − i2)
+
+    if cfg.act_order:
+        inv = torch.argsort(col)
+        Q, codes = Q[:, inv], codes[:, inv]
+    qparams = qp_static if qp_static is not None else QParams.cat(dynamic)
+    pruned_nonzero = 0 if keep_mask is None else int(((Q != 0) & ~keep_mask.to(torch.bool)).sum())
+    loss = weighted_error(W_orig, Q, H_orig)
+    log.debug("GPTQ %s %s %dx%d: loss %.4g, damp %g", name or "", fmt, rows, cols, loss, damp)
+    return QuantResult(
+        codes=codes, qparams=qparams, weight=Q, loss=loss, pruned_nonzero=pruned_nonzero, damp=damp
+    )
+
+
+def _updated_columns(
+    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i: int, end: int
+) -> torch.Tensor:
+    """Columns j = i1 + i .. end − 1 of W with every update so far applied: (out, end − j).
+
+    Inside the current block they live in W1; beyond it (a group straddling the block end) W still
+    lacks this block's lazy update from the i columns already quantized, Err1[:, :i] @ U[i1:j, i2:end].
+    """
+    i2 = i1 + W1.shape[1]
+    j = i1 + i
+    inside = W1[:, i : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    beyond = W[:, i2:end] - Err1[:, :i] @ U[i1:j, i2:end]
+    return torch.cat([inside, beyond], dim=1)
