@@ -136,31 +136,38 @@ def _layer_forward(layer: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class StatsAccumulator:
-    """Forward hooks on Linears that accumulate the statistic a stage needs from their inputs.
+    """Forward pre-hooks on Linears that accumulate the statistic a stage needs from their inputs.
 
     Hessian as a running average in float32 (IST-DASLab ``add_batch``): after N tokens
     H = 2/N Σ_n x_nᵀ x_n, so its scale does not depend on how many windows were used. Linears fed by
-    the same tensor (q/k/v, gate/up) share one accumulation.
+    the same tensor (q/k/v, gate/up) share one accumulation. Once every hooked Linear has seen its
+    input, the layer's forward is cut short (:class:`_StopForward`): the rest of the layer, e.g.
+    down_proj's matmul, is not needed for statistics.
     """
 
     def __init__(self, linears: dict[str, nn.Linear], statistic: str):
         self.statistic = statistic
         self.stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
-        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+        self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
+        self._n = len(linears)
+        self._seen: set[str] = set()
         # The previous hooked input and who accumulated it. Holding the tensor itself (not its address)
         # matters: a freed activation's memory is reused by the next one of the same shape, so an
         # address comparison would merge the statistics of unrelated Linears.
         self._last: tuple[torch.Tensor, str] | None = None
 
     def _hook(self, name: str):
-        def hook(module, args, output):
+        def hook(module, args):
             x = args[0]
             if self._last is not None and self._last[0] is x:
                 self._alias[name] = self._last[1]  # q/k/v (gate/up) read the very same tensor
-                return
-            self._last = (x, name)
-            self._add(name, x.detach().reshape(-1, x.shape[-1]))
+            else:
+                self._last = (x, name)
+                self._add(name, x.detach().reshape(-1, x.shape[-1]))
+            self._seen.add(name)
+            if len(self._seen) == self._n:
+                raise _StopForward
 
         return hook
 
@@ -182,6 +189,7 @@ class StatsAccumulator:
 
     def new_forward(self) -> None:
         self._last = None
+        self._seen.clear()
 
     def get(self, name: str) -> LinearStats:
         return self.stats[self._alias.get(name, name)]
@@ -204,11 +212,14 @@ def _groups(names: Sequence[str], true_sequential: bool) -> list[list[str]]:
     return groups + ([rest] if rest else [])
 
 
-def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator | None = None) -> None:
+def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator) -> None:
+    """One statistics pass of ``layer`` over all batches (outputs are not needed)."""
     for b in batches:
-        if acc is not None:
-            acc.new_forward()
-        _layer_forward(layer, b)
+        acc.new_forward()
+        try:
+            _layer_forward(layer, b)
+        except _StopForward:
+            pass
 
 
 def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iterator[tuple[int, nn.Module]]:
