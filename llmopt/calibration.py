@@ -283,9 +283,7 @@ def run_layerwise(
                     _run_all(layer, batches, acc)
                     acc.remove()
                 for name in group:
-                    apply_to_linear(
-                        stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i
-                    )
+                    apply_to_linear(stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i)
 
 
 def apply_to_linear(

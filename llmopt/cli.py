@@ -1,4 +1,6 @@
-"""Command line: ``llmopt eval`` and ``llmopt compress``. Each command is a few lines over the Python API."""
+"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``.
+
+Each command is a few lines over the Python API."""
 
 from __future__ import annotations
 
@@ -61,6 +63,24 @@ def _compress(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from llmopt.export import export_gguf
+
+    r = export_gguf(
+        a.model,
+        a.output,
+        type=a.type,
+        embedding_type=a.embedding_type,
+        output_type=a.output_type,
+        overwrite=a.overwrite,
+        imatrix=a.imatrix,
+    )
+    types = ", ".join(f"{n} {k}" for k, n in sorted(r["tensor_types"].items()))
+    print(f"saved {r['output']}: {r['file_bytes'] / 2**20:.1f} MiB, {r['bits_per_weight']:.3f} bits/weight")
+    print(f"  tensors: {types}; Linears {r['linear_bits_per_weight']:.3f} bits/weight; pre {r['pre_tokenizer']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmopt", description="Compress causal LMs and measure what it bought.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -68,16 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, KL vs a base model, speed")
     e.add_argument("model", help="bundled:smollm2, a Hub id, a local HF folder, or a .gguf file")
-    e.add_argument("--backend", default="auto", help="torch (default for HF models)")
-    e.add_argument(
-        "--data", default="wikitext2", help="wikitext2, c4, text:PATH[#A:B], hf:NAME[:CONFIG]:SPLIT"
-    )
+    e.add_argument("--backend", default="auto", help="torch (default for HF models) or gguf (default for .gguf)")
+    e.add_argument("--data", default="wikitext2", help="wikitext2, c4, text:PATH[#A:B], hf:NAME[:CONFIG]:SPLIT")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     e.add_argument("--base", default=None, help="reference model for KL divergence (same tokenizer)")
-    e.add_argument(
-        "--speed", action="store_true", help="prefill tok/s (512-token prompt), decode tok/s (128)"
-    )
+    e.add_argument("--speed", action="store_true", help="prefill tok/s (512-token prompt), decode tok/s (128)")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", default=None, help="write the result as JSON here")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -95,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu (default) or cuda")
     c.add_argument("--true-sequential", action="store_true", help="calibrate q/k/v, o, gate/up, down in turn")
     c.set_defaults(func=_compress)
+
+    x = sub.add_parser("export", help="write a GGUF for llama.cpp (quantized Linears from their codes)")
+    x.add_argument("model", help="an llmopt output folder, a HF folder, a .gguf or bundled:smollm2")
+    x.add_argument("--to", default="gguf", choices=["gguf"])
+    x.add_argument("--output", required=True, help="FILE.gguf (written atomically)")
+    x.add_argument(
+        "--type", default="auto", help="auto (stored codes), f32, f16, or a llama.cpp type: q8_0, q4_k_m, ..."
+    )
+    x.add_argument("--embedding-type", default=None, help="token embedding type (default f16)")
+    x.add_argument("--output-type", default=None, help="output head type when not tied (default f16)")
+    x.add_argument("--imatrix", default=None, help="llama.cpp types: imatrix file or calibration data spec")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.set_defaults(func=_export)
     return p
 
 

@@ -109,9 +109,7 @@ def _plan_owl(model, windows, stages, state, batch_size) -> None:
                     pairs.append((lin.weight.data, s.act_sq_norm.sqrt()))
             ratios.append(layer_outlier_ratio(pairs, m=st.cfg.owl.m))
         state.layer_sparsity[st.index] = owl_sparsities(ratios, st.cfg.sparsity, st.cfg.owl.lam)
-        log.info(
-            "OWL sparsities for stage %s: %s", st.name, [round(s, 3) for s in state.layer_sparsity[st.index]]
-        )
+        log.info("OWL sparsities for stage %s: %s", st.name, [round(s, 3) for s in state.layer_sparsity[st.index]])
 
 
 def compress_model(
@@ -143,9 +141,7 @@ def compress_model(
             j = i
             while j < len(stages) and stages[j].needs_calibration:
                 j += 1
-            run_layerwise(
-                model, windows, stages[i:j], state, batch_size=batch, true_sequential=true_sequential
-            )
+            run_layerwise(model, windows, stages[i:j], state, batch_size=batch, true_sequential=true_sequential)
             i = j
         else:
             st = stages[i]
@@ -222,13 +218,9 @@ def compress(
     if any(s.needs_calibration or getattr(s.cfg, "owl", None) for s in stages):
         c = rec.calibration
         t0 = time.perf_counter()
-        windows = calibration_windows(
-            c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model
-        )
+        windows = calibration_windows(c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model)
         t_calib = time.perf_counter() - t0
-        log.info(
-            "calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed
-        )
+        log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
     state, timing = compress_model(loaded.model, rec, windows, true_sequential=true_sequential)
 
     report = {

@@ -36,9 +36,7 @@ from llmopt.errors import LLMOptError
 
 log = logging.getLogger(__name__)
 
-OFFLINE_HINT = (
-    "the Hub is not reachable here: use text:PATH (a local file) or self:N (model-generated) instead"
-)
+OFFLINE_HINT = "the Hub is not reachable here: use text:PATH (a local file) or self:N (model-generated) instead"
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,7 @@ def parse_data_spec(spec: str) -> DataSpec:
             try:
                 a, b = (float(x) for x in rng.split(":"))
             except ValueError:
-                raise LLMOptError(
-                    f"bad fraction '#{rng}' in data spec '{spec}': use #A:B, e.g. #0:0.5"
-                ) from None
+                raise LLMOptError(f"bad fraction '#{rng}' in data spec '{spec}': use #A:B, e.g. #0:0.5") from None
             if not 0.0 <= a < b <= 1.0:
                 raise LLMOptError(f"bad fraction '#{rng}' in data spec '{spec}': need 0 <= A < B <= 1")
             frac = (a, b)
@@ -97,9 +93,7 @@ def parse_data_spec(spec: str) -> DataSpec:
         except ValueError:
             n = 0
         if n <= 0:
-            raise LLMOptError(
-                f"bad data spec '{spec}': self:N needs a positive number of sequences, e.g. self:32"
-            )
+            raise LLMOptError(f"bad data spec '{spec}': self:N needs a positive number of sequences, e.g. self:32")
         out = DataSpec("self", n_samples=n)
     else:
         raise LLMOptError(f"unknown data spec '{spec}'; {valid}")
@@ -125,9 +119,7 @@ def load_text(spec: DataSpec | str, role: str = "eval") -> str:
     """The raw text behind a spec. ``role`` ('calib' or 'eval') picks the split for wikitext2."""
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "self":
-        raise LLMOptError(
-            "self:N generates calibration tokens from the model; it cannot be used for evaluation"
-        )
+        raise LLMOptError("self:N generates calibration tokens from the model; it cannot be used for evaluation")
     if spec.kind == "text":
         p = Path(spec.path).expanduser()
         if not p.is_file():
@@ -208,9 +200,7 @@ def calibration_windows(
 
 
 @torch.inference_mode()
-def sample_from_model(
-    model, tokenizer, n: int, seq_len: int, seed: int = 0, batch_size: int = 8
-) -> torch.Tensor:
+def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
     """N sequences of L tokens sampled from the model itself (temperature 1, full vocabulary): (N, L).
 
     Each sequence starts from BOS (or EOS when the tokenizer has no BOS); data-free calibration as in

@@ -59,9 +59,7 @@ def evaluate(
     if speed:
         prompt = tokens[:speed_prompt_tokens]
         if prompt.numel() < speed_prompt_tokens:
-            prompt = torch.cat([prompt] * (speed_prompt_tokens // max(1, prompt.numel()) + 1))[
-                :speed_prompt_tokens
-            ]
+            prompt = torch.cat([prompt] * (speed_prompt_tokens // max(1, prompt.numel()) + 1))[:speed_prompt_tokens]
         result.speed = measure_speed(be, prompt, speed_new_tokens)
     return result
 

@@ -230,17 +230,13 @@ class QuantFormat(ABC):
             cand = self._range_params(Wg, 1 - i / mse_grid).on_grid()
             err = group_error(cand)
             better = err < best_err
-            best = QParams(
-                torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero)
-            )
+            best = QParams(torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero))
             best_err = torch.where(better, err, best_err)
         return best
 
     def to_gguf_blocks(self, codes: Tensor, qp: QParams) -> np.ndarray:
         """Pack codes + params as GGUF bytes: uint8 (rows, n_blocks · bytes_per_block)."""
-        raise LLMOptError(
-            f"{self} has no GGUF tensor type; use q8_0, q4_0, q4_1, q5_0 or q5_1 for GGUF export"
-        )
+        raise LLMOptError(f"{self} has no GGUF tensor type; use q8_0, q4_0, q4_1, q5_0 or q5_1 for GGUF export")
 
     def from_gguf_blocks(self, data: np.ndarray) -> tuple[Tensor, QParams]:
         """Inverse of :meth:`to_gguf_blocks`: uint8 (rows, n_bytes) → (codes, QParams)."""
@@ -506,17 +502,13 @@ def make_format(
         if not 2 <= bits <= 8:
             raise LLMOptError(f"bits must be in 2..8, got {bits}")
         if group_size is not None and group_size < 1:
-            raise LLMOptError(
-                f"group size must be a positive integer or None (per channel), got {group_size}"
-            )
+            raise LLMOptError(f"group size must be a positive integer or None (per channel), got {group_size}")
         return IntFormat(bits, group_size, symmetric)
     fmt = GGUF_FORMATS.get(key)
     if fmt is None:
         raise LLMOptError(f"unknown quantization format {name!r}; valid: {', '.join(FORMAT_NAMES)}")
     if group_size not in (None, GGUF_BLOCK):
-        raise LLMOptError(
-            f"{key} uses fixed blocks of {GGUF_BLOCK}; set group_size to {GGUF_BLOCK} or leave it out"
-        )
+        raise LLMOptError(f"{key} uses fixed blocks of {GGUF_BLOCK}; set group_size to {GGUF_BLOCK} or leave it out")
     if bits is not None and bits != fmt.bits:
         raise LLMOptError(f"{key} has {fmt.bits} bits, got bits={bits}; leave bits out for GGUF formats")
     return fmt

@@ -110,16 +110,12 @@ def score_windows(
         if base is not None:
             logq = F.log_softmax(base.logits(w)[:-1].float(), dim=-1)  # base model: (L−1, V)
             if logq.shape != logp.shape:
-                raise LLMOptError(
-                    f"--base has vocabulary {logq.shape[-1]} but the model has {logp.shape[-1]}"
-                )
+                raise LLMOptError(f"--base has vocabulary {logq.shape[-1]} but the model has {logp.shape[-1]}")
             base_nll.append(float(-logq.gather(1, target[:, None]).double().mean()))
             # KL(base ‖ model) = Σ_v q_v (log q_v − log p_v), per token
             kls.append((logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0))
             top1_same += int((logq.argmax(-1) == logp.argmax(-1)).sum())
-            delta_p += float(
-                (logp.gather(1, target[:, None]).exp() - logq.gather(1, target[:, None]).exp()).sum()
-            )
+            delta_p += float((logp.gather(1, target[:, None]).exp() - logq.gather(1, target[:, None]).exp()).sum())
         del logp
     mean_nll = sum(window_nll) / len(window_nll)
     n_scored = windows.shape[0] * (windows.shape[1] - 1)
@@ -142,9 +138,7 @@ def score_windows(
     return mean_nll, n_scored, kl
 
 
-def measure_speed(
-    backend: Backend, prompt: torch.Tensor, new_tokens: int = 128, repeats: int = 1
-) -> SpeedResult:
+def measure_speed(backend: Backend, prompt: torch.Tensor, new_tokens: int = 128, repeats: int = 1) -> SpeedResult:
     """Prefill throughput over ``prompt`` (P,) and greedy decode throughput over ``new_tokens``.
 
     A short warm-up run (not timed) precedes the timed runs (allocators, thread pools, kernel

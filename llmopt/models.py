@@ -221,9 +221,7 @@ def _classify(spec: str) -> _Source:
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             return _Source(gguf=path.resolve())
-        raise LLMOptError(
-            f"{spec} is a file but not a .gguf: pass a .gguf file or a Hugging Face model folder"
-        )
+        raise LLMOptError(f"{spec} is a file but not a .gguf: pass a .gguf file or a Hugging Face model folder")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LLMOptError(
@@ -348,9 +346,7 @@ def _check_hub_model(repo_id: str) -> bool:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise LLMOptError(
-            f"'{repo_id}' is not a local file or folder, nor a valid Hub model id (owner/name)"
-        ) from e
+        raise LLMOptError(f"'{repo_id}' is not a local file or folder, nor a valid Hub model id (owner/name)") from e
     offline = _hub_offline() or not _hub_reachable()
     try:
         hf_hub_download(repo_id, "config.json", local_files_only=offline)
@@ -384,21 +380,15 @@ def _download_hub_model(repo_id: str, *, weights: bool = True) -> str:
     try:
         if offline:
             return snapshot_download(repo_id, local_files_only=True)
-        suffixes = (
-            _HUB_FILE_SUFFIXES if weights else tuple(s for s in _HUB_FILE_SUFFIXES if s != ".safetensors")
-        )
+        suffixes = _HUB_FILE_SUFFIXES if weights else tuple(s for s in _HUB_FILE_SUFFIXES if s != ".safetensors")
         files = [f for f in HfApi().list_repo_files(repo_id) if "/" not in f and f.endswith(suffixes)]
         if weights and not any(f.endswith(".safetensors") for f in files):
-            raise LLMOptError(
-                f"Hub model '{repo_id}' has no *.safetensors weights: llmopt loads safetensors only"
-            )
+            raise LLMOptError(f"Hub model '{repo_id}' has no *.safetensors weights: llmopt loads safetensors only")
         return snapshot_download(repo_id, allow_patterns=files)
     except LocalEntryNotFoundError as e:
         raise _not_found_offline(repo_id) from e
     except HfHubHTTPError as e:
-        raise LLMOptError(
-            f"could not download '{repo_id}' from the Hugging Face Hub: {_first_line(e)}"
-        ) from e
+        raise LLMOptError(f"could not download '{repo_id}' from the Hugging Face Hub: {_first_line(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,9 +530,7 @@ def _build_gguf_tokenizer(gguf: Path, reader: Any | None = None) -> PreTrainedTo
     pre = _gguf_value(reader, "tokenizer.ggml.pre", "default")
     if kind == "gpt2" and pre in _DIGITS_THEN_GPT2 | _GPT2_ONLY:
         return _tokenizer_from_gguf(reader)
-    log.warning(
-        "GGUF tokenizer %s/%s is converted by transformers: token ids may differ from llama.cpp's", kind, pre
-    )
+    log.warning("GGUF tokenizer %s/%s is converted by transformers: token ids may differ from llama.cpp's", kind, pre)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     add_bos = bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
     if hasattr(tok, "add_bos_token"):
@@ -562,15 +550,11 @@ def _tokenizer_from_gguf(reader: Any) -> PreTrainedTokenizerFast:
     add_eos = bool(_gguf_value(reader, "tokenizer.ggml.add_eos_token", False))
 
     tk = Tokenizer(
-        models.BPE(
-            vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False
-        )
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
     )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGITS_THEN_GPT2:
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         tk.pre_tokenizer = byte_level
     tk.decoder = decoders.ByteLevel()
@@ -593,9 +577,7 @@ def _tokenizer_from_gguf(reader: Any) -> PreTrainedTokenizerFast:
         single = [f"{t}:0" for t in pre_ids] + ["$A:0"] + [f"{t}:0" for t in post_ids]
         pair = single + [f"{t}:1" for t in pre_ids] + ["$B:1"] + [f"{t}:1" for t in post_ids]
         ids = {t: i for i, t in enumerate(tokens) if t in set(pre_ids + post_ids)}
-        tk.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=list(ids.items())
-        )
+        tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
     else:
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
 

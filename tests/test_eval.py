@@ -95,9 +95,7 @@ def test_bundled_ppl_matches_labels_loop(wikitext_path):
     loaded = load_model("bundled:smollm2")
     data = f"text:{wikitext_path}"
     r = evaluate("bundled:smollm2", data=data, seq_len=256, max_windows=2, progress=False)
-    tokens = torch.tensor(
-        loaded.tokenizer(wikitext_path.read_text()[:20000], add_special_tokens=False)["input_ids"]
-    )
+    tokens = torch.tensor(loaded.tokenizer(wikitext_path.read_text()[:20000], add_special_tokens=False)["input_ids"])
     losses = []
     with torch.no_grad():
         for i in range(2):

@@ -128,9 +128,7 @@ def test_bad_input(layer):
     with pytest.raises(LLMOptError, match="needs static_groups=True"):
         gptq_quantize(W, H, IntFormat(4, 32, True), GPTQConfig(act_order=True))
     gptq_quantize(W, H, IntFormat(4, None, True), GPTQConfig(act_order=True))  # per channel: no groups
-    with pytest.raises(
-        LLMOptError, match="group size 128 does not divide in_features=192 of fc; use 64 or 32"
-    ):
+    with pytest.raises(LLMOptError, match="group size 128 does not divide in_features=192 of fc; use 64 or 32"):
         gptq_quantize(W[:, :192], H[:192, :192], IntFormat(4, 128, True), name="fc")
     with pytest.raises(LLMOptError, match="block_size"):
         GPTQConfig(block_size=0)

@@ -136,9 +136,7 @@ def test_unknown_bundled_name_lists_valid_names() -> None:
         bundled_gguf_path("nope")
 
 
-@pytest.mark.parametrize(
-    "spec", ["./nope", "/tmp/llmopt-no-such-dir/x.gguf", "missing.gguf", "~/no/such/folder"]
-)
+@pytest.mark.parametrize("spec", ["./nope", "/tmp/llmopt-no-such-dir/x.gguf", "missing.gguf", "~/no/such/folder"])
 def test_nonexistent_path(spec: str) -> None:
     with pytest.raises(LLMOptError) as e:
         load_model(spec)

@@ -15,9 +15,18 @@ def make_backend(kind: str, model_spec: str, *, threads: int | None = None, **kw
     from llmopt.errors import LLMOptError
 
     if kind == "auto":
-        kind = "torch"
+        kind = "gguf" if model_spec.strip().lower().endswith(".gguf") else "torch"
     if kind == "torch":
         from llmopt.backends.torch_backend import TorchBackend
 
         return TorchBackend.from_spec(model_spec, threads=threads, **kw)
-    raise LLMOptError(f"unknown backend '{kind}'; valid backends: torch")
+    if kind == "gguf":
+        return _gguf_backend(model_spec, threads=threads, **kw)
+    raise LLMOptError(f"unknown backend '{kind}'; valid backends: torch, gguf")
+
+
+def _gguf_backend(model_spec: str, *, threads: int | None = None, **kw) -> Backend:
+    """llama.cpp through llama-cpp-python, for a .gguf file (or ``bundled:<name>``)."""
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+
+    return LlamaCppBackend.from_spec(model_spec, threads=threads, **kw)

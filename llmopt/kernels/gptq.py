@@ -139,9 +139,7 @@ def gptq_quantize(
     pruned_nonzero = 0 if keep_mask is None else int(((Q != 0) & ~keep_mask.to(torch.bool)).sum())
     loss = weighted_error(W_orig, Q, H_orig)
     log.debug("GPTQ %s %s %dx%d: loss %.4g, damp %g", name or "", fmt, rows, cols, loss, damp)
-    return QuantResult(
-        codes=codes, qparams=qparams, weight=Q, loss=loss, pruned_nonzero=pruned_nonzero, damp=damp
-    )
+    return QuantResult(codes=codes, qparams=qparams, weight=Q, loss=loss, pruned_nonzero=pruned_nonzero, damp=damp)
 
 
 def _updated_columns(

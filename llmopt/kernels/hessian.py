@@ -23,9 +23,7 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return torch.diag(H) == 0
 
 
-def inverse_hessian_cholesky(
-    H: torch.Tensor, damp: float = 0.01, max_tries: int = 6
-) -> tuple[torch.Tensor, float]:
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp·mean(diag H): (in, in) float32.
 
     SparseGPT §3.3 / GPTQ §3 ("Cholesky reformulation"): the rows of U give, for each column q, the

@@ -62,9 +62,7 @@ def owl_sparsities(layer_outlier_ratios: list[float], target: float, lam: float 
         raise ValueError("owl_sparsities needs at least one layer")
     lam_eff = max(0.0, min(lam, target, 1.0 - target - 1e-3))
     if lam_eff < lam:
-        log.warning(
-            "OWL lambda %g reduced to %g to keep sparsities in [0, 1) around %g", lam, lam_eff, target
-        )
+        log.warning("OWL lambda %g reduced to %g to keep sparsities in [0, 1) around %g", lam, lam_eff, target)
     D = torch.tensor(layer_outlier_ratios, dtype=torch.float64)  # (L,)
     spread = D.max() - D.min()
     if spread == 0 or lam_eff == 0:

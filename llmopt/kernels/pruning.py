@@ -48,8 +48,7 @@ def validate_sparsity(sparsity: float, n_m: tuple[int, int] | None, in_features:
     n, m = n_m
     if not (1 <= n < m):
         raise LLMOptError(
-            f"N:M pattern {n}:{m}{where} is invalid; N (weights pruned per group) must satisfy 1 <= N < M, "
-            "e.g. 2:4"
+            f"N:M pattern {n}:{m}{where} is invalid; N (weights pruned per group) must satisfy 1 <= N < M, e.g. 2:4"
         )
     if in_features % m:
         raise LLMOptError(

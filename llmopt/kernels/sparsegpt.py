@@ -60,8 +60,7 @@ def sparsegpt_prune(
     validate_sparsity(sparsity, n_m, cols)
     if n_m is not None and cfg.block_size % n_m[1]:
         raise LLMOptError(
-            f"SparseGPT block_size {cfg.block_size} is not a multiple of M={n_m[1]}; "
-            "choose a block_size divisible by M"
+            f"SparseGPT block_size {cfg.block_size} is not a multiple of M={n_m[1]}; choose a block_size divisible by M"
         )
     W_orig, H_orig = W, H
     W, H, _dead = prepare(W, H)  # float32 copies; dead columns zeroed / unit diagonal

@@ -40,20 +40,14 @@ class PruneConfig(StageConfig):
         if nm is not None:
             implied = nm[0] / nm[1]
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise ValueError(
-                    f"sparsity {self.sparsity} contradicts pattern {self.pattern} ({implied}); drop one"
-                )
+                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} ({implied}); drop one")
             if self.owl is not None:
-                raise ValueError(
-                    "owl (non-uniform layer sparsity) needs unstructured sparsity, not an N:M pattern"
-                )
+                raise ValueError("owl (non-uniform layer sparsity) needs unstructured sparsity, not an N:M pattern")
             object.__setattr__(self, "sparsity", implied)
         elif self.sparsity is None:
             raise ValueError("set sparsity (e.g. 0.5) or pattern (e.g. '2:4')")
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(
-                f"sparsity must be in [0, 1), got {self.sparsity} (1.0 would prune every weight)"
-            )
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity} (1.0 would prune every weight)")
         return self
 
 
