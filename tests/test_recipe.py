@@ -69,3 +69,17 @@ def test_pattern_sets_sparsity_and_rejects_contradiction():
 def test_missing_recipe_file():
     with pytest.raises(LLMOptError, match="recipe not found"):
         parse_recipe("configs/does-not-exist.yaml")
+
+
+def test_act_order_needs_static_groups_on_block_formats():
+    with pytest.raises(LLMOptError, match="act_order with grouped formats needs static_groups"):
+        parse_recipe({"stages": [{"stage": "gptq", "format": "q4_0", "act_order": True}]})
+    ok = parse_recipe({"stages": [{"stage": "gptq", "format": "q4_0", "act_order": True, "static_groups": True}]})
+    assert ok.stages[0].static_groups
+
+
+def test_unknown_format_and_block_group_size():
+    with pytest.raises(LLMOptError, match="unknown format 'q3_0'"):
+        parse_recipe({"stages": [{"stage": "rtn", "format": "q3_0"}]})
+    with pytest.raises(LLMOptError):
+        parse_recipe({"stages": [{"stage": "rtn", "format": "q4_0", "group_size": 64}]})

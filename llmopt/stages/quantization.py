@@ -102,6 +102,18 @@ class GPTQStageConfig(QuantConfig):
     static_groups: bool = False
 
 
+    @model_validator(mode="after")
+    def _act_order(self):
+        # Act-order permutes columns; with groups that are chosen on the fly, a group would gather
+        # scattered columns and could not be stored as contiguous blocks (GGUF, compressed-tensors).
+        grouped = self.format != "int" or self.group_size is not None
+        if self.act_order and grouped and not self.static_groups:
+            raise ValueError(
+                "act_order with grouped formats needs static_groups: true (groups must stay contiguous to be exported)"
+            )
+        return self
+
+
 class GPTQStage(QuantStage):
     """GPTQ (Frantar et al. 2022) on the format; keeps an earlier stage's sparsity mask."""
 

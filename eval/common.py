@@ -1,0 +1,108 @@
+"""Shared plumbing of the benchmarks: one dense reference, compressions in subprocesses (so each
+one's peak RSS is its own), evaluation on the same windows with cached dense logits for KL."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.nounk.txt"
+CALIB = f"text:{TEXT}#0:0.5"  # calibration: first half of the WikiText-2 validation text
+EVAL = f"text:{TEXT}#0.5:1"  # evaluation: the second half, never seen by calibration
+MODEL = "bundled:smollm2"
+
+
+def require_text() -> None:
+    if not TEXT.is_file():
+        sys.exit(f"benchmark needs {TEXT} (see ../shared/data/README.md); not found")
+
+
+class CachedBackend:
+    """Wraps a backend and keeps its logits per window (fp16, ~200 MB per 2048-token window of a
+    49k vocabulary) so every compressed model is compared with the same dense distributions."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.model_spec = inner.model_spec
+        self.vocab_size = inner.vocab_size
+        self.threads = inner.threads
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        key = ids.numpy().tobytes()
+        if key not in self._cache:
+            self._cache[key] = self.inner.logits(ids).to(torch.float16)
+        return self._cache[key].float()
+
+
+def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = None) -> dict:
+    """``llmopt compress`` in a fresh process; returns its report (times, peak RSS)."""
+    if isinstance(recipe, dict):
+        import yaml
+
+        fd, path = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(recipe, f)
+        recipe = path
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmopt.cli",
+        "compress",
+        MODEL,
+        "--recipe",
+        recipe,
+        "--output",
+        str(out_dir),
+        "--overwrite",
+        "--calib",
+        CALIB,
+        *(extra or []),
+    ]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    report = json.loads((out_dir / "llmopt_report.json").read_text())
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def evaluate_folder(spec: str, base, seq_len: int, max_windows: int):
+    from llmopt.evaluate import evaluate
+
+    return evaluate(spec, data=EVAL, seq_len=seq_len, max_windows=max_windows, base=base, progress=False)
+
+
+def fmt(x: float, nd: int = 3) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_note() -> str:
+    import platform
+
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

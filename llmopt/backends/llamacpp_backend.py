@@ -1,0 +1,169 @@
+"""llama.cpp backend (``llama-cpp-python``): score token windows and time generation on a GGUF file.
+
+Logits come from llama.cpp's own kernels (its quantized matmuls, its F16 KV cache by default), so the
+numbers are what a llama.cpp user gets. Ids are fed as given, never re-tokenized; the KV cache is
+cleared before every window. Timing uses llama.cpp's perf counters (``llama_perf_context``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmopt.backends.base import Backend, SpeedResult
+from llmopt.errors import LLMOptError
+
+log = logging.getLogger(__name__)
+
+_MIN_CTX = 512  # first context size; grown (context rebuilt) when a longer window arrives
+# Backends still open at exit are closed while llama_cpp's module globals still exist (its __del__
+# would otherwise print a traceback during interpreter shutdown).
+_OPEN: weakref.WeakSet[LlamaCppBackend] = weakref.WeakSet()
+atexit.register(lambda: [b.close() for b in list(_OPEN)])
+
+
+def gguf_file_of(spec: str) -> Path:
+    """The .gguf file a spec names (a path or ``bundled:<name>``); LLMOptError otherwise."""
+    from llmopt.models import BUNDLED_PREFIX, bundled_gguf_path
+
+    if spec.startswith(BUNDLED_PREFIX):
+        return Path(bundled_gguf_path(spec[len(BUNDLED_PREFIX) :]))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise LLMOptError(f"no such GGUF file: {spec} (the gguf backend needs a .gguf; see `llmopt export`)")
+    return path
+
+
+class LlamaCppBackend(Backend):
+    name = "gguf"
+
+    def __init__(self, path: str | Path, model_spec: str = "", threads: int | None = None, n_ctx: int = 0):
+        from llmopt.models import _read_gguf
+
+        self.path = Path(path)
+        self.model_spec = model_spec or str(path)
+        reader = _read_gguf(self.path)  # header and tensor extents: one-line LLMOptError when corrupt
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.context_length")
+        self.n_ctx_train = int(field.contents()) if field is not None else 0
+        del reader
+        self._threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self._n_ctx = 0
+        self.llm = None
+        self._load(max(n_ctx, _MIN_CTX))
+
+    @classmethod
+    def from_spec(cls, spec: str, threads: int | None = None, n_ctx: int = 0, **kw) -> LlamaCppBackend:
+        if kw.get("device") not in (None, "cpu"):
+            raise LLMOptError("the gguf backend runs on the CPU here; drop --device or use --backend torch")
+        return cls(gguf_file_of(spec), spec, threads=threads, n_ctx=n_ctx)
+
+    def _load(self, n_ctx: int) -> None:
+        import llama_cpp
+
+        self.close()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                logits_all=True,
+                n_threads=self._threads,
+                n_threads_batch=self._threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:  # "Failed to load model from file: ..."
+            raise LLMOptError(
+                f"llama.cpp cannot load {self.path} ({str(e).splitlines()[0][:120]}): "
+                "is it a complete GGUF of a supported architecture?"
+            ) from e
+        self._n_ctx = n_ctx
+        _OPEN.add(self)
+
+    def _ensure_ctx(self, n_tokens: int) -> None:
+        if n_tokens > self._n_ctx:
+            size = self._n_ctx
+            while size < n_tokens:
+                size *= 2
+            log.debug("growing the llama.cpp context from %d to %d", self._n_ctx, size)
+            self._load(size)
+
+    def _clear(self) -> None:
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.n_vocab())
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        import llama_cpp
+
+        self._threads = int(n)
+        llama_cpp.llama_set_n_threads(self.llm.ctx, self._threads, self._threads)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = ids.reshape(-1).tolist()
+        self._ensure_ctx(len(tokens))
+        self._clear()
+        self.llm.eval(tokens)
+        return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32))  # (L, V)
+
+    def _decode(self, tokens: list[int], n_past: int) -> int:
+        """Decode ``tokens`` at positions n_past.. with logits for the last one only; return its argmax."""
+        import llama_cpp
+
+        llm = self.llm
+        for i in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[i : i + llm.n_batch]
+            llm._batch.set_batch(chunk, n_past=n_past + i, logits_all=False)
+            llm._ctx.decode(llm._batch)
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.vocab_size,))))
+
+    def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:
+        """Prefill ``prompt`` (P,) (logits of the last position only), then ``new_tokens`` greedy steps.
+
+        Throughputs come from llama.cpp's counters, read after the prefill and after the decode:
+        prompt batches (t_p_eval_ms, n_p_eval) and one-token steps (t_eval_ms, n_eval).
+        """
+        import llama_cpp
+
+        tokens = prompt.reshape(-1).tolist()
+        self._ensure_ctx(len(tokens) + new_tokens)
+        self._clear()
+        ctx = self.llm.ctx
+        llama_cpp.llama_perf_context_reset(ctx)
+        nxt = self._decode(tokens, 0)
+        pre = llama_cpp.llama_perf_context(ctx)  # a 1-token prompt counts as an eval step, hence the sums
+        for step in range(new_tokens):
+            nxt = self._decode([nxt], len(tokens) + step)
+        perf = llama_cpp.llama_perf_context(ctx)
+        self._clear()
+        return SpeedResult(
+            prefill_tok_s=_rate(pre.n_p_eval + pre.n_eval, pre.t_p_eval_ms + pre.t_eval_ms),
+            decode_tok_s=_rate(perf.n_eval - pre.n_eval, perf.t_eval_ms - pre.t_eval_ms),
+            prompt_tokens=len(tokens),
+            new_tokens=new_tokens,
+            threads=self._threads,
+        )
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def _rate(n: int, ms: float) -> float:
+    return n / (ms / 1000) if ms > 0 else float("nan")
