@@ -80,7 +80,7 @@ def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = No
 
 
 def evaluate_folder(spec: str, base, seq_len: int, max_windows: int):
-    from llmopt.evaluate import evaluate
+    from llmopt.evaluation import evaluate
 
     return evaluate(spec, data=EVAL, seq_len=seq_len, max_windows=max_windows, base=base, progress=False)
 

@@ -6,30 +6,41 @@ Python API (the CLI is a thin layer over it)::
     llmopt.compress("bundled:smollm2", "configs/sparsegpt-50.yaml", "out/sgpt50", calib="self:32")
     data = "text:../shared/data/wikitext-2/valid.nounk.txt"
     r = llmopt.evaluate("out/sgpt50", data=data, base="bundled:smollm2")
+    llmopt.export("out/sgpt50", to="gguf", output="out/sgpt50.gguf")
+
+The functions live in ``llmopt.compression``, ``llmopt.evaluation`` and ``llmopt.exporters``; module
+names differ from function names so that importing a module never shadows the function.
 """
 
 from llmopt.errors import LLMOptError
 
 __version__ = "0.1.0"
-__all__ = ["LLMOptError", "compress", "evaluate", "load_model", "parse_recipe"]
+__all__ = ["LLMOptError", "compress", "evaluate", "export", "load_model", "parse_recipe"]
+
+_LAZY = {
+    "compress": ("llmopt.compression", "compress"),
+    "evaluate": ("llmopt.evaluation", "evaluate"),
+    "load_model": ("llmopt.models", "load_model"),
+    "parse_recipe": ("llmopt.recipe", "parse_recipe"),
+}
+
+
+def export(model: str, to: str = "gguf", output: str | None = None, **kwargs):
+    """Export a model spec (e.g. an llmopt output folder) to another runtime's format. ``to``: gguf."""
+    if to != "gguf":
+        raise LLMOptError(f"unknown export target '{to}'; valid targets: gguf")
+    if output is None:
+        raise LLMOptError("export needs an output path, e.g. output='model.gguf'")
+    from llmopt.exporters import export_gguf
+
+    return export_gguf(model, output, **kwargs)
 
 
 def __getattr__(name: str):
-    # Lazy: importing llmopt must not import torch/transformers until needed (fast CLI errors).
-    if name == "compress":
-        from llmopt.compress import compress
+    # Lazy: `import llmopt` must not import torch/transformers until needed (fast CLI errors).
+    if name in _LAZY:
+        import importlib
 
-        return compress
-    if name == "evaluate":
-        from llmopt.evaluate import evaluate
-
-        return evaluate
-    if name == "load_model":
-        from llmopt.models import load_model
-
-        return load_model
-    if name == "parse_recipe":
-        from llmopt.recipe import parse_recipe
-
-        return parse_recipe
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(name)

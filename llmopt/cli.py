@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from llmopt.evaluate import evaluate, format_result
+    from llmopt.evaluation import evaluate, format_result
 
     r = evaluate(
         a.model,
@@ -33,7 +33,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _compress(a: argparse.Namespace) -> int:
-    from llmopt.compress import compress
+    from llmopt.compression import compress
 
     res = compress(
         a.model,
@@ -64,7 +64,7 @@ def _compress(a: argparse.Namespace) -> int:
 
 
 def _export(a: argparse.Namespace) -> int:
-    from llmopt.export import export_gguf
+    from llmopt.exporters import export_gguf
 
     r = export_gguf(
         a.model,

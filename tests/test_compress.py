@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from llmopt.cli import main
-from llmopt.compress import REPORT_FILE, compress
-from llmopt.evaluate import evaluate
+from llmopt.compression import REPORT_FILE, compress
+from llmopt.evaluation import evaluate
 
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmopt.cli import main
-from llmopt.evaluate import evaluate
+from llmopt.evaluation import evaluate
 from llmopt.metrics import make_windows
 
 

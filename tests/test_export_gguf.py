@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from llmopt.errors import LLMOptError
-from llmopt.export import export_gguf
-from llmopt.export.gguf import compute_imatrix, permute_qk, unpermute_qk
+from llmopt.exporters import export_gguf
+from llmopt.exporters.gguf import compute_imatrix, permute_qk, unpermute_qk
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
@@ -89,7 +89,7 @@ def test_exported_gguf_is_an_eval_spec(tiny_model_dir, tiny_f32, tiny_text_file)
 
     from llmopt.backends import make_backend
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
-    from llmopt.evaluate import evaluate
+    from llmopt.evaluation import evaluate
     from llmopt.models import load_tokenizer
 
     text = tiny_text_file.read_text()[:3000] + "".join(LINES)
@@ -129,7 +129,7 @@ def test_auto_export_writes_stored_codes_bit_for_bit(name, tiny_model_dir, tiny_
     from gguf.quants import dequantize
     from safetensors.torch import load_file
 
-    from llmopt.compress import compress
+    from llmopt.compression import compress
     from llmopt.formats import make_format
 
     recipe = dict(RECIPES[name])
@@ -355,7 +355,7 @@ def test_cli_export(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.integration
 def test_bundled_f32_export_matches_torch(tmp_path_factory, wikitext_path):
     from llmopt.backends.torch_backend import TorchBackend
-    from llmopt.evaluate import evaluate
+    from llmopt.evaluation import evaluate
     from llmopt.models import load_model
 
     class Recording(TorchBackend):  # keeps the scored window and its logits: one torch forward in all

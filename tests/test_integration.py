@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmopt.cli import main
-from llmopt.compress import REPORT_FILE, compress
-from llmopt.evaluate import evaluate
+from llmopt.compression import REPORT_FILE, compress
+from llmopt.evaluation import evaluate
 
 pytestmark = pytest.mark.integration
 MODEL = "bundled:smollm2"

@@ -7,7 +7,7 @@ A stage never walks the model or runs forwards itself. It answers three question
 * whether a given Linear is acceptable (``check``, run on every target before any work starts);
 * what to do with one Linear's weight given that statistic (``compress_linear``).
 
-The calibration engine (:mod:`llmopt.calibration`) or, for data-free stages, :func:`llmopt.compress.compress`
+The calibration engine (:mod:`llmopt.calibration`) or, for data-free stages, :func:`llmopt.compression.compress`
 calls it once per target Linear.
 """
 

@@ -101,7 +101,6 @@ class GPTQStageConfig(QuantConfig):
     act_order: bool = False
     static_groups: bool = False
 
-
     @model_validator(mode="after")
     def _act_order(self):
         # Act-order permutes columns; with groups that are chosen on the fly, a group would gather

@@ -4,6 +4,6 @@
 written from their stored codes and scales, byte for byte, never re-quantized.
 """
 
-from llmopt.export.gguf import GGUF_TYPES, export_gguf
+from llmopt.exporters.gguf import GGUF_TYPES, export_gguf
 
 __all__ = ["GGUF_TYPES", "export_gguf"]

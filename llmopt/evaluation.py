@@ -1,4 +1,4 @@
-"""``llmopt.evaluate``: perplexity, KL against a base model, and speed, on any backend."""
+"""``llmopt.evaluation``: perplexity, KL against a base model, and speed, on any backend."""
 
 from __future__ import annotations
 

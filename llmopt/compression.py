@@ -1,4 +1,4 @@
-"""``llmopt.compress``: load a model, run a recipe's stages, save an HF folder atomically."""
+"""``llmopt.compression``: load a model, run a recipe's stages, save an HF folder atomically."""
 
 from __future__ import annotations
 
