@@ -79,7 +79,8 @@ def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = No
     return report
 
 
-def evaluate_folder(spec: str, base, seq_len: int, max_windows: int):
+def evaluate_folder(spec, base, seq_len: int, max_windows: int):
+    """Perplexity (and KL against ``base`` when given) of a model spec or backend on the EVAL text."""
     from llmopt.evaluation import evaluate
 
     return evaluate(spec, data=EVAL, seq_len=seq_len, max_windows=max_windows, base=base, progress=False)

@@ -80,6 +80,10 @@ def run_cli(args, capsys):
         ({"stage": "rtn", "format": "int", "bits": 9}, "bits must be in 2..8"),
         ({"stage": "rtn", "format": "int", "bits": 4, "group_size": 128}, "group size 128 does not divide"),
         ({"stage": "magnitude", "pattern": "2:3"}, "does not divide the input width"),
+        ({"stage": "sparsegpt", "pattern": "4:4"}, "N:M needs 1 <= N < M"),
+        ({"stage": "sparsegpt", "pattern": "2:6"}, "does not divide the input width"),
+        ({"stage": "wanda", "sparsity": 1.0}, "sparsity must be in [0, 1)"),
+        ({"stage": "gptq", "format": "q4_0", "act_order": True}, "needs static_groups"),
     ],
 )
 def test_bad_recipe_inputs(tiny_model_dir, tmp_path, capsys, stage, expect):
@@ -155,3 +159,19 @@ def test_cli_subprocess_error_is_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_model_without_recognised_decoder_layers(tiny_model_dir, tmp_path, capsys):
+    """A GPT-2 (Conv1D blocks, no Llama-style decoder list) is refused by data-driven stages."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, [{"stage": "sparsegpt", "sparsity": 0.5}])
+    rc, err = run_cli(["compress", str(folder), "--recipe", recipe, "--output", str(out), "--calib", "self:2",
+                       "--calib-seq-len", "16"], capsys)  # fmt: skip
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "decoder layers" in err or "matches no nn.Linear" in err
+    assert not out.exists()

@@ -1,0 +1,250 @@
+"""GGUF benchmark: llama.cpp's own quantizer vs llmopt's RTN/GPTQ exports, all run by llama.cpp.
+
+For the bundled SmolLM2-135M: file size, bits per weight, perplexity, KL vs the F32 GGUF, prefill and
+decode tokens/s, all through llama-cpp-python on the same token windows (second half of WikiText-2
+validation, 2048-token windows; calibration and imatrix: 32 x 512 tokens of the first half, seed 0, the
+same windows for both). Every file has a q8_0 token embedding (tied with the output head), so sizes
+differ only by how the Linears are stored. Torch F32 eager speed is measured in the same run.
+Writes eval/results/gguf.md, gguf.json and gguf.png (perplexity against file size).
+
+    python eval/bench_gguf.py [--windows 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    CALIB,
+    EVAL,
+    MODEL,
+    REPO,
+    CachedBackend,
+    cleanup,
+    fmt,
+    machine_note,
+    markdown_table,
+    require_text,
+    run_compress,
+)
+
+EMB = "q8_0"  # token embedding (= output head, tied) type in every file
+SGPT24 = {"stage": "sparsegpt", "pattern": "2:4"}
+CAL = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}
+Q4_0 = {"stage": "gptq", "format": "q4_0"}
+
+# (label, source, how): source "dense" → llama.cpp quantizes the F32 model with type `how`
+# (+ imatrix when label says so); otherwise an llmopt recipe, exported with --type auto.
+ROWS = [
+    ("llama.cpp F32", "dense", "f32"),
+    ("llama.cpp Q8_0", "dense", "q8_0"),
+    ("llama.cpp Q4_1", "dense", "q4_1"),
+    ("llama.cpp Q4_0", "dense", "q4_0"),
+    ("llama.cpp Q4_0 + imatrix", "dense", "q4_0"),
+    ("llama.cpp Q4_K_M", "dense", "q4_k_m"),
+    ("llama.cpp Q4_K_M + imatrix", "dense", "q4_k_m"),
+    ("llmopt RTN q8_0", "configs/rtn-q8_0.yaml", "auto"),
+    ("llmopt GPTQ q8_0", "configs/gptq-q8_0.yaml", "auto"),
+    ("llmopt RTN q4_1", "configs/rtn-q4_1.yaml", "auto"),
+    ("llmopt GPTQ q4_1", "configs/gptq-q4_1.yaml", "auto"),
+    ("llmopt RTN q4_0", "configs/rtn-q4_0.yaml", "auto"),
+    ("llmopt GPTQ q4_0", "configs/gptq-q4_0.yaml", "auto"),
+    # Attempts at the imatrix bar: Hessian-weighted search of each block's scale (mse_grid, importance
+    # diag H), act-order with static groups, more calibration data.
+    ("llmopt GPTQ q4_0 + H-weighted scale search", {"calibration": CAL, "stages": [Q4_0 | {"mse_grid": 50}]}, "auto"),
+    (
+        "llmopt GPTQ q4_0 + act-order + scale search",
+        {"calibration": CAL, "stages": [Q4_0 | {"mse_grid": 50, "act_order": True, "static_groups": True}]},
+        "auto",
+    ),
+    (
+        "llmopt GPTQ q4_0 + scale search, 128x512 calib",
+        {"calibration": CAL | {"samples": 128}, "stages": [Q4_0 | {"mse_grid": 50}]},
+        "auto",
+    ),
+    (
+        "llmopt SparseGPT 2:4 + GPTQ q4_0",
+        {"calibration": CAL, "stages": [SGPT24, {"stage": "gptq", "format": "q4_0"}]},
+        "auto",
+    ),
+]
+
+
+def torch_speed(threads: int) -> dict:
+    from llmopt.backends.torch_backend import TorchBackend
+    from llmopt.data import evaluation_tokens
+    from llmopt.metrics import measure_speed
+    from llmopt.models import load_tokenizer
+
+    be = TorchBackend.from_spec(MODEL, threads=threads)
+    prompt = evaluation_tokens(EVAL, load_tokenizer(MODEL))[:512]
+    s = measure_speed(be, prompt, 128)
+    return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s, "threads": s.threads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="2 windows of 512, 8x256 calibration: a smoke run")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of row labels to run")
+    ap.add_argument("--out", default=str(REPO / "eval" / "results" / "gguf"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    require_text()
+    extra = ["--calib-samples", "8", "--calib-seq-len", "256"] if args.quick else []
+    windows, seq_len = (2, 512) if args.quick else (args.windows, args.seq_len)
+    imatrix_n, imatrix_len = (8, 256) if args.quick else (32, 512)
+
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+    from llmopt.evaluation import evaluate
+    from llmopt.exporters import export_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
+    records, rows = [], []
+    try:
+        f32 = work / "f32.gguf"
+        export_gguf(MODEL, str(f32), type="f32")
+        base = CachedBackend(LlamaCppBackend(str(f32), threads=args.threads))
+        for label, source, how in ROWS:
+            if args.only and label != "llama.cpp F32" and not any(s in label for s in args.only.split(",")):
+                continue
+            path = work / "model.gguf"
+            seconds = None
+            if source == "dense":
+                imatrix = CALIB if "imatrix" in label else None
+                if how == "f32":
+                    path = f32
+                else:
+                    t0 = time.perf_counter()
+                    export_gguf(
+                        MODEL,
+                        str(path),
+                        type=how,
+                        embedding_type=EMB,
+                        overwrite=True,
+                        imatrix=imatrix,
+                        imatrix_samples=imatrix_n,
+                        imatrix_seq_len=imatrix_len,
+                        threads=args.threads,
+                    )
+                    seconds = time.perf_counter() - t0
+            else:
+                folder = work / "compressed"
+                src = source if isinstance(source, dict) else str(REPO / source)
+                rep = run_compress(src, folder, extra)
+                seconds = rep["compress_seconds"]
+                export_gguf(str(folder), str(path), type="auto", embedding_type=EMB, overwrite=True)
+                cleanup(folder)
+            r = evaluate(
+                str(path),
+                data=EVAL,
+                seq_len=seq_len,
+                max_windows=windows,
+                base=base,
+                speed=True,
+                threads=args.threads,
+                progress=False,
+            )
+            size = path.stat().st_size
+            n_params = 134_515_008  # SmolLM2-135M parameters (embedding counted once: tied)
+            rec = dict(
+                label=label,
+                file_mib=size / 2**20,
+                bpw=8 * size / n_params,
+                ppl=r.perplexity,
+                kl_mean=r.kl.mean,
+                top1=r.kl.top1_agreement,
+                prefill_tok_s=r.speed.prefill_tok_s,
+                decode_tok_s=r.speed.decode_tok_s,
+                threads=r.speed.threads,
+                quantize_seconds=seconds,
+            )
+            records.append(rec)
+            rows.append(
+                [
+                    label,
+                    fmt(rec["file_mib"], 1),
+                    fmt(rec["bpw"], 2),
+                    fmt(r.perplexity, 3),
+                    fmt(r.kl.mean, 4),
+                    f"{100 * r.kl.top1_agreement:.1f}%",
+                    fmt(r.speed.prefill_tok_s, 0),
+                    fmt(r.speed.decode_tok_s, 1),
+                ]
+            )
+            print(rows[-1], flush=True)
+            if path != f32:
+                path.unlink(missing_ok=True)
+        ts = torch_speed(args.threads)
+    finally:
+        cleanup(work)
+    header = [
+        "model",
+        "file MiB",
+        "bits/weight (file)",
+        "ppl",
+        "KL vs F32",
+        "same top-1",
+        "prefill tok/s",
+        "decode tok/s",
+    ]
+    md = [
+        "# GGUF: llama.cpp quantizer vs llmopt exports, SmolLM2-135M-Instruct (bundled), run by llama.cpp",
+        "",
+        f"Perplexity on {windows} windows x {seq_len} tokens of the second half of `valid.nounk.txt` (GPTQ "
+        "protocol) through llama-cpp-python; KL against the F32 GGUF on the same windows. Calibration and "
+        f"imatrix: the same {imatrix_n} x {imatrix_len}-token windows (seed 0) of the first half. Token "
+        f"embedding (tied output) is {EMB} in every quantized file. Speed: 512-token prompt, 128 greedy "
+        f"tokens, {args.threads} threads, llama.cpp's perf counters." + (" QUICK RUN." if args.quick else ""),
+        "",
+        markdown_table(header, rows),
+        "",
+        f"Torch F32 eager on the same machine, same run: prefill {ts['prefill_tok_s']:.0f} tok/s, decode "
+        f"{ts['decode_tok_s']:.1f} tok/s ({ts['threads']} threads).",
+        "",
+        f"Machine: {machine_note()}. Produced by `python eval/bench_gguf.py`.",
+    ]
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    Path(args.out + ".json").write_text(json.dumps({"rows": records, "torch_f32_speed": ts}, indent=1))
+    plot(records, args.out + ".png")
+    print("\n".join(md))
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in records:
+        own = r["label"].startswith("llmopt")
+        ax.scatter(r["file_mib"], r["ppl"], marker="o" if own else "s", color="tab:blue" if own else "tab:gray")
+        ax.annotate(
+            r["label"].replace("llama.cpp ", "").replace("llmopt ", ""),
+            (r["file_mib"], r["ppl"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("perplexity (llama.cpp, WikiText-2 2nd half)")
+    ax.set_title("SmolLM2-135M: perplexity vs GGUF size (blue: llmopt, grey: llama.cpp quantizer)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
