@@ -44,6 +44,13 @@ PAIRS = [
     ("int3 g64 sym", "configs/rtn-w3g64.yaml", "configs/gptq-w3g64.yaml"),
     ("q4_0", "configs/rtn-q4_0.yaml", "configs/gptq-q4_0.yaml"),
     ("q8_0", "configs/rtn-q8_0.yaml", "configs/gptq-q8_0.yaml"),
+    # variants, run on demand with --only (RTN twin already above)
+    (
+        "int4 g64 sym, static groups",
+        None,
+        {"calibration": CAL, "stages": [{"stage": "gptq", **W4G64, "static_groups": True}]},
+    ),
+    ("int4 g64 sym, act-order + static groups", None, "configs/gptq-w4g64-actorder.yaml"),
     (
         "2:4 + int4 g64",
         {"calibration": CAL, "stages": [SGPT24, {"stage": "rtn", **W4G64}]},
@@ -57,14 +64,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="2048-token evaluation windows")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="2 windows, 8x256 calibration: a smoke run")
-    ap.add_argument("--only", default=None, help="comma-separated scheme labels to run")
+    ap.add_argument("--only", default=None, help="';'-separated scheme labels to run (default: all but the variants)")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "quant"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     require_text()
     extra = ["--calib-samples", "8", "--calib-seq-len", "256"] if args.quick else []
     windows = 2 if args.quick else args.windows
-    pairs = [p for p in PAIRS if args.only is None or p[0] in args.only.split(",")]
+    pairs = [p for p in PAIRS if (p[0] in args.only.split(";") if args.only else "," not in p[0])]
 
     from llmopt.backends.torch_backend import TorchBackend
 
@@ -77,6 +84,8 @@ def main() -> None:
     try:
         for scheme, *recipes in pairs:
             for method, recipe in zip(("RTN", "GPTQ"), recipes):
+                if recipe is None:
+                    continue
                 out = work / "model"
                 src = recipe if isinstance(recipe, dict) else str(REPO / recipe)
                 rep = run_compress(src, out, extra)

@@ -28,6 +28,7 @@ Formats.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -208,7 +209,9 @@ class QuantFormat(ABC):
         mse_grid > 0: clipping search (IST-DASLab ``Quantizer.find_params(mse=True)``): scale the range
         by 1 − i/mse_grid for i < 0.8·mse_grid and keep per group the parameters minimising
         Σ_j weight_j (w_j − ŵ_j)² (weight: (cols,) column importance, e.g. diag(H) or mean x²; None =
-        plain MSE). The result then rounds to the nearest grid point (:meth:`QParams.on_grid`).
+        plain MSE). q4_0 / q5_0 also try llama.cpp's weighted least-squares refits of the step
+        (:meth:`_refit_candidates`), which may widen the range. The result rounds to the nearest grid
+        point (:meth:`QParams.on_grid`).
         """
         rows, cols = W.shape
         self.check_width(cols)
@@ -226,13 +229,17 @@ class QuantFormat(ABC):
 
         best = qp.on_grid()
         best_err = group_error(best)
-        for i in range(1, int(MSE_MAX_SHRINK * mse_grid)):
-            cand = self._range_params(Wg, 1 - i / mse_grid).on_grid()
+        shrunk = (self._range_params(Wg, 1 - i / mse_grid).on_grid() for i in range(1, int(MSE_MAX_SHRINK * mse_grid)))
+        for cand in itertools.chain(shrunk, self._refit_candidates(Wg, imp)):
             err = group_error(cand)
             better = err < best_err
             best = QParams(torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero))
             best_err = torch.where(better, err, best_err)
         return best
+
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> list[QParams]:
+        """Extra candidates for the search beyond shrinking the range (none by default)."""
+        return []
 
     def to_gguf_blocks(self, codes: Tensor, qp: QParams) -> np.ndarray:
         """Pack codes + params as GGUF bytes: uint8 (rows, n_blocks · bytes_per_block)."""
@@ -423,6 +430,20 @@ class _SignedMaxBlock(_GGUFBlockFormat):
         mx = Wg.gather(-1, imax).squeeze(-1) * shrink  # (rows, nb) signed
         d = mx / -self.offset  # exact: power of two
         return QParams(_fp16(d), torch.zeros_like(d), ref_inv_scale=_safe_inverse(d))
+
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> list[QParams]:
+        """Weighted least-squares scales, as llama.cpp's ``make_qx_quants`` (rmse_type 1) behind its
+        importance-matrix quantization: for inverse scales −(o + k/10)/max, k = −9..9, round to codes
+        l ∈ [−o, o−1], then refit d = Σ_j imp_j·w_j·l_j / Σ_j imp_j·l_j², the best step for those codes.
+        Unlike shrinking the range, this can also widen it. Wg: (rows, nb, g); imp: (1, nb, g)."""
+        o = self.offset
+        mx = Wg.gather(-1, Wg.abs().argmax(-1, keepdim=True))  # (rows, nb, 1) signed max
+        out = []
+        for k in range(-9, 10):
+            l = torch.round(_safe_div(torch.full_like(mx, -(o + 0.1 * k)), mx) * Wg).clamp(-o, o - 1)
+            d = _safe_div((imp * Wg * l).sum(-1), (imp * l * l).sum(-1))  # (rows, nb)
+            out.append(QParams(_fp16(d), torch.zeros_like(d)))
+        return out
 
     def quantize(self, W: Tensor, qp: QParams) -> Tensor:
         cols, o = W.shape[1], self.offset

@@ -138,3 +138,21 @@ def test_bad_input_messages():
     with pytest.raises(LLMOptError, match="no GGUF tensor type"):
         fmt.to_gguf_blocks(torch.zeros(1, 128, dtype=torch.uint8), fmt.qparams(torch.randn(1, 128)))
     assert make_format("INT4", group_size=32) == IntFormat(4, 32, True)
+
+
+def test_weighted_scale_search_beats_reference_on_q4_0():
+    """The importance-weighted search (shrink + llama.cpp-style least-squares refits) never loses to the
+    reference scale on its own criterion, and its values lie on the q4_0 grid."""
+    torch.manual_seed(0)
+    W = torch.randn(64, 256) * torch.rand(1, 256) * 2
+    imp = torch.rand(256) ** 4  # strongly varying column importance, like diag(H)
+    fmt = make_format("q4_0")
+
+    def err(qp):
+        return float((((W - fmt.fake_quantize(W, qp)) ** 2) * imp).sum())
+
+    ref = fmt.qparams(W).on_grid()
+    searched = fmt.qparams(W, mse_grid=20, weight=imp)
+    assert err(searched) < 0.9 * err(ref)
+    Q = fmt.fake_quantize(W, searched)
+    assert torch.equal(fmt.fake_quantize(Q, searched), Q)
