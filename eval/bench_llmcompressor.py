@@ -24,13 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CALIB, MODEL, REPO, CachedBackend, evaluate_folder, fmt, machine_note, markdown_table  # noqa: E402
 
-# llm-compressor method → (llmopt result file, row selector)
-LLMOPT_ROW = {
-    "gptq-w4g64": ("quant.json", lambda r: r["scheme"] == "int4 g64 sym" and r["method"] == "GPTQ"),
-    "gptq-w3g64": ("quant.json", lambda r: r["scheme"] == "int3 g64 sym" and r["method"] == "GPTQ"),
-    "sparsegpt-50": ("pruning.json", lambda r: r["method"] == "sparsegpt" and r["pattern"] == "50%"),
-    "sparsegpt-2of4": ("pruning.json", lambda r: r["method"] == "sparsegpt" and r["pattern"] == "2:4"),
-}
+# llm-compressor method → llmopt rows to show next to it: (label, result file, row selector)
+LLMOPT_ROWS = {
+    "gptq-w4g64": [
+        ("llmopt, act-order + static groups (llm-compressor's setting)", "quant-variants.json",
+         lambda r: r["scheme"] == "int4 g64 sym, act-order + static groups"),
+        ("llmopt, default (no act-order)", "quant.json",
+         lambda r: r["scheme"] == "int4 g64 sym" and r["method"] == "GPTQ"),
+    ],
+    "gptq-w3g64": [("llmopt", "quant.json", lambda r: r["scheme"] == "int3 g64 sym" and r["method"] == "GPTQ")],
+    "sparsegpt-50": [("llmopt", "pruning.json", lambda r: r["method"] == "sparsegpt" and r["pattern"] == "50%")],
+    "sparsegpt-2of4": [("llmopt", "pruning.json", lambda r: r["method"] == "sparsegpt" and r["pattern"] == "2:4")],
+}  # fmt: skip
 
 
 def main() -> None:
@@ -64,16 +69,17 @@ def main() -> None:
             meta.write_text(p.stdout.strip().splitlines()[-1])
         info = json.loads(meta.read_text())
         r = evaluate_folder(str(out), dense, 2048, args.windows)
-        name, pick = LLMOPT_ROW[method]
-        ours = next(x for x in json.loads((REPO / "eval" / "results" / name).read_text())["rows"] if pick(x))
         rec = dict(method=method, llmc_ppl=r.perplexity, llmc_kl=r.kl.mean, llmc_seconds=info["oneshot_seconds"],
-                   llmc_rss_mib=info["peak_rss_mib"], llmopt=ours)  # fmt: skip
-        records.append(rec)
-        rows.append([method, "llm-compressor 0.14", fmt(r.perplexity, 3), fmt(r.kl.mean, 4),
+                   llmc_rss_mib=info["peak_rss_mib"], llmopt=[])  # fmt: skip
+        rows.append([method, "llm-compressor 0.14 (defaults)", fmt(r.perplexity, 3), fmt(r.kl.mean, 4),
                      fmt(info["oneshot_seconds"], 1), fmt(info["peak_rss_mib"] / 1024, 2)])  # fmt: skip
-        rows.append([method, "llmopt", fmt(ours["ppl"], 3), fmt(ours["kl_mean"], 4), fmt(ours["compress_seconds"], 1),
-                     fmt(ours["peak_rss_mib"] / 1024, 2)])  # fmt: skip
-        print(rows[-2:], flush=True)
+        for label, name, pick in LLMOPT_ROWS[method]:
+            ours = next(x for x in json.loads((REPO / "eval" / "results" / name).read_text())["rows"] if pick(x))
+            rec["llmopt"].append({"label": label, **ours})
+            rows.append([method, label, fmt(ours["ppl"], 3), fmt(ours["kl_mean"], 4),
+                         fmt(ours["compress_seconds"], 1), fmt(ours["peak_rss_mib"] / 1024, 2)])  # fmt: skip
+        records.append(rec)
+        print(rows, flush=True)
     md = [
         "# llmopt vs llm-compressor 0.14 (same model, scheme and calibration ids)",
         "",
@@ -82,9 +88,8 @@ def main() -> None:
         "windows (seed 0) of the first half. llm-compressor runs its defaults (GPTQ: act-order 'static', "
         "group scales from the original weights, damp 0.01; symmetric int, `W4A16`-style groups of 64) in its "
         "own environment (transformers 5.17). Seconds: the `oneshot()` call vs llmopt's layer-wise engine "
-        "(model load and save excluded on both sides). llmopt's row comes from bench_quant / bench_pruning "
-        "(its perplexity there is on 8 / 16 windows; the llm-compressor row is scored on the windows "
-        "stated here, the first of the same sequence).",
+        "(model load and save excluded on both sides). llmopt's rows come from bench_quant (quant.json, "
+        "quant-variants.json: the same 8 windows) / bench_pruning.",
         "",
         markdown_table(["method", "tool", "ppl", "KL vs dense", "seconds", "peak RSS GiB"], rows),
         "",
