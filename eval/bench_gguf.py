@@ -99,7 +99,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 windows of 512, 8x256 calibration: a smoke run")
     ap.add_argument("--only", default=None, help="comma-separated substrings of row labels to run")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "gguf"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing <out>.json")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out + ".json").read_text())["rows"], args.out + ".png")
+        return
     logging.basicConfig(level=logging.WARNING)
     require_text()
     extra = ["--calib-samples", "8", "--calib-seq-len", "256"] if args.quick else []
@@ -222,26 +226,30 @@ def main() -> None:
 
 
 def plot(records: list[dict], path: str) -> None:
+    """Perplexity against file size, one legend entry per file; the y range covers the 4-8 bit cluster
+    (rows beyond it are listed in the legend with their perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in records:
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    cmap = plt.get_cmap("tab20")
+    dense = min(r["ppl"] for r in records)
+    top = dense * 1.25
+    for i, r in enumerate(records):
         own = r["label"].startswith("llmopt")
-        ax.scatter(r["file_mib"], r["ppl"], marker="o" if own else "s", color="tab:blue" if own else "tab:gray")
-        ax.annotate(
-            r["label"].replace("llama.cpp ", "").replace("llmopt ", ""),
-            (r["file_mib"], r["ppl"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel("perplexity (llama.cpp, WikiText-2 2nd half)")
-    ax.set_title("SmolLM2-135M: perplexity vs GGUF size (blue: llmopt, grey: llama.cpp quantizer)")
-    ax.grid(alpha=0.3)
+        label = f"{r['label']} ({r['ppl']:.2f})"
+        y = min(r["ppl"], top)
+        ax.scatter(r["file_mib"], y, s=60, marker="o" if own else "s", color=cmap(i % 20), label=label,
+                   edgecolors="black" if own else "none")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_ylim(dense * 0.98, top * 1.01)
+    ax.set_xlabel("file size (MiB, log scale)")
+    ax.set_ylabel("perplexity (llama.cpp; capped at the top edge)")
+    ax.set_title("SmolLM2-135M GGUF: perplexity vs size (circles: llmopt, squares: llama.cpp quantizer)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
