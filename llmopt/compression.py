@@ -129,14 +129,16 @@ def compress_model(
     recipe: BaseModel,
     windows: torch.Tensor | None,
     true_sequential: bool = False,
+    stages: list[Stage] | None = None,
 ) -> tuple[CompressionState, dict]:
     """Apply a parsed recipe to a loaded model in place. ``windows``: (N, L) calibration ids, needed when
-    a stage is data-driven. Returns the state (masks, quantized tensors) and a timing summary."""
-    stages = build_stages(recipe)
+    a stage is data-driven; ``stages``: the recipe's stages if the caller already built them.
+    Returns the state (masks, quantized tensors) and a timing summary."""
+    stages = build_stages(recipe) if stages is None else stages
     targets = _preflight(model, stages)
     state = CompressionState()
     t0 = time.perf_counter()
-    needs_data = any(s.needs_calibration or getattr(s.cfg, "owl", None) for s in stages)
+    needs_data = any(s.needs_data for s in stages)
     if needs_data and windows is None:
         raise LLMOptError("this recipe has a data-driven stage: give calibration data (--calib)")
     batch = recipe.calibration.batch_size
@@ -224,16 +226,16 @@ def compress(
     out = check_output_folder(output, overwrite)
     loaded = load_model(model, device=device)
     stages = build_stages(rec)
-    _preflight(loaded.model, stages)
+    _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
     windows = None
     t_calib = 0.0
-    if any(s.needs_calibration or getattr(s.cfg, "owl", None) for s in stages):
+    if any(s.needs_data for s in stages):
         c = rec.calibration
         t0 = time.perf_counter()
         windows = calibration_windows(c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model)
         t_calib = time.perf_counter() - t0
         log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
-    state, timing = compress_model(loaded.model, rec, windows, true_sequential=true_sequential)
+    state, timing = compress_model(loaded.model, rec, windows, true_sequential=true_sequential, stages=stages)
 
     report = {
         "model": model,

@@ -84,7 +84,13 @@ class Stage:
 
     @property
     def needs_calibration(self) -> bool:
+        """The kernel itself needs a statistic, so the stage runs inside the calibration engine."""
         return self.statistic != "none"
+
+    @property
+    def needs_data(self) -> bool:
+        """Calibration windows are needed: for the kernel, or to plan OWL layer sparsities."""
+        return self.needs_calibration or getattr(self.cfg, "owl", None) is not None
 
     def check(self, name: str, linear: nn.Linear) -> None:
         """Raise LLMOptError when this Linear cannot be handled (width, group size, N:M)."""
