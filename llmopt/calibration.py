@@ -223,13 +223,16 @@ def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator) -> N
 
 
 def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iterator[tuple[int, nn.Module]]:
-    """Yield (index, layer) and afterwards replace each batch's hidden state by the layer's output."""
-    for i in tqdm(range(len(source)), desc=desc, unit="layer"):
+    """Yield (index, layer) and afterwards replace each batch's hidden state by the layer's output
+    (not after the last layer: nothing reads its outputs)."""
+    n = len(source)
+    for i in tqdm(range(n), desc=desc, unit="layer"):
         layer = source.load(i)
         yield i, layer
-        with torch.no_grad():
-            for b in batches:
-                b.hidden = _layer_forward(layer, b)
+        if i < n - 1:
+            with torch.no_grad():
+                for b in batches:
+                    b.hidden = _layer_forward(layer, b)
         source.release(i, layer)
 
 
