@@ -2,20 +2,28 @@
 
 Data flow (SparseGPT §3 / GPTQ §4 "sequential" processing, IST-DASLab ``llama_sequential``):
 
-1. run the model up to the first decoder layer on the calibration windows and keep that layer's inputs
-   X₀: (B, L, hidden) per batch, plus the keyword arguments the model passes to its layers (rotary
-   position embeddings, masks) with the KV cache switched off;
+1. run the model once over the calibration windows with every decoder layer bypassed (it returns its
+   input unchanged, so the pass costs the embeddings alone) and keep, per batch, the first layer's
+   input X₀: (B, L, hidden) and, **per layer**, the arguments the model passes to it (rotary position
+   embeddings, and the attention mask of that layer's kind: models that mix sliding-window and full
+   attention layers, such as Gemma 2/3 or Qwen2 with sliding windows, pass each layer its own mask),
+   with the KV cache switched off;
 2. for each decoder layer ℓ, for each stage of the recipe:
    a. run the layer on its inputs with forward hooks on the target Linears that accumulate the
-      statistic the stage asks for (Hessian 2/N Σ xᵀx, or Σ x_j²), grouped per sub-layer when
-      ``true_sequential`` is on (q/k/v, then o, then gate/up, then down: later groups see the already
-      compressed earlier ones);
-   b. call the stage's kernel once per target Linear and write the new weight in place;
+      statistic the stage asks for (Hessian 2/N Σ xᵀx, or Σ x_j²); with ``true_sequential`` the
+      Linears are calibrated in groups in the order the layer's forward first calls them (Linears
+      reading the same tensor, such as q/k/v or gate/up, form one group), so later groups see the
+      already compressed earlier ones;
+   b. call the stage's kernel once per target Linear and write the new weight in place; a target
+      that never ran on the calibration data (an unrouted MoE expert) gets the stage's data-free
+      kernel, with a warning and a note in the report;
 3. run the compressed layer once more: its outputs become layer ℓ+1's inputs, so the error made so
    far is carried forward, as in the papers.
 
-Only one layer's activations live at a time. Layers come from a :class:`LayerSource`, so a later
-source can stream each layer's weights from safetensors shards without changing anything here.
+Activations stay in the model's dtype, batch by batch; only one layer's activations live at a time.
+"Linear" means nn.Linear or transformers' Conv1D (GPT-2), see :mod:`llmopt.linears`. Layers come from
+a :class:`LayerSource`, so a later source can stream each layer's weights from safetensors shards
+without changing anything here.
 """
 
 from __future__ import annotations
@@ -30,36 +38,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmopt.errors import LLMOptError
-from llmopt.stages.base import CompressionState, LinearStats, Stage
+from llmopt.linears import is_linear, is_transposed, weight_oi, write_weight
+from llmopt.stages.base import CompressionState, LinearStats, QuantizedLinear, Stage
 
 log = logging.getLogger(__name__)
 
-# Order of sub-layers inside a Llama-family decoder layer for "true sequential" processing
-# (GPTQ reference code, llama.py): later groups are calibrated on the outputs of compressed earlier ones.
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("o_proj",),
-    ("gate_proj", "up_proj"),
-    ("down_proj",),
-)
-
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of decoder layers, found generically: the ModuleList with
-    ``config.num_hidden_layers`` entries that contain nn.Linear (``model.layers`` for Llama, Qwen2,
-    Mistral, SmolLM). Raises LLMOptError for architectures without one."""
+    """The model's list of decoder layers, found generically: the shallowest ModuleList with
+    ``config.num_hidden_layers`` entries that all contain a Linear (``model.layers`` for Llama, Qwen,
+    Mistral, Gemma, Phi-3; ``transformer.h`` for GPT-2; ``model.decoder.layers`` for OPT).
+    Raises LLMOptError for architectures without one."""
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     candidates = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
-            if all(any(isinstance(m, nn.Linear) for m in layer.modules()) for layer in mod):
+            if all(any(is_linear(m) for m in layer.modules()) for layer in mod):
                 candidates.append((name, mod))
     if not candidates:
         arch = type(model).__name__
         raise LLMOptError(
             f"cannot find the decoder layers of {arch}: the calibration engine handles decoder-only models "
-            "with a list of num_hidden_layers blocks (Llama, Qwen2, Mistral, SmolLM); use a data-free stage "
-            "(magnitude, rtn) for this model"
+            "with a list of num_hidden_layers blocks (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT); "
+            "use a data-free stage (magnitude, rtn) for this model"
         )
     return min(candidates, key=lambda c: c[0].count("."))
 
@@ -85,53 +86,109 @@ class LayerSource:
 
 @dataclass
 class Batch:
-    hidden: torch.Tensor  # (B, L, hidden) input of the current decoder layer
-    kwargs: dict = field(default_factory=dict)  # what the model passes to every layer (rotary, mask)
+    """One batch of calibration windows as seen by the current decoder layer."""
+
+    hidden: torch.Tensor  # (B, L, hidden) input of the current decoder layer, in the model's dtype
+    # per decoder layer: (positional args after the hidden state, keyword args) the model passes it.
+    # Values are shared by reference: a mask the model hands to every layer is stored once.
+    layer_args: list[tuple[tuple, dict]] = field(default_factory=list)
 
 
 class _StopForward(Exception):
     pass
 
 
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+try:  # cache objects some models pass positionally (GPT-2's layer_past): dropped like the kwargs above
+    from transformers.cache_utils import Cache as _Cache
+
+    _CacheTypes: tuple[type, ...] = (_Cache,)
+except ImportError:  # pragma: no cover
+    _CacheTypes = ()
+
+
 def _clean_kwargs(kwargs: dict) -> dict:
     """Layer kwargs without any KV cache: re-running a layer with the model's cache object would grow
     it across calibration windows and silently corrupt the statistics."""
-    out = {}
-    for k, v in kwargs.items():
-        if k in ("past_key_value", "past_key_values", "layer_past"):
-            continue
-        out[k] = v
+    out = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
     out["use_cache"] = False
     return out
 
 
+def _output_kinds(model: nn.Module, layers: nn.ModuleList) -> list[int]:
+    """How each decoder layer returns its hidden state: 0 = a tensor, n > 0 = a tuple of n items.
+    Found on a 2-token forward (negligible), so the bypass in :func:`capture_layer_inputs` can answer
+    in the same form whatever the architecture."""
+    kinds: list[int] = [0] * len(layers)
+    device = next(model.parameters()).device
+
+    def hook(i):
+        def fn(module, args, output):
+            kinds[i] = len(output) if isinstance(output, tuple) else 0
+            if i == len(layers) - 1:
+                raise _StopForward
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=torch.ones(1, 2, dtype=torch.long, device=device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return kinds
+
+
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, windows: torch.Tensor, batch_size: int
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
 ) -> list[Batch]:
-    """Run the model up to ``first_layer`` on windows (N, L) in batches; keep that layer's inputs."""
+    """Inputs of the first decoder layer and every layer's arguments, for windows (N, L) in batches.
+
+    Each layer's ``forward`` is temporarily replaced by a recorder that stores what the model passes
+    and returns the hidden state unchanged (in the layer's own return form); the last one stops the
+    forward, so the output head never runs.
+    """
     device = next(model.parameters()).device
+    kinds = _output_kinds(model, layers)
     batches: list[Batch] = []
+    current: list[Batch] = []
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        batches.append(Batch(hidden.detach(), _clean_kwargs(kwargs)))
-        raise _StopForward
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            rest = tuple(None if isinstance(a, _CacheTypes) else a for a in args[1:])
+            b = current[0]
+            if i == 0:
+                b.hidden = hidden.detach()
+            b.layer_args.append((rest, _clean_kwargs(kwargs)))
+            if i == len(layers) - 1:
+                raise _StopForward
+            return (hidden, *([None] * (kinds[i] - 1))) if kinds[i] else hidden
 
-    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     try:
         for b0 in range(0, windows.shape[0], batch_size):
+            current[:] = [Batch(hidden=torch.empty(0))]
             try:
                 model(input_ids=windows[b0 : b0 + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
+            batches.append(current[0])
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward  # the instance attribute; the class's forward is back
     return batches
 
 
-def _layer_forward(layer: nn.Module, batch: Batch) -> torch.Tensor:
-    out = layer(batch.hidden, **batch.kwargs)
+def _layer_forward(layer: nn.Module, batch: Batch, i: int) -> torch.Tensor:
+    args, kwargs = batch.layer_args[i]
+    out = layer(batch.hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -145,7 +202,7 @@ class StatsAccumulator:
     down_proj's matmul, is not needed for statistics.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], statistic: str):
+    def __init__(self, linears: dict[str, nn.Module], statistic: str):
         self.statistic = statistic
         self.stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
@@ -194,30 +251,59 @@ class StatsAccumulator:
     def get(self, name: str) -> LinearStats:
         return self.stats[self._alias.get(name, name)]
 
+    def has(self, name: str) -> bool:
+        """False for a Linear that never ran (no statistics)."""
+        return self._alias.get(name, name) in self.stats
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
 
 
-def _groups(names: Sequence[str], true_sequential: bool) -> list[list[str]]:
-    if not true_sequential:
-        return [list(names)]
-    groups, seen = [], set()
-    for suffixes in SEQUENTIAL_GROUPS:
-        g = [n for n in names if n.rsplit(".", 1)[-1] in suffixes]
-        if g:
-            groups.append(g)
-            seen.update(g)
-    rest = [n for n in names if n not in seen]
-    return groups + ([rest] if rest else [])
+def call_order_groups(layer: nn.Module, linears: dict[str, nn.Module], batch: Batch, i: int) -> list[list[str]]:
+    """``true_sequential`` groups of a layer's target Linears, from one forward on ``batch``: in the
+    order the forward first calls them, Linears called one after another on the very same input tensor
+    forming one group (q/k/v, gate/up; Phi-3's fused qkv_proj and gate_up_proj, GPT-2's c_attn are
+    groups of one). Linears that never run come last, as a group of their own."""
+    order: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def fn(module, args):
+            if name not in seen:
+                seen.add(name)
+                order.append((name, args[0]))
+                if len(seen) == len(linears):
+                    raise _StopForward
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        _layer_forward(layer, batch, i)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, x in order:
+        if groups and x is last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = x
+    missing = [n for n in linears if n not in seen]
+    return groups + ([missing] if missing else [])
 
 
-def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator) -> None:
-    """One statistics pass of ``layer`` over all batches (outputs are not needed)."""
+def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator, i: int) -> None:
+    """One statistics pass of layer ``i`` over all batches (outputs are not needed)."""
     for b in batches:
         acc.new_forward()
         try:
-            _layer_forward(layer, b)
+            _layer_forward(layer, b, i)
         except _StopForward:
             pass
 
@@ -232,8 +318,18 @@ def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iter
         if i < n - 1:
             with torch.no_grad():
                 for b in batches:
-                    b.hidden = _layer_forward(layer, b)
+                    b.hidden = _layer_forward(layer, b, i)
         source.release(i, layer)
+
+
+def _layer_linears(layer: nn.Module, prefix: str, i: int, stage: Stage | None = None) -> dict[str, nn.Module]:
+    """The Linears of decoder layer ``i`` by full module name (those ``stage`` targets, if given)."""
+    out = {}
+    for n, m in layer.named_modules():
+        full = f"{prefix}.{i}.{n}"
+        if is_linear(m) and (stage is None or stage.matches(full)):
+            out[full] = m
+    return out
 
 
 @torch.no_grad()
@@ -243,14 +339,14 @@ def layer_statistics(
     """Statistics of every decoder layer's Linears on the *uncompressed* model (for planning, e.g. OWL)."""
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix)
-    batches = capture_layer_inputs(model, layers[0], windows, batch_size)
+    batches = capture_layer_inputs(model, layers, windows, batch_size)
     out = []
     for i, layer in iterate_layers(source, batches, "layer statistics"):
-        linears = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        linears = _layer_linears(layer, prefix, i)
         acc = StatsAccumulator(linears, statistic)
-        _run_all(layer, batches, acc)
+        _run_all(layer, batches, acc, i)
         acc.remove()
-        out.append({n: acc.get(n) for n in linears})
+        out.append({n: acc.get(n) for n in linears if acc.has(n)})
     return out
 
 
@@ -270,40 +366,56 @@ def run_layerwise(
     """
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix)
-    batches = capture_layer_inputs(model, layers[0], windows, batch_size)
+    batches = capture_layer_inputs(model, layers, windows, batch_size)
     log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
     for i, layer in iterate_layers(source, batches, "compressing"):
         for stage in stages:
-            names = {
-                f"{prefix}.{i}.{n}": m
-                for n, m in layer.named_modules()
-                if isinstance(m, nn.Linear) and stage.matches(f"{prefix}.{i}.{n}")
-            }
-            for group in _groups(list(names), true_sequential and stage.needs_calibration):
+            names = _layer_linears(layer, prefix, i, stage)
+            if not names:
+                continue
+            groups = [list(names)]
+            if true_sequential and stage.needs_calibration:
+                groups = call_order_groups(layer, names, batches[0], i)
+            for group in groups:
                 acc = None
                 if stage.statistic != "none":
                     acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic)
-                    _run_all(layer, batches, acc)
+                    _run_all(layer, batches, acc, i)
                     acc.remove()
                 for name in group:
+                    if acc is not None and not acc.has(name):
+                        log.warning(
+                            "%s never ran on the calibration data (unrouted expert or unused branch): "
+                            "stage %s uses its data-free kernel for it",
+                            name,
+                            stage.name,
+                        )
+                        apply_to_linear(stage, name, names[name], None, state, i)
+                        continue
                     apply_to_linear(stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i)
 
 
 def apply_to_linear(
     stage: Stage,
     name: str,
-    linear: nn.Linear,
-    stats: LinearStats,
+    linear: nn.Module,
+    stats: LinearStats | None,
     state: CompressionState,
     layer_index: int | None,
 ) -> None:
-    """Call the stage's kernel on one Linear, write the result back, and record the report."""
+    """Call the stage's kernel on one Linear (``stats`` None: it never ran on the calibration data, use the
+    stage's data-free fallback), write the result back, and record the report."""
     t0 = time.perf_counter()
-    W = linear.weight.data
-    outcome = stage.compress_linear(name, W.to(torch.float32), stats, state, layer_index)
-    W.copy_(outcome.weight.to(W.dtype))
+    W = weight_oi(linear)  # (out, in) view of the parameter
+    if stats is None:
+        outcome = stage.compress_uncalibrated(name, W.to(torch.float32), state, layer_index)
+        outcome.report.setdefault("fallback", "data-free")
+    else:
+        outcome = stage.compress_linear(name, W.to(torch.float32), stats, state, layer_index)
+    write_weight(linear, outcome.weight)
     if outcome.quant is not None:
-        state.quantized[name] = outcome
+        q = outcome.quant
+        state.quantized[name] = QuantizedLinear(q.codes, q.qparams, outcome.fmt, is_transposed(linear))
     state.reports.append(
         {
             "stage": stage.name,
@@ -311,6 +423,7 @@ def apply_to_linear(
             "linear": name,
             "shape": list(W.shape),
             "seconds": round(time.perf_counter() - t0, 4),
+            **({"calibration_tokens": stats.tokens} if stats is not None and stats.tokens else {}),
             **outcome.report,
         }
     )

@@ -83,7 +83,7 @@ def atomic_folder(output: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _preflight(model: nn.Module, stages: list[Stage]) -> dict[int, list[tuple[str, nn.Linear]]]:
+def _preflight(model: nn.Module, stages: list[Stage]) -> dict[int, list[tuple[str, nn.Module]]]:
     """Check every target Linear against every stage before any work (width, group size, N:M)."""
     try:
         prefix, layers = find_decoder_layers(model)
@@ -128,7 +128,6 @@ def compress_model(
     model: nn.Module,
     recipe: BaseModel,
     windows: torch.Tensor | None,
-    true_sequential: bool = False,
     stages: list[Stage] | None = None,
 ) -> tuple[CompressionState, dict]:
     """Apply a parsed recipe to a loaded model in place. ``windows``: (N, L) calibration ids, needed when
@@ -155,7 +154,9 @@ def compress_model(
             j = i
             while j < len(stages) and stages[j].needs_calibration:
                 j += 1
-            run_layerwise(model, windows, stages[i:j], state, batch_size=batch, true_sequential=true_sequential)
+            run_layerwise(
+                model, windows, stages[i:j], state, batch_size=batch, true_sequential=recipe.calibration.true_sequential
+            )
             i = j
         else:
             st = stages[i]
@@ -201,7 +202,8 @@ def compress(
     seed: int | None = None,
     overwrite: bool = False,
     device: str | None = None,
-    true_sequential: bool = False,
+    true_sequential: bool | None = None,
+    dtype: str | torch.dtype = "auto",
 ) -> CompressResult:
     """Compress ``model`` (any model spec) with ``recipe`` and save an HF folder at ``output``.
 
@@ -209,6 +211,12 @@ def compress(
     recipe (``recipe.yaml``, calibration overrides applied) and ``llmopt_report.json`` (per-Linear
     sparsity/bits/loss, times, peak memory). Everything is written to a temporary sibling first and
     renamed on success; an existing output is refused unless ``overwrite``.
+
+    ``dtype`` ("auto" = the checkpoint's own, "float32", "bfloat16", "float16") is the dtype the model
+    is loaded, calibrated and saved in; kernels always compute in float32. Quantized Linears of a
+    16-bit model are saved in float32, the only dtype in which code × scale is exact, so the saved
+    weights equal the stored codes bit for bit; ``true_sequential`` (None = the recipe's value)
+    overrides ``calibration.true_sequential``.
     """
     from llmopt.data import calibration_windows
     from llmopt.models import load_model
@@ -217,14 +225,16 @@ def compress(
     rec = recipe if isinstance(recipe, BaseModel) else parse_recipe(recipe)
     overrides = {
         k: v
-        for k, v in dict(data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed).items()
+        for k, v in dict(
+            data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
+        ).items()
         if v is not None
     }
     if overrides:
         cal = rec.calibration.model_validate({**rec.calibration.model_dump(), **overrides})
         rec = rec.model_copy(update={"calibration": cal})
     out = check_output_folder(output, overwrite)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, dtype=dtype)
     stages = build_stages(rec)
     _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
     windows = None
@@ -235,10 +245,12 @@ def compress(
         windows = calibration_windows(c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model)
         t_calib = time.perf_counter() - t0
         log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
-    state, timing = compress_model(loaded.model, rec, windows, true_sequential=true_sequential, stages=stages)
+    state, timing = compress_model(loaded.model, rec, windows, stages=stages)
 
     report = {
         "model": model,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "true_sequential": rec.calibration.true_sequential,
         "recipe": rec.model_dump(mode="json"),
         "calibration_seconds": round(t_calib, 2),
         **timing,
@@ -246,6 +258,7 @@ def compress(
         "stages": _summarise(state),
         "linears": state.reports,
     }
+    exact_float32_weights(loaded.model, state)
     with atomic_folder(out, overwrite) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
@@ -257,20 +270,33 @@ def compress(
     return CompressResult(str(out), report)
 
 
+def exact_float32_weights(model: nn.Module, state: CompressionState) -> None:
+    """In a 16-bit model, give every quantized Linear its exact float32 weight, dequantized from the
+    codes (bfloat16/float16 cannot hold code × fp16 scale exactly). Done just before saving: the
+    folder then stores those Linears in float32 and everything else in the model's dtype."""
+    from llmopt.linears import set_weight_tensor
+
+    for name, q in state.quantized.items():
+        lin = model.get_submodule(name)
+        if lin.weight.dtype != torch.float32:
+            set_weight_tensor(lin, q.fmt.dequantize(q.codes, q.qparams))
+
+
 def save_quantized(state: CompressionState, folder: Path) -> None:
     """Per quantized Linear: integer codes and scales (``quantization.safetensors``) plus a JSON index
-    of formats, so exporters write them without re-quantizing."""
+    of formats, so exporters write them without re-quantizing. Codes are (out, in) whatever the
+    module's layout; ``transposed`` says the model file stores that Linear's weight as (in, out)
+    (transformers Conv1D)."""
     if not state.quantized:
         return
     from safetensors.torch import save_file
 
     tensors, index = {}, {}
-    for name, oc in state.quantized.items():
-        q = oc.quant
+    for name, q in state.quantized.items():
         tensors[f"{name}.codes"] = q.codes.contiguous()
         tensors[f"{name}.scale"] = q.qparams.scale.contiguous()
         tensors[f"{name}.zero"] = q.qparams.zero.contiguous()
-        f = oc.fmt
+        f = q.fmt
         index[name] = {
             "format": f.name,
             "bits": f.bits,
@@ -278,6 +304,7 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
             "symmetric": f.symmetric,
             "gguf_type": f.gguf_type.name if f.gguf_type is not None else None,
             "codes_dtype": str(q.codes.dtype).removeprefix("torch."),
+            "transposed": q.transposed,
         }
     save_file(tensors, str(folder / "quantization.safetensors"))
     (folder / "quantization.json").write_text(json.dumps(index, indent=1))

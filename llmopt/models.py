@@ -74,6 +74,15 @@ _HUB_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".py", ".jinja"
 _DIGITS_THEN_GPT2 = frozenset({"smollm"})
 _GPT2_ONLY = frozenset({"gpt-2"})
 
+#: ``--dtype`` values → torch dtypes; "auto" keeps the checkpoint's own dtype (config ``dtype`` /
+#: ``torch_dtype``), so a 2 GB bfloat16 checkpoint stays 2 GB. Converted GGUF folders are float32.
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
 # gguf token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED are added but not special.
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
@@ -83,7 +92,7 @@ _TOKEN_USER_DEFINED = 4
 class LoadedModel:
     """A loaded causal LM and where it came from."""
 
-    model: PreTrainedModel  # eval mode, ``dtype`` (float32 by default), on ``device`` (CPU by default)
+    model: PreTrainedModel  # eval mode, ``dtype`` (the checkpoint's own by default), on ``device`` (CPU by default)
     tokenizer: PreTrainedTokenizerBase
     spec: str  # what the user typed
     path: str  # local HF folder the model was loaded from (the cache folder for a GGUF / bundled spec)
@@ -169,10 +178,26 @@ def load_tokenizer(
     return _tokenizer_from_folder(folder, trust_remote_code=trust_remote_code)
 
 
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """``"auto"`` / ``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch dtype) → what
+    ``from_pretrained`` takes; one-line LLMOptError naming the valid values otherwise."""
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise LLMOptError(f"unsupported dtype {dtype}; valid: {', '.join(DTYPES)}")
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
+    if key not in DTYPES:
+        raise LLMOptError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
 def load_model(
     spec: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
@@ -181,13 +206,15 @@ def load_model(
 
     Args:
         spec: ``bundled:<name>``, a ``.gguf`` file, a local HF folder, or a Hub id.
-        dtype: parameter dtype of the returned model.
+        dtype: parameter dtype of the returned model: "auto" (the checkpoint's own; float32 for GGUF
+            inputs, which are dequantized), "float32", "bfloat16", "float16" or a torch dtype.
         device: torch device string (``"cuda"``, ``"cuda:1"``, ``"mps"``); CPU when ``None``.
         trust_remote_code: allow custom modelling code from the folder / Hub repo.
         cache_dir: llmopt cache root for GGUF conversions (default ``$LLMOPT_CACHE`` or
             ``~/.cache/llmopt``).
     """
     torch_device = _parse_device(device)
+    dtype = parse_dtype(dtype)
     src = _classify(spec)
     folder = Path(resolve_local_folder(spec, cache_dir=cache_dir))
     remote = trust_remote_code and src.gguf is None  # converted GGUF folders never hold custom code
@@ -268,7 +295,7 @@ def _parse_device(device: str | None) -> torch.device | None:
 # Local HF folders
 
 
-def _model_from_folder(folder: Path, *, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+def _model_from_folder(folder: Path, *, dtype: torch.dtype | str, trust_remote_code: bool) -> PreTrainedModel:
     has_safetensors = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
     if not has_safetensors:
         if any(folder.glob("pytorch_model*.bin")):

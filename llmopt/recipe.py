@@ -37,6 +37,9 @@ class CalibrationConfig(StrictModel):
     seq_len: int = Field(512, ge=2)
     seed: int = 0
     batch_size: int = Field(8, ge=1)  # windows per forward in the calibration engine
+    # calibrate a layer's Linears group by group in the order its forward calls them (q/k/v, o, gate/up,
+    # down for Llama), each group on the outputs of the already compressed earlier ones (GPTQ code)
+    true_sequential: bool = False
 
     @field_validator("data")
     @classmethod

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from llmopt.errors import LLMOptError
+from llmopt.linears import is_linear
 from llmopt.recipe import StageConfig
 
 Statistic = Literal["none", "hessian", "act_sq_norm"]
@@ -46,12 +47,27 @@ class LinearOutcome:
     report: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """What the saver and exporters need of a quantized Linear: codes and group parameters only.
+
+    The dequantized float32 weight is not kept (it is in the model, and ``fmt.dequantize(codes,
+    qparams)`` rebuilds it): holding it for every Linear until saving cost 4 bytes per parameter.
+    codes: (out, in) in the format's code dtype; qparams: llmopt.formats.QParams (out, n_groups).
+    """
+
+    codes: torch.Tensor
+    qparams: object
+    fmt: object
+    transposed: bool = False  # the module stores its weight as (in, out) (transformers Conv1D)
+
+
 @dataclass
 class CompressionState:
     """What stages hand to later stages and to the saver (masks kept by GPTQ, codes for exporters)."""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    quantized: dict[str, LinearOutcome] = field(default_factory=dict)
+    quantized: dict[str, QuantizedLinear] = field(default_factory=dict)
     reports: list[dict] = field(default_factory=list)
     # per-decoder-layer override of the stage's sparsity (OWL), keyed by stage index then layer index
     layer_sparsity: dict[int, list[float]] = field(default_factory=dict)
@@ -72,11 +88,12 @@ class Stage:
         hit = any(fnmatch.fnmatchcase(name, p) for p in self.cfg.targets)
         return hit and not any(fnmatch.fnmatchcase(name, p) for p in self.cfg.ignore)
 
-    def targets(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
-        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and self.matches(n)]
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Target modules: nn.Linear and transformers Conv1D (see :mod:`llmopt.linears`) whose names match."""
+        found = [(n, m) for n, m in model.named_modules() if is_linear(m) and self.matches(n)]
         if not found:
             raise LLMOptError(
-                f"stage '{self.name}' matches no nn.Linear (targets={self.cfg.targets}, "
+                f"stage '{self.name}' matches no Linear (targets={self.cfg.targets}, "
                 f"ignore={self.cfg.ignore}); fix the patterns (fnmatch on module names such as "
                 "model.layers.0.mlp.down_proj)"
             )
@@ -99,6 +116,13 @@ class Stage:
         self, name: str, W: torch.Tensor, stats: LinearStats, state: CompressionState, layer_index: int | None
     ) -> LinearOutcome:
         raise NotImplementedError
+
+    def compress_uncalibrated(
+        self, name: str, W: torch.Tensor, state: CompressionState, layer_index: int | None
+    ) -> LinearOutcome:
+        """A data-driven stage's answer for a target that never ran on the calibration windows (an
+        unrouted MoE expert, a branch the data never took): the data-free kernel of the same kind."""
+        raise LLMOptError(f"{name} never ran on the calibration data and stage '{self.name}' has no data-free fallback")
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:

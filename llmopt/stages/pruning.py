@@ -12,6 +12,7 @@ from llmopt.kernels.magnitude import magnitude_prune
 from llmopt.kernels.pruning import PruneResult, validate_sparsity
 from llmopt.kernels.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from llmopt.kernels.wanda import wanda_prune
+from llmopt.linears import in_features
 from llmopt.recipe import StageConfig, StrictModel
 from llmopt.stages.base import CompressionState, LinearOutcome, LinearStats, Stage, parse_pattern
 
@@ -60,8 +61,8 @@ class PruningStage(Stage):
     def n_m(self) -> tuple[int, int] | None:
         return parse_pattern(self.cfg.pattern)
 
-    def check(self, name: str, linear: nn.Linear) -> None:
-        validate_sparsity(self.cfg.sparsity, self.n_m, linear.in_features, name)
+    def check(self, name: str, linear: nn.Module) -> None:
+        validate_sparsity(self.cfg.sparsity, self.n_m, in_features(linear), name)
 
     def sparsity_for(self, state: CompressionState, layer_index: int | None) -> float:
         per_layer = state.layer_sparsity.get(self.index)
@@ -74,7 +75,16 @@ class PruningStage(Stage):
 
     def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
         sparsity = self.sparsity_for(state, layer_index)
-        res = self.prune(W, stats, sparsity)
+        return self._outcome(name, self.prune(W, stats, sparsity), sparsity, state)
+
+    def compress_uncalibrated(self, name, W, state, layer_index) -> LinearOutcome:
+        """No activations seen: magnitude pruning at the same sparsity / N:M pattern."""
+        sparsity = self.sparsity_for(state, layer_index)
+        out = self._outcome(name, magnitude_prune(W, sparsity, self.n_m), sparsity, state)
+        out.report["fallback"] = "magnitude"
+        return out
+
+    def _outcome(self, name: str, res: PruneResult, sparsity: float, state: CompressionState) -> LinearOutcome:
         previous = state.masks.get(name)
         mask = res.mask if previous is None else (res.mask & previous)
         state.masks[name] = mask
