@@ -327,13 +327,16 @@ def test_bad_export_arguments_leave_no_file(tiny_model_dir, tiny_f32, tmp_path):
 
 
 def test_unsupported_architecture_is_refused(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    """Refused from config.json alone (the weights are never read), naming the supported architectures."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    folder = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    folder = tmp_path / "neox"
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    GPTNeoXForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    with pytest.raises(LLMOptError, match="supports llama, mistral, qwen2 models .* not 'gpt2'"):
+    (folder / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(LLMOptError, match="does not support model_type 'gpt_neox'; supported: llama, mistral, qwen2"):
         export_gguf(str(folder), str(tmp_path / "g.gguf"))
     assert not (tmp_path / "g.gguf").exists() and not list(tmp_path.glob("*.tmp-*"))
 

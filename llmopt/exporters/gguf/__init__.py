@@ -1,0 +1,183 @@
+"""Export a model spec to a llama.cpp GGUF file (gguf-py's ``GGUFWriter``).
+
+Three ways to fill the tensors, chosen by ``type``:
+
+``auto``
+    On an llmopt output folder (``quantization.json`` + ``quantization.safetensors``), every quantized
+    Linear is written from its stored codes and scales (:mod:`.codes`): GGUF block formats as they are,
+    int formats as the GGUF type with the same arithmetic (symmetric int4 in groups of 32k is q4_0, ...),
+    each checked bit for bit; an int format no GGUF type holds exactly is refused, never widened to F32.
+    Everything else is F16 (BF16 when saved in bfloat16; ``embedding_type`` / ``output_type`` override the
+    token embedding / output head) or F32 (1-D norms and biases).
+``f32`` / ``f16``
+    Plain floats (1-D tensors always F32).
+a llama.cpp type (``q4_0``, ``q4_k_m``, ``q6_k``, ...)
+    An F32 GGUF is written to a temporary file and llama.cpp's own quantizer (:mod:`.quantize`) converts
+    it, optionally guided by an importance matrix (:mod:`.imatrix`).
+
+Architectures (:mod:`.hparams`): llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text), gpt2, laid
+out as llama.cpp's ``convert_hf_to_gguf.py`` does (:mod:`.tensors`); the tokenizer with the pre-tokenizer
+under which llama.cpp splits text like the HF tokenizer (:mod:`.vocab`). Unsupported architectures and
+settings llama.cpp would silently compute differently are refused from the config, before loading weights.
+
+Modules: ``plan`` (types), ``hparams`` (architectures, metadata), ``tensors`` (names, layouts),
+``codes`` (stored codes → exact blocks), ``vocab`` (tokenizer), ``writer`` (file, report),
+``quantize`` (llama.cpp quantizer), ``imatrix`` (importance matrix).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmopt.errors import LLMOptError
+from llmopt.exporters.gguf.codes import precheck, read_index
+from llmopt.exporters.gguf.hparams import SUPPORTED, ArchSpec, check_config
+from llmopt.exporters.gguf.imatrix import compute_imatrix, load_imatrix, read_imatrix_file
+from llmopt.exporters.gguf.plan import F32_PLAN, GGUF_TYPES, LLAMA_FTYPES, NEED_IMATRIX, make_plan
+from llmopt.exporters.gguf.quantize import llama_quantize
+from llmopt.exporters.gguf.tensors import permute_qk, unpermute_qk
+from llmopt.exporters.gguf.vocab import CHECK_TEXT
+from llmopt.exporters.gguf.writer import summary, write_gguf
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECK_TEXT",
+    "GGUF_TYPES",
+    "LLAMA_FTYPES",
+    "SUPPORTED",
+    "compute_imatrix",
+    "export_gguf",
+    "permute_qk",
+    "read_imatrix_file",
+    "unpermute_qk",
+]
+
+
+def export_gguf(
+    model_spec: str,
+    output: str,
+    type: str = "auto",  # noqa: A002 - mirrors the CLI flag
+    embedding_type: str | None = None,
+    output_type: str | None = None,
+    overwrite: bool = False,
+    imatrix: str | None = None,
+    imatrix_samples: int = 32,
+    imatrix_seq_len: int = 512,
+    threads: int | None = None,
+) -> dict:
+    """Write ``model_spec`` as a GGUF file at ``output``; returns a small report.
+
+    Args:
+        model_spec: any spec :func:`llmopt.models.load_model` accepts (an llmopt output folder for
+            ``type="auto"`` to write quantized Linears from their codes).
+        type: ``auto``, ``f32``, ``f16`` or a llama.cpp quantization type (``q4_0``, ``q4_k_m``, ...).
+        embedding_type / output_type: GGML type of the token embedding / separate output head.
+        imatrix: only with a llama.cpp type: an imatrix file (llama.cpp GGUF ``*.in_sum2``/``*.counts``
+            or legacy ``.dat``) or a calibration data spec (``text:PATH``, ``wikitext2``, ``self:N``) to
+            compute mean x² per input column of every decoder Linear on ``imatrix_samples`` windows
+            of ``imatrix_seq_len`` tokens.
+    Returns:
+        {"output", "type", "architecture", "file_bytes", "tensor_types" {type: count}, "bits_per_weight"
+        (all tensors), "linear_bits_per_weight" (2-D tensors but embeddings and head), "pre_tokenizer",
+        "imatrix_entries", "seconds"}.
+    The file is written to ``output + ".tmp-<pid>"`` and renamed on success; on failure nothing is left.
+    """
+    t0 = time.perf_counter()
+    plan = make_plan(type, embedding_type, output_type)
+    if imatrix is not None and plan.mode != "llama":
+        raise LLMOptError(
+            f"--imatrix only applies when llama.cpp quantizes (--type q4_0, q4_k_m, ...), not with --type {type}"
+        )
+    if plan.dense in NEED_IMATRIX and imatrix is None:
+        raise LLMOptError(f"llama.cpp needs an importance matrix for {plan.dense}: pass --imatrix DATA")
+    out = Path(output)
+    if out.suffix.lower() != ".gguf":
+        raise LLMOptError(f"output {output} must end in .gguf")
+    if out.exists() and not overwrite:
+        raise LLMOptError(f"output file {out} already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise LLMOptError(f"output {out} is a folder; give a .gguf file name")
+    folder = _local_folder(model_spec)
+    if folder is not None:  # everything decidable without the weights, before loading them
+        _check_config(folder)
+        if plan.mode == "auto":
+            precheck(read_index(folder))
+
+    from llmopt.models import load_model
+
+    # float32 holds every saved dtype exactly (a bfloat16 folder keeps its quantized Linears in float32)
+    loaded = load_model(model_spec, dtype=torch.float32)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    spec = check_config(model.config)
+    if output_type and (spec.tied_only or getattr(model.config, "tie_word_embeddings", False)):
+        log.warning("--output-type %s ignored: the embeddings are tied, there is no output tensor", output_type)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp_f32 = out.with_name(f"{out.name}.f32.tmp-{os.getpid()}")
+    try:
+        imatrix_data = None
+        if imatrix is not None:
+            imatrix_data = load_imatrix(imatrix, model, tokenizer, spec.arch, imatrix_samples, imatrix_seq_len)
+        if plan.mode == "llama":  # llama.cpp quantizes from an all-F32 file
+            pre = write_gguf(tmp_f32, loaded, spec, F32_PLAN)
+        else:
+            pre = write_gguf(tmp, loaded, spec, plan)
+        del model, tokenizer, loaded  # free the torch weights before llama.cpp loads the F32 file
+        if plan.mode == "llama":
+            llama_quantize(tmp_f32, tmp, plan, imatrix_data, threads)
+        report = summary(tmp)
+        os.replace(tmp, out)
+    finally:
+        for p in (tmp, tmp_f32):
+            p.unlink(missing_ok=True)
+    report = {
+        "output": str(out),
+        "type": type,
+        "architecture": spec.name,
+        **report,
+        "pre_tokenizer": pre,
+        "imatrix_entries": len(imatrix_data) if imatrix_data else 0,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log.info("wrote %s (%.1f MiB, %.3f bits/weight)", out, report["file_bytes"] / 2**20, report["bits_per_weight"])
+    return report
+
+
+def _local_folder(spec: str) -> Path | None:
+    """The HF folder of ``spec`` when it is one already on disk (no download, no GGUF conversion)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.exists() or spec.startswith("bundled:") or "/" not in spec:
+        return None
+    try:  # a Hub id: its config alone, from the HF cache when offline
+        from huggingface_hub import hf_hub_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        return Path(hf_hub_download(spec, "config.json", local_files_only=offline)).parent
+    except Exception:  # noqa: BLE001 - load_model reports Hub problems in its own words
+        return None
+
+
+def _check_config(folder: Path) -> ArchSpec:
+    """:func:`check_config` on ``folder/config.json`` (the model type first: unknown ones may not parse)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from llmopt.exporters.gguf.hparams import arch_of
+
+    raw: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    arch_of(raw.get("model_type"))
+    try:
+        cfg = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError):  # load_model words it
+        return arch_of(raw.get("model_type"))
+    return check_config(cfg)
