@@ -260,7 +260,7 @@ def compress(
     }
     exact_float32_weights(loaded.model, state)
     with atomic_folder(out, overwrite) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(loaded.model))
         loaded.tokenizer.save_pretrained(tmp)
         save_quantized(state, tmp)
         report["total_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -268,6 +268,16 @@ def compress(
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     log.info("saved %s", out)
     return CompressResult(str(out), report)
+
+
+def shard_size(model: nn.Module) -> int:
+    """Bytes per safetensors shard when saving: an eighth of the model, between 100 MB and 5 GB.
+
+    safetensors serialises a whole shard in memory before writing it, so one shard for the whole model
+    (transformers' default up to 5 GB) adds a full copy of the weights to the peak memory of every
+    compression; eight shards add an eighth."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(min(5e9, max(100e6, total / 8)))
 
 
 def exact_float32_weights(model: nn.Module, state: CompressionState) -> None:
