@@ -6,9 +6,12 @@ spec                                    meaning
 ``wikitext2``                           Hub ``Salesforce/wikitext`` / ``wikitext-2-raw-v1``; train split for
                                         calibration, test split for evaluation, rows joined with "\\n\\n"
                                         (as in the GPTQ/SparseGPT reference code)
-``c4``                                  Hub ``allenai/c4``, English validation shard 0
-                                        (``en/c4-validation.00000-of-00008.json.gz``), documents joined
-                                        with "\\n\\n"
+``c4``                                  Hub ``allenai/c4`` (GPTQ/SparseGPT protocol): calibration windows
+                                        sampled inside documents of train shard 0
+                                        (``en/c4-train.00000-of-01024.json.gz``) longer than the window;
+                                        evaluation on the first 1100 documents of validation shard 0
+                                        (``en/c4-validation.00000-of-00008.json.gz``) joined with " ",
+                                        256 windows by default
 ``text:PATH[#A:B]``                     a local UTF-8 text file; ``#A:B`` keeps the fraction A..B of it
                                         (cut at line breaks), e.g. ``#0:0.5`` and ``#0.5:1`` give disjoint
                                         calibration and evaluation halves
@@ -18,23 +21,40 @@ spec                                    meaning
 =====================================  ==========================================================
 
 Calibration follows the GPTQ paper: the text is tokenized once and N windows of L tokens start at
-uniformly random offsets drawn with a seeded RNG. Evaluation tokenizes the whole text once; the metric
-code cuts it into non-overlapping windows.
+uniformly random offsets drawn with a seeded RNG (for ``c4``: a random document longer than L, then a
+random offset inside it, as the reference ``datautils.get_c4``). Evaluation tokenizes the whole text
+once; the metric code cuts it into non-overlapping windows. Calibration and evaluation never read the
+same text for the named data sets (different splits / shards).
+
+With ``HF_HUB_OFFLINE`` set, a Hub data spec whose data set is not in the local cache fails at once with
+a one-line error (no network retries).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from llmopt.errors import LLMOptError
 
 log = logging.getLogger(__name__)
+
+# GPTQ/SparseGPT c4 protocol (IST-DASLab/gptq datautils.py get_c4): calibration from train shard 0,
+# evaluation from the first 1100 documents of validation shard 0 joined with " ", 256 windows.
+C4_DATASET = "allenai/c4"
+C4_CALIB_FILE = "en/c4-train.00000-of-01024.json.gz"
+C4_EVAL_FILE = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_DOCUMENTS = 1100
+C4_EVAL_WINDOWS = 256
+WIKITEXT2_DATASET, WIKITEXT2_CONFIG = "Salesforce/wikitext", "wikitext-2-raw-v1"
 
 OFFLINE_HINT = "the Hub is not reachable here: use text:PATH (a local file) or self:N (model-generated) instead"
 
@@ -100,7 +120,39 @@ def parse_data_spec(spec: str) -> DataSpec:
     return dataclasses.replace(out, raw=s)
 
 
-def _hub_dataset(name: str, config: str | None, split: str, column: str, data_files=None) -> str:
+def _hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set (read now, not at import time)."""
+    return any(
+        os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _dataset_cached(name: str) -> bool:
+    """Whether anything of Hub dataset ``name`` is in the local caches (datasets' or huggingface_hub's).
+
+    Paths are resolved as ``datasets.config`` does, without importing ``datasets`` (seconds).
+    """
+    from huggingface_hub import constants
+
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    candidates = (
+        datasets_cache.expanduser() / name.replace("/", "___"),
+        Path(constants.HF_HUB_CACHE) / ("datasets--" + name.replace("/", "--")),
+    )
+    return any(p.is_dir() for p in candidates)
+
+
+def _hub_documents(
+    name: str, config: str | None, split: str, column: str, data_files=None, limit: int | None = None
+) -> Sequence[str]:
+    """The ``column`` of a Hub dataset split, one string per row (the first ``limit`` rows when given).
+
+    Offline (HF_HUB_OFFLINE) with nothing cached raises a one-line LLMOptError at once instead of
+    letting ``datasets`` retry the network.
+    """
+    if _hub_offline() and not _dataset_cached(name):
+        raise LLMOptError(f"dataset '{name}' is not cached and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a hard dependency
@@ -112,11 +164,34 @@ def _hub_dataset(name: str, config: str | None, split: str, column: str, data_fi
         raise LLMOptError(f"could not load dataset '{name}' ({msg}); {OFFLINE_HINT}") from None
     if column not in ds.column_names:
         raise LLMOptError(f"dataset '{name}' has no column '{column}'; columns: {', '.join(ds.column_names)}")
-    return "\n\n".join(ds[column])
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds[column]
+
+
+def _hub_dataset(name: str, config: str | None, split: str, column: str, data_files=None) -> str:
+    """A Hub dataset split's ``column`` joined with "\\n\\n" (the GPTQ reference code's wikitext2 joining)."""
+    return "\n\n".join(_hub_documents(name, config, split, column, data_files=data_files))
+
+
+def _c4_documents(role: str) -> Sequence[str]:
+    """c4 documents: train shard 0 for calibration, the first 1100 of validation shard 0 for evaluation."""
+    if role == "calib":
+        return _hub_documents(C4_DATASET, None, "train", "text", data_files={"train": C4_CALIB_FILE})
+    return _hub_documents(
+        C4_DATASET, None, "validation", "text", data_files={"validation": C4_EVAL_FILE}, limit=C4_EVAL_DOCUMENTS
+    )
 
 
 def load_text(spec: DataSpec | str, role: str = "eval") -> str:
-    """The raw text behind a spec. ``role`` ('calib' or 'eval') picks the split for wikitext2."""
+    """The raw text behind a spec. ``role`` ('calib' or 'eval') picks the split of wikitext2 and c4.
+
+    c4 evaluation text is the first 1100 validation documents joined with " " (the papers' protocol);
+    c4 calibration text (train shard documents joined with "\\n\\n") is only for callers that want the
+    text itself: :func:`calibration_windows` samples inside documents instead.
+    """
+    if role not in ("calib", "eval"):
+        raise ValueError(f"role must be 'calib' or 'eval', got {role!r}")
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "self":
         raise LLMOptError("self:N generates calibration tokens from the model; it cannot be used for evaluation")
@@ -131,10 +206,9 @@ def load_text(spec: DataSpec | str, role: str = "eval") -> str:
         return text
     if spec.kind == "wikitext2":
         split = "train" if role == "calib" else "test"
-        return _hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split, "text")
+        return _hub_dataset(WIKITEXT2_DATASET, WIKITEXT2_CONFIG, split, "text")
     if spec.kind == "c4":
-        files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
-        return _hub_dataset("allenai/c4", None, "validation", "text", data_files=files)
+        return ("\n\n" if role == "calib" else " ").join(_c4_documents(role))
     assert spec.kind == "hf"
     return _hub_dataset(spec.path, spec.config, spec.split or "train", spec.column)
 
@@ -179,7 +253,8 @@ def calibration_windows(
     """N calibration windows of L tokens: (N, L) int64.
 
     GPTQ-paper sampling: the text is tokenized once and each window starts at ``rng.randint(0, T−L−1)``
-    with ``random.Random(seed)``, so the same (spec, N, L, seed) always gives the same windows.
+    with ``random.Random(seed)``, so the same (spec, N, L, seed) always gives the same windows. ``c4``
+    samples inside the documents of its train shard instead (:func:`sample_document_windows`).
     """
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     if n_samples <= 0 or seq_len <= 1:
@@ -188,6 +263,8 @@ def calibration_windows(
         if model is None:
             raise LLMOptError("self:N calibration needs the model to sample from")
         return sample_from_model(model, tokenizer, spec.n_samples, seq_len, seed)
+    if spec.kind == "c4":
+        return sample_document_windows(_c4_documents("calib"), tokenizer, n_samples, seq_len, seed)
     ids = tokenize_text(tokenizer, load_text(spec, role="calib"))
     if ids.numel() < seq_len + 1:
         raise LLMOptError(
@@ -197,6 +274,41 @@ def calibration_windows(
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n_samples)]
     return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def sample_document_windows(
+    documents: Sequence[str], tokenizer, n_samples: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
+    """N windows of L tokens, each inside one document longer than L: (N, L) int64.
+
+    The GPTQ reference sampler for c4 (``datautils.get_c4``): with ``random.Random(seed)``, pick a random
+    document, pick again while it has <= L tokens, then take L tokens at ``rng.randint(0, T−L−1)``. The
+    draws are the reference code's (same RNG calls in the same order); documents are tokenized without
+    special tokens, like every llmopt text. Deterministic for (documents, tokenizer, N, L, seed).
+    """
+    if n_samples <= 0 or seq_len <= 1:
+        raise LLMOptError(f"calibration needs samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
+    if len(documents) == 0:
+        raise LLMOptError("calibration data has no documents")
+    rng = random.Random(seed)
+    short: set[int] = set()  # documents seen with <= L tokens: all of them short means no window fits
+    out = []
+    for _ in tqdm(range(n_samples), desc="sampling calibration windows", leave=False, disable=None):
+        while True:
+            i = rng.randint(0, len(documents) - 1)
+            if i in short:
+                continue
+            ids = tokenize_text(tokenizer, documents[i])  # (T,)
+            if ids.numel() > seq_len:
+                break
+            short.add(i)
+            if len(short) == len(documents):
+                raise LLMOptError(
+                    f"no calibration document has more than {seq_len} tokens: use a shorter --calib-seq-len"
+                )
+        s = rng.randint(0, ids.numel() - seq_len - 1)
+        out.append(ids[s : s + seq_len])
+    return torch.stack(out)
 
 
 @torch.inference_mode()
