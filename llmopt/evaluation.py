@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from llmopt.backends import Backend, make_backend
-from llmopt.data import evaluation_tokens
+from llmopt.backends import Backend, make_backend, resolve_threads
+from llmopt.data import C4_EVAL_WINDOWS, evaluation_tokens, parse_data_spec
+from llmopt.errors import LLMOptError
 from llmopt.metrics import EvalResult, KLStats, make_windows, measure_speed, score_windows
 
 log = logging.getLogger(__name__)
@@ -25,25 +26,38 @@ def evaluate(
     threads: int | None = None,
     speed_prompt_tokens: int = 512,
     speed_new_tokens: int = 128,
+    speed_repeats: int = 3,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` (a spec or a ready backend) on ``data``.
 
     Tokens come from the evaluated model's own tokenizer (the base model must share it: KL is computed
-    on identical ids). Both backends see exactly the same (W, seq_len) windows.
+    on identical ids). Both backends see exactly the same (W, seq_len) windows. ``max_windows`` None
+    scores every window, except for ``c4``: the first 256 windows (the GPTQ/SparseGPT papers' protocol).
+    ``threads`` None means physical cores; the model and the base run with the same count. Speed is the
+    median [min, max] of ``speed_repeats`` timed runs after a same-shape warm-up.
     """
     from llmopt.models import load_tokenizer
 
+    if threads is not None:
+        threads = resolve_threads(threads)  # fail before loading anything
+    if speed and (isinstance(speed_repeats, bool) or not isinstance(speed_repeats, int) or speed_repeats < 1):
+        raise LLMOptError(f"--repeats must be a whole number >= 1, got {speed_repeats!r}")
+    data_spec = parse_data_spec(data) if isinstance(data, str) else data
+    if max_windows is None and data_spec.kind == "c4":
+        max_windows = C4_EVAL_WINDOWS
     spec = model if isinstance(model, str) else model.model_spec
     be = make_backend(backend, model, threads=threads) if isinstance(model, str) else model
     tokenizer = load_tokenizer(spec)
-    tokens = evaluation_tokens(data, tokenizer)
+    tokens = evaluation_tokens(data_spec, tokenizer)
     windows = make_windows(tokens, seq_len, max_windows)
     log.info("evaluating %s on %d windows of %d tokens (%s)", spec, windows.shape[0], seq_len, data)
 
     base_be = None
     if base is not None:
-        base_be = make_backend("auto", base, threads=threads) if isinstance(base, str) else base
+        # the base runs with the evaluated backend's thread count, so both are timed/run alike
+        base_threads = threads if threads is not None else be.threads
+        base_be = make_backend("auto", base, threads=base_threads) if isinstance(base, str) else base
     mean_nll, n_scored, kl = score_windows(be, windows, base=base_be, progress=progress)
     result = EvalResult(
         model=spec,
@@ -60,7 +74,7 @@ def evaluate(
         prompt = tokens[:speed_prompt_tokens]
         if prompt.numel() < speed_prompt_tokens:
             prompt = torch.cat([prompt] * (speed_prompt_tokens // max(1, prompt.numel()) + 1))[:speed_prompt_tokens]
-        result.speed = measure_speed(be, prompt, speed_new_tokens)
+        result.speed = measure_speed(be, prompt, speed_new_tokens, repeats=speed_repeats, progress=progress)
     return result
 
 
@@ -86,10 +100,19 @@ def format_result(r: EvalResult) -> str:
         ]
     if r.speed is not None:
         s = r.speed
+        runs = f"median of {s.repeats}" if s.repeats > 1 else "1 run"
         rows += [
-            ("prefill", f"{s.prefill_tok_s:.1f} tok/s ({s.prompt_tokens}-token prompt)"),
-            ("decode", f"{s.decode_tok_s:.1f} tok/s ({s.new_tokens} greedy tokens)"),
-            ("threads", str(s.threads)),
+            (
+                "prefill",
+                f"{s.prefill_tok_s:.1f} tok/s [{s.prefill_tok_s_min:.1f}–{s.prefill_tok_s_max:.1f}] "
+                f"({s.prompt_tokens}-token prompt, {runs})",
+            ),
+            (
+                "decode",
+                f"{s.decode_tok_s:.1f} tok/s [{s.decode_tok_s_min:.1f}–{s.decode_tok_s_max:.1f}] "
+                f"({s.new_tokens} greedy tokens, {runs})",
+            ),
+            ("threads / dtype", f"{s.threads} / {s.dtype or '?'}"),
         ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -11,12 +11,16 @@ KL divergence mirrors llama-perplexity's ``--kl-divergence`` report: per scored 
 KL(p_base ‖ p_model) over the full vocabulary, summarised by mean, median, p90/p99/p99.9, max; the
 fraction of tokens where both models' top-1 tokens agree ("same top p"); the mean change of the
 probability of the correct token (Δp); and the perplexity ratio.
+
+Speed follows llama-bench: the same thread count on every backend (physical cores by default), one
+untimed warm-up of exactly the timed shape, then ``repeats`` timed runs summarised by median, min, max.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,18 +142,36 @@ def score_windows(
     return mean_nll, n_scored, kl
 
 
-def measure_speed(backend: Backend, prompt: torch.Tensor, new_tokens: int = 128, repeats: int = 1) -> SpeedResult:
-    """Prefill throughput over ``prompt`` (P,) and greedy decode throughput over ``new_tokens``.
+def measure_speed(
+    backend: Backend, prompt: torch.Tensor, new_tokens: int = 128, repeats: int = 3, progress: bool = False
+) -> SpeedResult:
+    """Prefill throughput over ``prompt`` (P,) and greedy decode throughput over ``new_tokens``, llama-bench style.
 
-    A short warm-up run (not timed) precedes the timed runs (allocators, thread pools, kernel
-    selection); with ``repeats`` > 1 the best run is kept, the one least disturbed by other processes.
+    One untimed warm-up run of exactly the timed shape (same P, same ``new_tokens``: allocators, thread
+    pools, kernel selection and the KV cache size all see what the timed runs see), then ``repeats``
+    timed runs; each throughput is reported as the median over the repeats with its min and max.
     """
-    backend.time_generation(prompt[:32], 4)
-    runs = [backend.time_generation(prompt, new_tokens) for _ in range(max(1, repeats))]
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise LLMOptError(f"--repeats must be a whole number >= 1, got {repeats!r}")
+    prompt = prompt.reshape(-1)
+    backend.time_generation(prompt, new_tokens)  # warm-up, same shape as the timed runs
+    runs = [
+        backend.time_generation(prompt, new_tokens)
+        for _ in tqdm(range(repeats), desc="timing generation", disable=not progress, leave=False)
+    ]
+    prefill = [r.prefill_tok_s for r in runs]
+    decode = [r.decode_tok_s for r in runs]
+    log.info("prefill tok/s per run: %s; decode tok/s per run: %s", prefill, decode)
     return SpeedResult(
-        prefill_tok_s=max(r.prefill_tok_s for r in runs),
-        decode_tok_s=max(r.decode_tok_s for r in runs),
+        prefill_tok_s=statistics.median(prefill),
+        decode_tok_s=statistics.median(decode),
         prompt_tokens=int(prompt.numel()),
         new_tokens=new_tokens,
         threads=runs[0].threads,
+        prefill_tok_s_min=min(prefill),
+        prefill_tok_s_max=max(prefill),
+        decode_tok_s_min=min(decode),
+        decode_tok_s_max=max(decode),
+        repeats=repeats,
+        dtype=runs[0].dtype or backend.dtype,
     )

@@ -72,6 +72,8 @@ def test_cli_json_and_speed(tiny_model_dir, tiny_text_file, tmp_path, capsys):
             "--speed",
             "--threads",
             "1",
+            "--repeats",
+            "2",
             "--json",
             str(out),
             "-q",
@@ -82,9 +84,14 @@ def test_cli_json_and_speed(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     for k in ("perplexity", "windows", "seq_len", "tokens_scored", "backend", "model"):
         assert k in d
     assert set(d["kl"]) >= {"mean", "median", "p99", "max", "top1_agreement"}
-    assert set(d["speed"]) >= {"prefill_tok_s", "decode_tok_s", "threads"}
-    assert d["speed"]["threads"] == 1 and d["speed"]["prefill_tok_s"] > 0 and d["speed"]["decode_tok_s"] > 0
-    assert "perplexity" in capsys.readouterr().out
+    sp = d["speed"]
+    assert set(sp) >= {"prefill_tok_s", "decode_tok_s", "threads", "repeats", "dtype"}
+    assert sp["threads"] == 1 and sp["prefill_tok_s"] > 0 and sp["decode_tok_s"] > 0
+    assert (sp["repeats"], sp["dtype"], sp["prompt_tokens"], sp["new_tokens"]) == (2, "float32", 512, 128)
+    for k in ("prefill_tok_s", "decode_tok_s"):  # median with its spread over the repeats
+        assert sp[k + "_min"] <= sp[k] <= sp[k + "_max"]
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "median of 2" in out and "float32" in out
 
 
 @pytest.mark.integration

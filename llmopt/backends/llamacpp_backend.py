@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmopt.backends.base import Backend, SpeedResult
+from llmopt.backends.base import Backend, SpeedResult, resolve_threads
 from llmopt.errors import LLMOptError
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,9 @@ class LlamaCppBackend(Backend):
         arch = reader.fields["general.architecture"].contents()
         field = reader.fields.get(f"{arch}.context_length")
         self.n_ctx_train = int(field.contents()) if field is not None else 0
+        self._dtype = _file_type(reader)
         del reader
-        self._threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self._threads = resolve_threads(threads)  # None → physical cores, the torch backend's default too
         self._n_ctx = 0
         self.llm = None
         self._load(max(n_ctx, _MIN_CTX))
@@ -110,8 +110,13 @@ class LlamaCppBackend(Backend):
     def threads(self, n: int) -> None:
         import llama_cpp
 
-        self._threads = int(n)
+        self._threads = resolve_threads(n)
         llama_cpp.llama_set_n_threads(self.llm.ctx, self._threads, self._threads)
+
+    @property
+    def dtype(self) -> str:
+        """'gguf' and the file's ``general.file_type``, e.g. 'gguf Q4_1' (tensors may mix types)."""
+        return self._dtype
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         tokens = ids.reshape(-1).tolist()
@@ -157,12 +162,30 @@ class LlamaCppBackend(Backend):
             prompt_tokens=len(tokens),
             new_tokens=new_tokens,
             threads=self._threads,
+            dtype=self._dtype,
         )
 
     def close(self) -> None:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+def _file_type(reader) -> str:
+    """'gguf <type>' from the header's ``general.file_type`` (e.g. 'gguf Q4_1'), or 'gguf' without one."""
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return "gguf"
+    value = int(field.contents())
+    try:
+        from gguf import LlamaFileType
+
+        name = LlamaFileType(value).name
+    except (ImportError, ValueError):
+        return f"gguf file_type {value}"
+    for prefix in ("MOSTLY_", "ALL_"):
+        name = name.removeprefix(prefix)
+    return f"gguf {name}"
 
 
 def _rate(n: int, ms: float) -> float:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
 
-from llmopt.backends.base import Backend, SpeedResult
+from llmopt.backends.base import Backend, SpeedResult, resolve_threads
 
 
 def _sync(device: torch.device) -> None:
@@ -18,11 +19,19 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model, model_spec: str = "", threads: int | None = None):
+        """``threads`` None → physical cores (:func:`~llmopt.backends.base.default_threads`), like llama.cpp.
+
+        ``torch.set_num_threads`` is process-wide: every torch backend in a process shares one count.
+        """
         self.model = model.eval()
         self.model_spec = model_spec
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = next(model.parameters()).device
+        torch.set_num_threads(resolve_threads(threads))
+        param = next(model.parameters())
+        self.device = param.device
+        self._dtype = str(param.dtype).removeprefix("torch.")
+        # Prefill computes the logits of the last position only when the model allows it (as llama.cpp
+        # does): the LM head over all P positions is not part of generating the next token.
+        self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def from_spec(cls, spec: str, threads: int | None = None, device: str | None = None) -> TorchBackend:
@@ -39,6 +48,11 @@ class TorchBackend(Backend):
     def threads(self) -> int:
         return torch.get_num_threads()
 
+    @property
+    def dtype(self) -> str:
+        """The weights' torch dtype without the ``torch.`` prefix, e.g. 'float32' or 'bfloat16'."""
+        return self._dtype
+
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=False)
@@ -46,13 +60,16 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:
-        ids = prompt.view(1, -1).to(self.device)
+        """One prefill forward over ``prompt`` (P,), then ``new_tokens`` greedy one-token steps that reuse
+        the KV cache (``past_key_values``), each timed with ``time.perf_counter``."""
+        ids = prompt.view(1, -1).to(self.device)  # (1, P)
+        extra = {"logits_to_keep": 1} if self._last_logits_only else {}
         _sync(self.device)
         t0 = time.perf_counter()
-        out = self.model(input_ids=ids, use_cache=True)
+        out = self.model(input_ids=ids, use_cache=True, **extra)
         _sync(self.device)
         t_prefill = time.perf_counter() - t0
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # nxt: (1, 1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = self.model(input_ids=nxt, past_key_values=past, use_cache=True)
@@ -61,8 +78,9 @@ class TorchBackend(Backend):
         t_decode = time.perf_counter() - t0
         return SpeedResult(
             prefill_tok_s=ids.shape[1] / t_prefill,
-            decode_tok_s=new_tokens / t_decode,
+            decode_tok_s=new_tokens / t_decode if new_tokens > 0 else float("nan"),
             prompt_tokens=ids.shape[1],
             new_tokens=new_tokens,
             threads=self.threads,
+            dtype=self.dtype,
         )
