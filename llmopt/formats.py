@@ -24,11 +24,19 @@ Formats.
   largest magnitude; ``q4_1``/``q5_1`` value d·q + m, q ∈ 0..2ᵇ−1, d = (max − min) / (2ᵇ−1), m = min
   (fp16). What this module simulates is bit for bit what a GGUF file holds and what llama.cpp /
   gguf-py dequantize.
+
+Scale search (every format, :meth:`QuantFormat.qparams` with ``mse_grid`` > 0). Candidates per group:
+the reference parameters, the range shrunk by 1 − i/``mse_grid`` (clipping, IST-DASLab
+``find_params(mse=True)``), and weighted least-squares refits of the step for the codes a sweep of
+inverse scales gives (llama.cpp ``make_qx_quants`` behind its importance-matrix quantization; for the
+asymmetric grids the step and the offset are refitted together). Each group keeps the candidate with
+the smallest Σ_j h_j (w_j − ŵ_j)², h = column importance (GPTQ passes diag H: the Hessian-weighted
+search). All candidates of all groups are scored in one batched pass (chunked to bound memory), so the
+search costs a few elementwise passes over W per candidate, not a Python loop per group.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -43,7 +51,9 @@ from llmopt.kernels.hessian import weighted_error
 Tensor = torch.Tensor
 
 GGUF_BLOCK = 32  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 in ggml-common.h
-MSE_MAX_SHRINK = 0.8  # clipping search tries range factors 1 − i/grid for i < 0.8·grid (IST-DASLab)
+MSE_MAX_SHRINK = 0.5  # clipping search: range factors 1 − i/grid for 0 < i < 0.5·grid (never below half the range)
+REFIT_STEPS = (-6, -4, -2, -1, 0, 1, 2, 4, 6)  # refit sweep: inverse scales (r + k/10)/max, k in REFIT_STEPS
+SEARCH_CHUNK = 1 << 22  # elements of (candidates, rows, cols) scored at once (~16 MiB per float32 temporary)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,12 +78,22 @@ class QParams:
 
     @property
     def n_groups(self) -> int:
-        return self.scale.shape[1]
+        return self.scale.shape[-1]
 
     def select(self, k: int | slice) -> QParams:
         """Parameters of group k (an int gives (rows, 1)) or of a slice of groups."""
         k = slice(k, k + 1) if isinstance(k, int) else k
-        return QParams(*(None if t is None else t[:, k] for t in self._fields()))
+        return QParams(*(None if t is None else t[..., k] for t in self._fields()))
+
+    def grouped(self) -> QParams:
+        """The same parameters with a trailing unit dim, (..., rows, n_groups, 1): they broadcast over
+        the weights of a group laid out as (..., rows, n_groups, group_size)."""
+        return QParams(*(None if t is None else t.unsqueeze(-1) for t in self._fields()))
+
+    def take(self, index: Tensor) -> QParams:
+        """Per group, the candidate ``index`` (rows, n_groups) of stacked candidates (C, rows, n_groups)."""
+        i = index.unsqueeze(0)
+        return QParams(self.scale.gather(0, i)[0], self.zero.gather(0, i)[0])
 
     def on_grid(self) -> QParams:
         """The same grid without llama.cpp's reference rounding: quantize picks the nearest grid point."""
@@ -83,7 +103,12 @@ class QParams:
     def cat(parts: list[QParams]) -> QParams:
         """Concatenate parameters of consecutive groups along the group dim."""
         fields = list(zip(*(p._fields() for p in parts)))
-        return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=1) for f in fields))
+        return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=-1) for f in fields))
+
+    @staticmethod
+    def cat_candidates(parts: list[QParams]) -> QParams:
+        """Stack search candidates (C_i, rows, n_groups) along the candidate dim (scale and zero only)."""
+        return QParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))
 
     def _fields(self) -> tuple[Tensor | None, ...]:
         return self.scale, self.zero, self.ref_inv_scale, self.ref_min
@@ -117,12 +142,35 @@ def _fp16(t: Tensor) -> Tensor:
     return t.to(torch.float16).to(torch.float32)
 
 
-def _per_column(t: Tensor, cols: int) -> Tensor:
-    """(rows, n_groups) → (rows, cols): each group's value repeated over its cols / n_groups columns."""
-    n = t.shape[1]
-    if n == 0 or cols % n:
-        raise ValueError(f"{cols} columns cannot be split into {n} equal groups")
-    return t.repeat_interleave(cols // n, dim=1)
+def _split_groups(W: Tensor, n_groups: int) -> Tensor:
+    """(..., rows, cols) → (..., rows, n_groups, cols / n_groups): contiguous groups along the last dim."""
+    cols = W.shape[-1]
+    if n_groups == 0 or cols % n_groups:
+        raise ValueError(f"{cols} columns cannot be split into {n_groups} equal groups")
+    return W.reshape(*W.shape[:-1], n_groups, cols // n_groups)
+
+
+def _lsq_step(Wg: Tensor, l: Tensor, imp: Tensor) -> Tensor:
+    """Best step d for fixed codes l: argmin_d Σ_j imp_j (w_j − d·l_j)² = Σ imp·w·l / Σ imp·l².
+
+    Wg, l: (..., rows, n_groups, g); imp: (1, n_groups, g). Returns (..., rows, n_groups).
+    """
+    return _safe_div((l * (imp * Wg)).sum(-1), (l * l).mul_(imp).sum(-1))
+
+
+def _lsq_affine(Wg: Tensor, l: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
+    """Best (d, m) for fixed codes l: argmin Σ_j imp_j (w_j − d·l_j − m)², the 2×2 normal equations.
+
+    Wg, l: (..., rows, n_groups, g); imp: (1, n_groups, g). Returns d, m: (..., rows, n_groups); where the
+    system is singular (all codes equal) d = 0 and m = the weighted mean.
+    """
+    s0, s1, s2 = imp.sum(-1), (imp * l).sum(-1), (imp * l * l).sum(-1)
+    t0, t1 = (imp * Wg).sum(-1), (imp * Wg * l).sum(-1)
+    det = s0 * s2 - s1 * s1
+    ok = det > 1e-12 * s0 * s2
+    d = torch.where(ok, _safe_div(s0 * t1 - s1 * t0, det), torch.zeros_like(det))
+    m = torch.where(ok, _safe_div(s2 * t0 - s1 * t1, det), _safe_div(t0, s0))
+    return d, m
 
 
 def _safe_inverse(d: Tensor) -> Tensor:
@@ -167,22 +215,47 @@ class QuantFormat(ABC):
 
     # --- what subclasses define -----------------------------------------------------------------
     @abstractmethod
-    def _range_params(self, Wg: Tensor, shrink: float) -> QParams:
-        """Reference parameters of each group of Wg: (rows, n_groups, g), range scaled by ``shrink``."""
+    def _range_params(self, Wg: Tensor, shrink: float | Tensor) -> QParams:
+        """Reference parameters of each group of Wg: (rows, n_groups, g), range scaled by ``shrink``.
+
+        ``shrink`` may be a float or a (C, 1, 1) tensor of factors; the result is then (C, rows, n_groups).
+        """
 
     @abstractmethod
-    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
-        """Codes of W: (rows, k·n_groups) on the grid of qp: (rows, n_groups) → (rows, k·n_groups)."""
+    def _q(self, Wg: Tensor, qp: QParams) -> Tensor:
+        """Codes of grouped weights Wg: (..., rows, n_groups, g), qp grouped: (..., rows, n_groups, 1)."""
 
     @abstractmethod
-    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        """Float32 values of codes: (rows, k·n_groups) → (rows, k·n_groups)."""
+    def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
+        """Float32 values of grouped codes, the shapes of :meth:`_q`."""
 
     @abstractmethod
     def bits_per_weight(self, in_features: int | None = None) -> float:
         """Storage bits per weight, code plus per-group scale/zero/min overhead."""
 
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> QParams | None:
+        """Least-squares refits for the search: QParams (K, rows, n_groups) on the stored grid, or None.
+
+        Wg: (rows, n_groups, g); imp: (1, n_groups, g) column importance.
+        """
+        return None
+
     # --- shared behaviour -----------------------------------------------------------------------
+    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
+        """Codes of W: (..., rows, k·n_groups) on the grid of qp: (..., rows, n_groups), same shape as W.
+
+        The group width k is inferred from the shapes, so one column with its group's parameters works
+        (GPTQ quantizes column by column). Leading dims broadcast (the search scores candidates (C, ...)).
+        """
+        Wg = _split_groups(W, qp.n_groups)
+        codes = self._q(Wg, qp.grouped())
+        return codes.reshape(*codes.shape[:-2], -1)
+
+    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+        """Float32 values of codes: (..., rows, k·n_groups) → the same shape."""
+        vals = self._dq(_split_groups(codes, qp.n_groups), qp.grouped())
+        return vals.reshape(*vals.shape[:-2], -1)
+
     def fake_quantize(self, W: Tensor, qp: QParams) -> Tensor:
         """dequantize(quantize(W)): W: (rows, cols) → the float32 grid values W rounds to."""
         return self.dequantize(self.quantize(W, qp), qp)
@@ -206,12 +279,12 @@ class QuantFormat(ABC):
         """Per-group parameters for W: (rows, cols) → QParams (rows, n_groups).
 
         mse_grid = 0: the round-to-nearest reference choice (min/max, or llama.cpp's ``_ref`` rule).
-        mse_grid > 0: clipping search (IST-DASLab ``Quantizer.find_params(mse=True)``): scale the range
-        by 1 − i/mse_grid for i < 0.8·mse_grid and keep per group the parameters minimising
-        Σ_j weight_j (w_j − ŵ_j)² (weight: (cols,) column importance, e.g. diag(H) or mean x²; None =
-        plain MSE). q4_0 / q5_0 also try llama.cpp's weighted least-squares refits of the step
-        (:meth:`_refit_candidates`), which may widen the range. The result rounds to the nearest grid
-        point (:meth:`QParams.on_grid`).
+        mse_grid > 0: the scale search of the module docstring: the reference, the range shrunk by
+        1 − i/mse_grid for 0 < i < MSE_MAX_SHRINK·mse_grid, and the format's least-squares refits
+        (:meth:`_refit_candidates`, which may also widen the range); per group the candidate with the
+        smallest Σ_j weight_j (w_j − ŵ_j)² wins (weight: (cols,) column importance, e.g. diag(H);
+        None = plain MSE). The result rounds to the nearest grid point (:meth:`QParams.on_grid`) and is
+        never worse than the reference under that error (the reference is candidate 0, ties keep it).
         """
         rows, cols = W.shape
         self.check_width(cols)
@@ -223,23 +296,41 @@ class QuantFormat(ABC):
             return qp
         imp = torch.ones(cols) if weight is None else weight.detach().to(torch.float32).reshape(cols)
         imp = imp.to(W.device).reshape(1, cols // g, g)
+        n_shrink = max(1, math.ceil(MSE_MAX_SHRINK * mse_grid))
+        factors = 1 - torch.arange(n_shrink, dtype=torch.float32, device=W.device) / mse_grid  # 1.0 first
+        cands = self._range_params(Wg, factors.view(-1, 1, 1)).on_grid()  # (C, rows, n_groups)
+        refits = self._refit_candidates(Wg, imp)
+        if refits is not None:
+            cands = QParams.cat_candidates([cands, refits])
+        return cands.take(self._search_errors(Wg, imp, cands).argmin(0))  # argmin: first minimum (ties: ref)
 
-        def group_error(p: QParams) -> Tensor:  # (rows, n_groups) Σ_j imp_j (w − ŵ)²
-            return ((W - self.fake_quantize(W, p)).reshape(Wg.shape) ** 2 * imp).sum(-1)
+    def _search_errors(self, Wg: Tensor, imp: Tensor, cands: QParams) -> Tensor:
+        """Σ_j imp_j (w_j − ŵ_j)² per candidate and group: (C, rows, n_groups), in chunks of candidates."""
+        C = cands.scale.shape[0]
+        step = max(1, SEARCH_CHUNK // Wg.numel())
+        out = []
+        for c0 in range(0, C, step):
+            part = QParams(cands.scale[c0 : c0 + step], cands.zero[c0 : c0 + step]).grouped()
+            err = self._fake(Wg, part).sub_(Wg)  # (c, rows, n_groups, g)
+            out.append(err.square_().mul_(imp).sum(-1))
+        return torch.cat(out)
 
-        best = qp.on_grid()
-        best_err = group_error(best)
-        shrunk = (self._range_params(Wg, 1 - i / mse_grid).on_grid() for i in range(1, int(MSE_MAX_SHRINK * mse_grid)))
-        for cand in itertools.chain(shrunk, self._refit_candidates(Wg, imp)):
-            err = group_error(cand)
-            better = err < best_err
-            best = QParams(torch.where(better, cand.scale, best.scale), torch.where(better, cand.zero, best.zero))
-            best_err = torch.where(better, err, best_err)
-        return best
+    def _fake(self, Wg: Tensor, qp: QParams) -> Tensor:
+        """On-grid values of grouped weights (a fresh tensor): what ``_dq(_q(Wg, qp), qp)`` gives for
+        parameters without llama.cpp's reference rounding; formats override it with fewer passes."""
+        return self._dq(self._q(Wg, qp), qp)
 
-    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> list[QParams]:
-        """Extra candidates for the search beyond shrinking the range (none by default)."""
-        return []
+    @staticmethod
+    def _fake_symmetric(
+        Wg: Tensor, d: Tensor, lo: Tensor | float, hi: Tensor | float, m: Tensor | None = None
+    ) -> Tensor:
+        """d·clamp(round((w − m)·(1/d)), lo, hi) (+ m), 0 where d == 0: the grid value nearest to w in a few
+        passes (the shared fast path of :meth:`_fake`; 1/d instead of a division by d can only differ on
+        exact ties, which do not matter for scoring candidates)."""
+        x = Wg if m is None else Wg - m
+        x = x * _safe_inverse(d)
+        x = x.clamp_(lo, hi).round_().mul_(d)  # round(clamp(x)) == clamp(round(x)) for integer bounds
+        return x if m is None else x.add_(m)
 
     def to_gguf_blocks(self, codes: Tensor, qp: QParams) -> np.ndarray:
         """Pack codes + params as GGUF bytes: uint8 (rows, n_blocks · bytes_per_block)."""
@@ -308,14 +399,39 @@ class IntFormat(QuantFormat):
             zero = torch.round(-xmin / scale).clamp(0, self.maxq)
         return QParams(scale, zero)
 
-    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
-        cols = W.shape[1]
-        scale, zero = _per_column(qp.scale, cols), _per_column(qp.zero, cols)  # (rows, cols)
-        return (torch.round(W / scale) + zero).clamp(0, self.maxq).to(torch.uint8)
+    def _q(self, Wg: Tensor, qp: QParams) -> Tensor:
+        return (torch.round(Wg / qp.scale) + qp.zero).clamp(0, self.maxq).to(torch.uint8)
 
-    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        cols = codes.shape[1]
-        return _per_column(qp.scale, cols) * (codes.to(torch.float32) - _per_column(qp.zero, cols))
+    def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
+        return qp.scale * (codes.to(torch.float32) - qp.zero)
+
+    def _fake(self, Wg: Tensor, qp: QParams) -> Tensor:
+        # round(w/s) + z clamped to [0, maxq], minus z  ==  round(w/s) clamped to [−z, maxq − z] (z integer)
+        if self.symmetric:  # z = 2ᵇ⁻¹ everywhere: scalar bounds are much faster than tensor ones
+            half = 2 ** (self.bits - 1)
+            return self._fake_symmetric(Wg, qp.scale, -float(half), float(half - 1))
+        return self._fake_symmetric(Wg, qp.scale, -qp.zero, self.maxq - qp.zero)
+
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> QParams:
+        """Symmetric: for inverse scales (maxq/2 + k/10)/max|w|, round to codes l ∈ [−2ᵇ⁻¹, 2ᵇ⁻¹−1] and
+        refit the step d = Σ imp·w·l / Σ imp·l². Asymmetric: codes from the range shrunk by 1 − k/20
+        (k ≥ 0 of REFIT_STEPS), then step and offset refitted together, the zero-point rounded to an integer.
+        """
+        if self.symmetric:
+            half = 2 ** (self.bits - 1)
+            amax = Wg.abs().amax(-1, keepdim=True)  # (rows, nb, 1)
+            k = torch.tensor(REFIT_STEPS, dtype=torch.float32, device=Wg.device).view(-1, 1, 1, 1)
+            l = (_safe_div(self.maxq / 2 + k / 10, amax) * Wg).clamp_(-half, half - 1).round_()  # (K, rows, nb, g)
+            scale = _fp16(_lsq_step(Wg, l, imp)).clamp(min=2**-24)
+            return QParams(scale, torch.full_like(scale, half))
+        f = 1 - torch.tensor([k for k in REFIT_STEPS if k >= 0], dtype=torch.float32, device=Wg.device) / 20
+        start = self._range_params(Wg, f.view(-1, 1, 1))  # (K, rows, nb)
+        l = self._q(Wg, start.grouped()).to(torch.float32)  # (K, rows, nb, g) codes 0..maxq
+        d, m = _lsq_affine(Wg, l, imp)  # value = d·l + m = d·(l − zero) with zero = −m/d
+        scale = _fp16(d.abs()).clamp(min=2**-24)
+        zero = torch.round(_safe_div(-m, scale)).clamp(0, self.maxq)
+        bad = d <= 0  # degenerate fit: keep the starting parameters
+        return QParams(torch.where(bad, start.scale, scale), torch.where(bad, start.zero, zero))
 
 
 class _GGUFBlockFormat(QuantFormat):
@@ -403,16 +519,26 @@ class _Q8_0(_GGUFBlockFormat):
         d = amax / torch.full_like(amax, 127.0)  # float32 division, as ggml
         return QParams(_fp16(d), torch.zeros_like(d), ref_inv_scale=_safe_inverse(d))
 
-    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
-        cols = W.shape[1]
+    def _q(self, Wg: Tensor, qp: QParams) -> Tensor:
         if qp.ref_inv_scale is not None:  # ggml: roundf(x · id), id from the unrounded d
-            q = _round_half_away(W * _per_column(qp.ref_inv_scale, cols))
+            q = _round_half_away(Wg * qp.ref_inv_scale)
         else:
-            q = torch.round(_safe_div(W, _per_column(qp.scale, cols)))
+            q = torch.round(_safe_div(Wg, qp.scale))
         return q.clamp(-127, 127).to(torch.int8)
 
-    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        return codes.to(torch.float32) * _per_column(qp.scale, codes.shape[1])  # gguf-py: x · d
+    def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
+        return codes.to(torch.float32) * qp.scale  # gguf-py: x · d
+
+    def _fake(self, Wg: Tensor, qp: QParams) -> Tensor:
+        return self._fake_symmetric(Wg, qp.scale, -127.0, 127.0)
+
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> QParams:
+        """Inverse scales (127 + k/10)/max|w|, codes l ∈ [−127, 127], step refitted: Σ imp·w·l / Σ imp·l²."""
+        amax = Wg.abs().amax(-1, keepdim=True)
+        k = torch.tensor(REFIT_STEPS, dtype=torch.float32, device=Wg.device).view(-1, 1, 1, 1)
+        l = (_safe_div(127 + k / 10, amax) * Wg).clamp_(-127, 127).round_()
+        d = _fp16(_lsq_step(Wg, l, imp))
+        return QParams(d, torch.zeros_like(d))
 
 
 class _SignedMaxBlock(_GGUFBlockFormat):
@@ -431,31 +557,32 @@ class _SignedMaxBlock(_GGUFBlockFormat):
         d = mx / -self.offset  # exact: power of two
         return QParams(_fp16(d), torch.zeros_like(d), ref_inv_scale=_safe_inverse(d))
 
-    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> list[QParams]:
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> QParams:
         """Weighted least-squares scales, as llama.cpp's ``make_qx_quants`` (rmse_type 1) behind its
-        importance-matrix quantization: for inverse scales −(o + k/10)/max, k = −9..9, round to codes
+        importance-matrix quantization: for inverse scales −(o + k/10)/max, k in REFIT_STEPS, round to codes
         l ∈ [−o, o−1], then refit d = Σ_j imp_j·w_j·l_j / Σ_j imp_j·l_j², the best step for those codes.
         Unlike shrinking the range, this can also widen it. Wg: (rows, nb, g); imp: (1, nb, g)."""
         o = self.offset
         mx = Wg.gather(-1, Wg.abs().argmax(-1, keepdim=True))  # (rows, nb, 1) signed max
-        out = []
-        for k in range(-9, 10):
-            l = torch.round(_safe_div(torch.full_like(mx, -(o + 0.1 * k)), mx) * Wg).clamp(-o, o - 1)
-            d = _safe_div((imp * Wg * l).sum(-1), (imp * l * l).sum(-1))  # (rows, nb)
-            out.append(QParams(_fp16(d), torch.zeros_like(d)))
-        return out
+        k = torch.tensor(REFIT_STEPS, dtype=torch.float32, device=Wg.device).view(-1, 1, 1, 1)
+        l = (_safe_div(-(o + k / 10), mx) * Wg).clamp_(-o, o - 1).round_()  # (K, rows, nb, g)
+        d = _fp16(_lsq_step(Wg, l, imp))  # (K, rows, nb)
+        return QParams(d, torch.zeros_like(d))
 
-    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
-        cols, o = W.shape[1], self.offset
+    def _q(self, Wg: Tensor, qp: QParams) -> Tensor:
+        o = self.offset
         if qp.ref_inv_scale is not None:  # ggml: MIN(2ᵇ−1, (int8_t)(x·id + o + 0.5f))
-            q = torch.trunc(W * _per_column(qp.ref_inv_scale, cols) + (o + 0.5))
+            q = torch.trunc(Wg * qp.ref_inv_scale + (o + 0.5))
         else:
-            q = torch.round(_safe_div(W, _per_column(qp.scale, cols))) + o
+            q = torch.round(_safe_div(Wg, qp.scale)) + o
         return q.clamp(0, 2**self.bits - 1).to(torch.uint8)
 
-    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
+    def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
         # gguf-py: d · (q − o) with (q − o) int8 → float32
-        return _per_column(qp.scale, codes.shape[1]) * (codes.to(torch.float32) - self.offset)
+        return qp.scale * (codes.to(torch.float32) - self.offset)
+
+    def _fake(self, Wg: Tensor, qp: QParams) -> Tensor:
+        return self._fake_symmetric(Wg, qp.scale, -float(self.offset), float(self.offset - 1))
 
 
 class _MinBlock(_GGUFBlockFormat):
@@ -470,17 +597,28 @@ class _MinBlock(_GGUFBlockFormat):
         d = (mx - mn) / torch.full_like(mn, float(2**self.bits - 1))
         return QParams(_fp16(d), _fp16(mn), ref_inv_scale=_safe_inverse(d), ref_min=mn)
 
-    def quantize(self, W: Tensor, qp: QParams) -> Tensor:
-        cols = W.shape[1]
+    def _q(self, Wg: Tensor, qp: QParams) -> Tensor:
         if qp.ref_inv_scale is not None and qp.ref_min is not None:  # ggml: (x − min)·id + 0.5f
-            q = torch.trunc((W - _per_column(qp.ref_min, cols)) * _per_column(qp.ref_inv_scale, cols) + 0.5)
+            q = torch.trunc((Wg - qp.ref_min) * qp.ref_inv_scale + 0.5)
         else:
-            q = torch.round(_safe_div(W - _per_column(qp.zero, cols), _per_column(qp.scale, cols)))
+            q = torch.round(_safe_div(Wg - qp.zero, qp.scale))
         return q.clamp(0, 2**self.bits - 1).to(torch.uint8)
 
-    def dequantize(self, codes: Tensor, qp: QParams) -> Tensor:
-        cols = codes.shape[1]
-        return _per_column(qp.scale, cols) * codes.to(torch.float32) + _per_column(qp.zero, cols)  # d·q + m
+    def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
+        return qp.scale * codes.to(torch.float32) + qp.zero  # d·q + m
+
+    def _fake(self, Wg: Tensor, qp: QParams) -> Tensor:
+        return self._fake_symmetric(Wg, qp.scale, 0.0, float(2**self.bits - 1), m=qp.zero)
+
+    def _refit_candidates(self, Wg: Tensor, imp: Tensor) -> QParams:
+        """Codes from the range shrunk by 1 − k/20 (k ≥ 0 of REFIT_STEPS), then d and m refitted
+        together by weighted least squares (llama.cpp ``make_qkx`` style), both rounded to fp16."""
+        f = 1 - torch.tensor([k for k in REFIT_STEPS if k >= 0], dtype=torch.float32, device=Wg.device) / 20
+        start = self._range_params(Wg, f.view(-1, 1, 1)).on_grid()  # (K, rows, nb)
+        l = self._q(Wg, start.grouped()).to(torch.float32)
+        d, m = _lsq_affine(Wg, l, imp)
+        bad = d <= 0
+        return QParams(torch.where(bad, start.scale, _fp16(d)), torch.where(bad, start.zero, _fp16(m)))
 
 
 class _Q4_0(_SignedMaxBlock):

@@ -156,3 +156,47 @@ def test_weighted_scale_search_beats_reference_on_q4_0():
     assert err(searched) < 0.9 * err(ref)
     Q = fmt.fake_quantize(W, searched)
     assert torch.equal(fmt.fake_quantize(Q, searched), Q)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [IntFormat(3, 64, True), IntFormat(4, 32, False), IntFormat(4, None, True), *map(make_format, GGUF_NAMES)],
+    ids=str,
+)
+def test_batched_search_picks_the_best_candidate_per_group(fmt):
+    """The batched search equals scoring every candidate on its own: per group, no candidate (reference,
+    shrunk range, refit) quantizes with a smaller importance-weighted error than the one chosen."""
+    from llmopt.formats import MSE_MAX_SHRINK, QParams
+
+    W = realistic_weights(cols=256)[7:]
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(1)) ** 3 + 0.01
+    rows, cols = W.shape
+    g = fmt.group_size or cols
+    chosen = fmt.qparams(W, mse_grid=20, weight=imp)
+
+    def group_err(qp: QParams) -> torch.Tensor:  # (rows, n_groups)
+        return ((W - fmt.fake_quantize(W, qp)) ** 2 * imp).reshape(rows, cols // g, g).sum(-1)
+
+    Wg, impg = W.reshape(rows, cols // g, g), imp.reshape(1, cols // g, g)
+    cands = [fmt._range_params(Wg, 1 - i / 20).on_grid() for i in range(int(MSE_MAX_SHRINK * 20))]
+    refits = fmt._refit_candidates(Wg, impg)
+    if refits is not None:
+        cands += [QParams(refits.scale[k], refits.zero[k]) for k in range(refits.scale.shape[0])]
+    best = torch.stack([group_err(c) for c in cands]).amin(0)
+    assert torch.allclose(group_err(chosen), best, rtol=1e-5, atol=1e-12)
+    assert torch.all(group_err(chosen) <= group_err(fmt.qparams(W).on_grid()) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+def test_searched_params_pack_to_gguf_exactly(name):
+    """Searched scales are fp16 values on the stored grid: the packed blocks dequantize (gguf-py) to
+    exactly the weights the codes + params give, and unpack to the same codes and params."""
+    fmt = make_format(name)
+    W = realistic_weights()
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(2)) + 0.1
+    qp = fmt.qparams(W, mse_grid=20, weight=imp)
+    codes = fmt.quantize(W, qp)
+    blocks = fmt.to_gguf_blocks(codes, qp)
+    assert np.array_equal(gguf_dequantize(blocks, fmt.gguf_type), fmt.dequantize(codes, qp).numpy())
+    codes2, qp2 = fmt.from_gguf_blocks(blocks)
+    assert torch.equal(codes2, codes) and torch.equal(qp2.scale, qp.scale)

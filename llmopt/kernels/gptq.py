@@ -18,6 +18,16 @@ grouped format (int with a group size, all GGUF formats), so that every group is
 run of columns in the ORIGINAL order and the result can be exported without a g_idx permutation.
 We raise rather than silently switch static groups on, so a recipe always says what it runs.
 
+Scale search. ``mse_grid`` > 0 asks the format for searched group parameters (clipping candidates and
+least-squares refits, scored per group by Σ_j diag(H)_j (w_j − ŵ_j)², :meth:`QuantFormat.qparams`):
+once on the original W for static groups, or per group from the weights as updated so far. The
+search is batched over candidates and groups, a small fraction of the column walk's cost.
+
+Damping. λ = damp · mean(diag H) is added to diag H (§4); if H + λI is still not positive definite the
+Cholesky is retried with 10× the damping (:func:`inverse_hessian_cholesky`). The damping actually used
+is returned in :class:`QuantResult` and a warning names the Linear when it exceeds the configured value
+(at 1000× GPTQ degenerates towards RTN).
+
 Sparsity. ``keep_mask`` (True = kept, from a pruning stage) is honoured as in SparseGPT §3.5 (joint
 sparsification + quantization): when a column is reached its pruned entries are set to 0 before
 rounding, and the error of doing so is compensated like any quantization error; so error propagation
@@ -41,11 +51,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQConfig:
+    """The kernel's settings. The gptq stage builds it from its validated recipe entry
+    (:meth:`llmopt.stages.quantization.GPTQStageConfig.kernel_config`), field for field."""
+
     block_size: int = 128  # B: columns updated lazily together (§3 "lazy batch updates")
     damp: float = 0.01  # fraction of mean(diag H) added to diag H before inverting (§4 "dampening")
     act_order: bool = False  # walk columns by decreasing diag(H); grouped formats need static_groups
     static_groups: bool = False  # all group parameters from the original W, before any update
-    mse_grid: int = 0  # > 0: clipping search for group parameters (QuantFormat.qparams)
+    mse_grid: int = 0  # > 0: Hessian-weighted scale search for group parameters (QuantFormat.qparams)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -102,7 +115,7 @@ def gptq_quantize(
         importance = importance[col]
     group_of = torch.zeros_like(col) if g is None else col // g  # (in,) group of the j-th column
 
-    U, damp = inverse_hessian_cholesky(H, cfg.damp)  # (in, in) upper Cholesky of (H + λI)⁻¹
+    U, damp = inverse_hessian_cholesky(H, cfg.damp, name=name)  # (in, in) upper Cholesky of (H + λI)⁻¹
     Q = torch.zeros_like(W)  # (out, in) dequantized weights, walk order
     codes = torch.zeros(rows, cols, dtype=fmt.code_dtype, device=W.device)
     dynamic: list[QParams] = []  # group params chosen during the walk (not static)

@@ -23,28 +23,43 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return torch.diag(H) == 0
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+def inverse_hessian_cholesky(
+    H: torch.Tensor, damp: float = 0.01, max_tries: int = 6, name: str | None = None
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ with λ = damp·mean(diag H): (in, in) float32.
 
     SparseGPT §3.3 / GPTQ §3 ("Cholesky reformulation"): the rows of U give, for each column q, the
     quantities [H⁻¹_F]_qq and the error-propagation row needed after eliminating columns < q, without
     ever re-inverting. ``H`` must already have dead columns given a unit diagonal. If the factorisation
     fails (H numerically indefinite, e.g. few samples), the damping is multiplied by 10 and retried;
-    returns the damping actually used so callers can report it.
+    returns the damping actually used so callers can report it. When the retry raised it, one warning
+    names the Linear (``name``) and both values: at 1000× the configured damping the OBS update is
+    nearly RTN.
     """
     H = H.to(torch.float32)
     mean_diag = torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    configured = damp
     for _ in range(max_tries):
         try:
             L = torch.linalg.cholesky(H + damp * mean_diag * eye)
             Hinv = torch.cholesky_inverse(L)
             U = torch.linalg.cholesky(Hinv, upper=True)
-            return U, damp
         except torch.linalg.LinAlgError:
-            log.warning("Cholesky failed with damp=%g; retrying with damp=%g", damp, damp * 10)
+            log.debug("Cholesky failed for %s with damp=%g; retrying with damp=%g", name or "H", damp, damp * 10)
             damp *= 10
-    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with damp={damp:g}")
+            continue
+        if damp != configured:
+            log.warning(
+                "%s: Hessian not positive definite with damp=%g; used damp=%g (%gx the configured value%s)",
+                name or "Linear",
+                configured,
+                damp,
+                damp / configured,
+                "; the result is close to round-to-nearest" if damp >= 1000 * configured else "",
+            )
+        return U, damp
+    raise torch.linalg.LinAlgError(f"{name or 'Hessian'}: not positive definite even with damp={damp:g}")
 
 
 def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from llmopt.errors import LLMOptError
+from llmopt.linears import in_features
 from llmopt.recipe import StageConfig
 from llmopt.stages.base import LinearOutcome, Stage
 
@@ -19,7 +20,9 @@ class QuantConfig(StageConfig):
     bits: int | None = None  # 2..8 for "int"; implied by block formats
     group_size: int | None = None  # along the input dim; None = one scale per output channel
     symmetric: bool = True
-    mse_grid: int = Field(0, ge=0)  # > 0: search the clipping range on this many points (MSE)
+    # > 0: per-group scale search (shrunk ranges on this grid + least-squares refits; GPTQ weights the
+    # error by diag H, RTN by nothing), for every format (llmopt.formats.QuantFormat.qparams)
+    mse_grid: int = Field(0, ge=0)
 
     @field_validator("format")
     @classmethod
@@ -57,7 +60,7 @@ class QuantStage(Stage):
         self.fmt = cfg.make_format()
 
     def check(self, name: str, linear: nn.Linear) -> None:
-        self.fmt.check_width(linear.in_features, name)
+        self.fmt.check_width(in_features(linear), name)
 
     def _outcome(self, name, res, state) -> LinearOutcome:
         report = {
@@ -65,6 +68,8 @@ class QuantStage(Stage):
             "bits_per_weight": self.fmt.bits_per_weight(res.weight.shape[1]),
             "loss": res.loss,
         }
+        if res.damp is not None:
+            report["damp"] = res.damp  # damping fraction actually used (the Cholesky retry may raise it)
         mask = state.masks.get(name)
         if mask is not None:
             pruned = ~mask
@@ -72,6 +77,16 @@ class QuantStage(Stage):
             # formats whose grid has no exact 0 (q4_1, q5_1) take the nearest code: say how many
             report["pruned_nonzero"] = int((res.weight[pruned] != 0).sum())
         return LinearOutcome(weight=res.weight, quant=res, fmt=self.fmt, report=report)
+
+    def compress_uncalibrated(self, name, W, state, layer_index) -> LinearOutcome:
+        """No activations seen (unrouted expert): round-to-nearest onto the same format, pruned weights
+        kept at 0 where the grid has an exact 0."""
+        from llmopt.formats import rtn_quantize
+
+        mask = state.masks.get(name)
+        out = self._outcome(name, rtn_quantize(W if mask is None else W * mask, self.fmt), state)
+        out.report["fallback"] = "rtn"
+        return out
 
 
 class RTNConfig(QuantConfig):
@@ -112,6 +127,15 @@ class GPTQStageConfig(QuantConfig):
             )
         return self
 
+    def kernel_config(self):
+        """The kernel's frozen :class:`~llmopt.kernels.gptq.GPTQConfig` with this entry's values: the recipe
+        is validated here once, and the kernel receives exactly these fields."""
+        from dataclasses import fields
+
+        from llmopt.kernels.gptq import GPTQConfig
+
+        return GPTQConfig(**{f.name: getattr(self, f.name) for f in fields(GPTQConfig)})
+
 
 class GPTQStage(QuantStage):
     """GPTQ (Frantar et al. 2022) on the format; keeps an earlier stage's sparsity mask."""
@@ -120,16 +144,12 @@ class GPTQStage(QuantStage):
     Config: ClassVar = GPTQStageConfig
     statistic = "hessian"
 
-    def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
-        from llmopt.kernels.gptq import GPTQConfig, gptq_quantize
+    def __init__(self, cfg, index: int = 0):
+        super().__init__(cfg, index)
+        self.kernel_cfg = cfg.kernel_config()
 
-        c = self.cfg
-        cfg = GPTQConfig(
-            block_size=c.block_size,
-            damp=c.damp,
-            act_order=c.act_order,
-            static_groups=c.static_groups,
-            mse_grid=c.mse_grid,
-        )
-        res = gptq_quantize(W, stats.hessian, self.fmt, cfg, keep_mask=state.masks.get(name), name=name)
+    def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
+        from llmopt.kernels.gptq import gptq_quantize
+
+        res = gptq_quantize(W, stats.hessian, self.fmt, self.kernel_cfg, keep_mask=state.masks.get(name), name=name)
         return self._outcome(name, res, state)
