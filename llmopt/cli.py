@@ -13,8 +13,13 @@ from pathlib import Path
 
 
 def _eval(a: argparse.Namespace) -> int:
+    from llmopt.errors import LLMOptError
     from llmopt.evaluation import evaluate, format_result
 
+    if a.repeats < 1:
+        raise LLMOptError(f"--repeats must be >= 1, got {a.repeats}")
+    if a.threads is not None and a.threads < 1:
+        raise LLMOptError(f"--threads must be >= 1, got {a.threads}")
     r = evaluate(
         a.model,
         data=a.data,
@@ -24,6 +29,7 @@ def _eval(a: argparse.Namespace) -> int:
         speed=a.speed,
         backend=a.backend,
         threads=a.threads,
+        speed_repeats=a.repeats,
         progress=not a.quiet,
     )
     print(format_result(r))
@@ -46,9 +52,10 @@ def _compress(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         device=a.device,
         true_sequential=a.true_sequential,
+        dtype=a.dtype,
     )
     r = res.report
-    print(f"saved {res.output}")
+    print(f"saved {res.output} ({r['dtype']}, true_sequential={r['true_sequential']})")
     for key, s in r["stages"].items():
         extra = ""
         if "sparsity" in s:
@@ -66,6 +73,12 @@ def _compress(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     from llmopt.exporters import export_gguf
 
+    if a.to == "onnx":
+        return _export_onnx(a)
+    if a.quant or a.block_size is not None or a.accuracy_level:
+        from llmopt.errors import LLMOptError
+
+        raise LLMOptError("--quant/--block-size/--accuracy-level are ONNX options; with --to gguf use --type")
     r = export_gguf(
         a.model,
         a.output,
@@ -81,6 +94,30 @@ def _export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(a: argparse.Namespace) -> int:
+    from llmopt.errors import LLMOptError
+    from llmopt.exporters import export_onnx
+
+    if a.type != "auto" or a.embedding_type or a.output_type or a.imatrix:
+        raise LLMOptError(
+            "--type/--embedding-type/--output-type/--imatrix are GGUF options; with --to onnx use --quant"
+        )
+    r = export_onnx(
+        a.model,
+        a.output,
+        quant=a.quant or "none",
+        block_size=a.block_size,
+        accuracy_level=a.accuracy_level,
+        overwrite=a.overwrite,
+    )
+    print(f"saved {r['output']}: {r['file_bytes'] / 2**20:.1f} MiB ONNX, --quant {r['quant']}")
+    print(
+        f"  {r['matmul_nbits']} MatMulNBits (block {r['block_size']}, accuracy level {r['accuracy_level']}, "
+        f"{r['linears_exact']} from stored codes), {r['dynamic_int8']} dynamic int8, {r['matmul_float']} float MatMul"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmopt", description="Compress causal LMs and measure what it bought.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -91,10 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto", help="torch (default for HF models) or gguf (default for .gguf)")
     e.add_argument("--data", default="wikitext2", help="wikitext2, c4, text:PATH[#A:B], hf:NAME[:CONFIG]:SPLIT")
     e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument(
+        "--max-windows", type=int, default=None, help="score only the first N windows (c4: 256 unless given)"
+    )
     e.add_argument("--base", default=None, help="reference model for KL divergence (same tokenizer)")
     e.add_argument("--speed", action="store_true", help="prefill tok/s (512-token prompt), decode tok/s (128)")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--repeats", type=int, default=3, help="timed --speed runs; median [min-max] (default 3)")
+    e.add_argument("--threads", type=int, default=None, help="threads for every backend (default: physical cores)")
     e.add_argument("--json", default=None, help="write the result as JSON here")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
@@ -109,19 +149,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--device", default=None, help="cpu (default) or cuda")
-    c.add_argument("--true-sequential", action="store_true", help="calibrate q/k/v, o, gate/up, down in turn")
+    c.add_argument(
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="calibrate each layer's Linears group by group in call order (q/k/v, o, gate/up, down); "
+        "default: the recipe's calibration.true_sequential",
+    )
+    c.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="load, calibrate and save in this dtype (auto: the checkpoint's own; kernels compute in float32)",
+    )
     c.set_defaults(func=_compress)
 
-    x = sub.add_parser("export", help="write a GGUF for llama.cpp (quantized Linears from their codes)")
+    x = sub.add_parser(
+        "export", help="write a GGUF for llama.cpp or an ONNX folder (quantized Linears from their codes)"
+    )
     x.add_argument("model", help="an llmopt output folder, a HF folder, a .gguf or bundled:smollm2")
-    x.add_argument("--to", default="gguf", choices=["gguf"])
-    x.add_argument("--output", required=True, help="FILE.gguf (written atomically)")
+    x.add_argument("--to", default="gguf", choices=["gguf", "onnx"])
+    x.add_argument("--output", required=True, help="FILE.gguf, or the ONNX folder (written atomically)")
     x.add_argument(
         "--type", default="auto", help="auto (stored codes), f32, f16, or a llama.cpp type: q8_0, q4_k_m, ..."
     )
     x.add_argument("--embedding-type", default=None, help="token embedding type (default f16)")
     x.add_argument("--output-type", default=None, help="output head type when not tied (default f16)")
     x.add_argument("--imatrix", default=None, help="llama.cpp types: imatrix file or calibration data spec")
+    x.add_argument(
+        "--quant",
+        default=None,
+        choices=["none", "int8-dynamic", "int4-rtn", "int4-hqq", "auto"],
+        help="ONNX: none (float32), ONNX Runtime's int8-dynamic / int4-rtn / int4-hqq, or auto (stored codes)",
+    )
+    x.add_argument("--block-size", type=int, default=None, help="ONNX int4-rtn/int4-hqq block (default 32)")
+    x.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=0,
+        choices=[0, 1, 2, 3, 4],
+        help="ONNX MatMulNBits: 0 float, 4 int8 activations",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     x.set_defaults(func=_export)
     return p

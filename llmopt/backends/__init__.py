@@ -4,25 +4,41 @@ The metric code (``llmopt.metrics``) only sees :class:`Backend`; later backends 
 plug in here without touching it.
 """
 
-from llmopt.backends.base import Backend, SpeedResult
+from llmopt.backends.base import Backend, SpeedResult, default_threads, resolve_threads
 
-__all__ = ["Backend", "SpeedResult", "make_backend"]
+__all__ = ["Backend", "SpeedResult", "default_threads", "make_backend", "resolve_threads"]
 
 
 def make_backend(kind: str, model_spec: str, *, threads: int | None = None, **kw) -> Backend:
     """Build a backend by name. ``kind`` 'auto' picks from the spec (``.gguf`` files → llama.cpp when
-    available, everything else → torch)."""
+    available, everything else → torch). ``threads`` None means :func:`default_threads` (physical
+    cores), the same for every backend; a value below 1 is a one-line LLMOptError."""
     from llmopt.errors import LLMOptError
 
+    threads = resolve_threads(threads)
     if kind == "auto":
         kind = "gguf" if model_spec.strip().lower().endswith(".gguf") else "torch"
+        if kind == "torch" and _is_onnx_folder(model_spec):  # a folder with model.onnx: ONNX Runtime
+            kind = "onnx"
     if kind == "torch":
         from llmopt.backends.torch_backend import TorchBackend
 
         return TorchBackend.from_spec(model_spec, threads=threads, **kw)
     if kind == "gguf":
         return _gguf_backend(model_spec, threads=threads, **kw)
-    raise LLMOptError(f"unknown backend '{kind}'; valid backends: torch, gguf")
+    if kind == "onnx":  # ONNX Runtime on an ONNX folder (llmopt export --to onnx)
+        from llmopt.backends.onnx_backend import OnnxBackend
+
+        return OnnxBackend.from_spec(model_spec, threads=threads, **kw)
+    raise LLMOptError(f"unknown backend '{kind}'; valid backends: torch, gguf, onnx")
+
+
+def _is_onnx_folder(model_spec: str) -> bool:
+    """A local folder holding ``model.onnx`` (checked without importing onnxruntime)."""
+    from pathlib import Path
+
+    p = Path(model_spec.strip()).expanduser()
+    return p.is_dir() and (p / "model.onnx").is_file()
 
 
 def _gguf_backend(model_spec: str, *, threads: int | None = None, **kw) -> Backend:
