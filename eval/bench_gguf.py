@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     REPO,
     CachedBackend,
     cleanup,
+    eval_texts,
     fmt,
     machine_note,
     markdown_table,
@@ -57,20 +58,10 @@ ROWS = [
     ("llmopt RTN q4_1", "configs/rtn-q4_1.yaml", "auto"),
     ("llmopt GPTQ q4_1", "configs/gptq-q4_1.yaml", "auto"),
     ("llmopt RTN q4_0", "configs/rtn-q4_0.yaml", "auto"),
-    ("llmopt GPTQ q4_0", "configs/gptq-q4_0.yaml", "auto"),
-    # Attempts at the imatrix bar: Hessian-weighted search of each block's scale (mse_grid, importance
-    # diag H), act-order with static groups, more calibration data.
-    ("llmopt GPTQ q4_0 + H-weighted scale search", {"calibration": CAL, "stages": [Q4_0 | {"mse_grid": 50}]}, "auto"),
-    (
-        "llmopt GPTQ q4_0 + act-order + scale search",
-        {"calibration": CAL, "stages": [Q4_0 | {"mse_grid": 50, "act_order": True, "static_groups": True}]},
-        "auto",
-    ),
-    (
-        "llmopt GPTQ q4_0 + scale search, 128x512 calib",
-        {"calibration": CAL | {"samples": 128}, "stages": [Q4_0 | {"mse_grid": 50}]},
-        "auto",
-    ),
+    # the shipped config: act-order + static groups + Hessian-weighted scale search (eval/results/gptq-defaults.md)
+    ("llmopt GPTQ q4_0 (shipped gptq-q4_0)", "configs/gptq-q4_0.yaml", "auto"),
+    ("llmopt GPTQ q4_0, plain (dynamic groups, no search)", {"calibration": CAL, "stages": [Q4_0]}, "auto"),
+    ("llmopt GPTQ q4_0, dynamic groups + search", {"calibration": CAL, "stages": [Q4_0 | {"mse_grid": 20}]}, "auto"),
     (
         "llmopt SparseGPT 2:4 + GPTQ q4_0",
         {"calibration": CAL, "stages": [SGPT24, {"stage": "gptq", "format": "q4_0"}]},
@@ -100,6 +91,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings of row labels to run")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "gguf"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing <out>.json")
+    ap.add_argument(
+        "--eval", action="append", help="NAME=DATA_SPEC extra evaluation text (repeatable); 'lee' = Lee news"
+    )
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out + ".json").read_text())["rows"], args.out + ".png")
@@ -109,6 +103,7 @@ def main() -> None:
     extra = ["--calib-samples", "8", "--calib-seq-len", "256"] if args.quick else []
     windows, seq_len = (2, 512) if args.quick else (args.windows, args.seq_len)
     imatrix_n, imatrix_len = (8, 256) if args.quick else (32, 512)
+    extra_texts = eval_texts(args.eval) if args.eval else {}
 
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
     from llmopt.evaluation import evaluate
@@ -120,9 +115,14 @@ def main() -> None:
         f32 = work / "f32.gguf"
         export_gguf(MODEL, str(f32), type="f32")
         base = CachedBackend(LlamaCppBackend(str(f32), threads=args.threads))
-        for label, source, how in ROWS:
-            if args.only and label != "llama.cpp F32" and not any(s in label for s in args.only.split(",")):
-                continue
+        order = ROWS
+        if args.only:  # rows in the order the substrings are given (the most important first)
+            keys = args.only.split(",")
+            order = [r for r in ROWS if r[0] == "llama.cpp F32"] + sorted(
+                (r for r in ROWS if r[0] != "llama.cpp F32" and any(k in r[0] for k in keys)),
+                key=lambda r: min(i for i, k in enumerate(keys) if k in r[0]),
+            )
+        for label, source, how in order:
             path = work / "model.gguf"
             seconds = None
             if source == "dense":
@@ -160,6 +160,10 @@ def main() -> None:
                 threads=args.threads,
                 progress=False,
             )
+            others = {
+                name: evaluate(str(path), data=spec, seq_len=seq_len, max_windows=windows, base=base, progress=False)
+                for name, spec in extra_texts.items()
+            }
             size = path.stat().st_size
             n_params = 134_515_008  # SmolLM2-135M parameters (embedding counted once: tied)
             rec = dict(
@@ -173,6 +177,9 @@ def main() -> None:
                 decode_tok_s=r.speed.decode_tok_s,
                 threads=r.speed.threads,
                 quantize_seconds=seconds,
+                texts={
+                    n: dict(ppl=o.perplexity, kl_mean=o.kl.mean, top1=o.kl.top1_agreement) for n, o in others.items()
+                },
             )
             records.append(rec)
             rows.append(
@@ -183,11 +190,14 @@ def main() -> None:
                     fmt(r.perplexity, 3),
                     fmt(r.kl.mean, 4),
                     f"{100 * r.kl.top1_agreement:.1f}%",
+                    *[c for o in others.values() for c in (fmt(o.perplexity, 3), fmt(o.kl.mean, 4))],
                     fmt(r.speed.prefill_tok_s, 0),
                     fmt(r.speed.decode_tok_s, 1),
+                    fmt(seconds, 1),
                 ]
             )
             print(rows[-1], flush=True)
+            Path(args.out + ".partial.json").write_text(json.dumps({"rows": records}, indent=1))
             if path != f32:
                 path.unlink(missing_ok=True)
         ts = torch_speed(args.threads)
@@ -200,8 +210,10 @@ def main() -> None:
         "ppl",
         "KL vs F32",
         "same top-1",
+        *[c for n in extra_texts for c in (f"ppl {n}", f"KL {n}")],
         "prefill tok/s",
         "decode tok/s",
+        "quantize s",
     ]
     md = [
         "# GGUF: llama.cpp quantizer vs llmopt exports, SmolLM2-135M-Instruct (bundled), run by llama.cpp",
@@ -210,7 +222,10 @@ def main() -> None:
         "protocol) through llama-cpp-python; KL against the F32 GGUF on the same windows. Calibration and "
         f"imatrix: the same {imatrix_n} x {imatrix_len}-token windows (seed 0) of the first half. Token "
         f"embedding (tied output) is {EMB} in every quantized file. Speed: 512-token prompt, 128 greedy "
-        f"tokens, {args.threads} threads, llama.cpp's perf counters." + (" QUICK RUN." if args.quick else ""),
+        f"tokens, {args.threads} threads, llama.cpp's perf counters. `quantize s`: llama.cpp's quantizer (imatrix "
+        "included) or llmopt's layer-wise engine (model load/save excluded)."
+        + "".join(f" Extra text `{n}` = `{s.replace(str(REPO.parent), '..')}`." for n, s in extra_texts.items())
+        + (" QUICK RUN." if args.quick else ""),
         "",
         markdown_table(header, rows),
         "",
@@ -222,6 +237,7 @@ def main() -> None:
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"rows": records, "torch_f32_speed": ts}, indent=1))
     plot(records, args.out + ".png")
+    Path(args.out + ".partial.json").unlink(missing_ok=True)
     print("\n".join(md))
 
 

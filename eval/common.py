@@ -20,6 +20,13 @@ TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.nounk.txt"
 CALIB = f"text:{TEXT}#0:0.5"  # calibration: first half of the WikiText-2 validation text
 EVAL = f"text:{TEXT}#0.5:1"  # evaluation: the second half, never seen by calibration
 MODEL = "bundled:smollm2"
+# A second evaluation text for choosing defaults on more than one distribution: English news prose (the
+# Lee corpus, 300 ABC news documents) shipped inside the gensim wheel as gensim/test/test_data/
+# lee_background.cor. Never committed; fetched without installing anything into the project::
+#   pip download gensim==4.4.0 --no-deps -d /tmp/textpkg && cd /tmp/textpkg && \
+#   unzip -o gensim-*.whl gensim/test/test_data/lee_background.cor && \
+#   mkdir -p /tmp/text && cp gensim/test/test_data/lee_background.cor /tmp/text/lee_background.txt
+LEE = Path(os.environ.get("LLMOPT_LEE_TEXT", "/tmp/text/lee_background.txt"))
 
 
 def require_text() -> None:
@@ -79,11 +86,28 @@ def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = No
     return report
 
 
-def evaluate_folder(spec, base, seq_len: int, max_windows: int):
-    """Perplexity (and KL against ``base`` when given) of a model spec or backend on the EVAL text."""
+def evaluate_folder(spec, base, seq_len: int, max_windows: int, data: str = EVAL):
+    """Perplexity (and KL against ``base`` when given) of a model spec or backend on ``data`` (default:
+    the EVAL text)."""
     from llmopt.evaluation import evaluate
 
-    return evaluate(spec, data=EVAL, seq_len=seq_len, max_windows=max_windows, base=base, progress=False)
+    return evaluate(spec, data=data, seq_len=seq_len, max_windows=max_windows, base=base, progress=False)
+
+
+def eval_texts(specs: list[str] | None) -> dict[str, str]:
+    """``--eval NAME=SPEC`` options → {name: data spec}; none given: {"wiki2-valid-2nd-half": EVAL}.
+
+    "lee" alone means the Lee news text (``LEE``, see above); it must exist."""
+    out = {}
+    for item in specs or []:
+        if item == "lee":
+            if not LEE.is_file():
+                sys.exit(f"{LEE} not found; see LEE in eval/common.py for how to extract it (not committed)")
+            out["lee-news"] = f"text:{LEE}"
+            continue
+        name, _, spec = item.partition("=")
+        out[name] = spec
+    return out or {"wiki2-valid-2nd-half": EVAL}
 
 
 def fmt(x: float, nd: int = 3) -> str:

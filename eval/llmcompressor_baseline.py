@@ -23,6 +23,15 @@ Usage (32 x 512 calibration windows written by llmopt as an (N, L) int64 tensor)
         --calib-ids calib_32x512.pt --method gptq-w4g64 --output out/llmc-gptq-w4g64
     # --method: gptq-w4g64 | gptq-w4g32 | gptq-w3g64 | sparsegpt-50 | sparsegpt-2of4
 
+Layer-by-layer mode (no model, no pipeline): ``--hessians FILE.pt`` holds {name: {"W": (out, in),
+"H": (in, in)}} saved by ``bench_llmcompressor.py --layerwise``; each Linear is quantized by
+llm-compressor's own GPTQ function (``llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight``) with
+the scales of its default weight observer (``memoryless_minmax``), exactly as ``GPTQModifier`` calls
+them, and {name: dequantized W} is saved to ``--output`` (a .pt file)::
+
+    /work/llmc-venv/bin/python eval/llmcompressor_baseline.py --hessians h.pt --bits 3 --group-size 64 \
+        --actorder weight --output llmc_q.pt
+
 The last stdout line is JSON: {"method", "oneshot_seconds" (the oneshot() call alone: no model load,
 no save), "peak_rss_mib" (ru_maxrss of this process, model load included), ...}.
 
@@ -204,11 +213,47 @@ def check_sparse(model, out_sd: dict, structure: str, src_st: str) -> dict:
     return out
 
 
+def layerwise(path: str, bits: int, group_size: int, actorder: str, output: str) -> None:
+    """llm-compressor's GPTQ on saved (W, H) pairs: its observer's scales, its quantize_weight."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.observers import Observer
+
+    pairs = torch.load(path, map_location="cpu", weights_only=True)
+    out, seconds = {}, 0.0
+    for name, d in pairs.items():
+        qargs = QuantizationArgs(
+            num_bits=bits,
+            type="int",
+            symmetric=True,
+            strategy="group",
+            group_size=group_size,
+            actorder=None if actorder == "none" else "weight",
+        )
+        W, H = d["W"].float(), d["H"].float()
+        t0 = time.perf_counter()
+        obs = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=qargs)
+        obs(W)
+        qp = obs.get_qparams()
+        Q, _loss, fallback = quantize_weight(
+            W[None].clone(), H[None].clone(), qp["scale"][None], qp["zero_point"][None], None, qargs, BLOCK, DAMP
+        )
+        seconds += time.perf_counter() - t0
+        out[name] = Q[0]
+        if bool(fallback[0]):
+            log(f"[llmc-baseline] {name}: RTN fallback (Hessian not positive definite)")
+    torch.save(out, output)
+    print(json.dumps({"layerwise": len(out), "seconds": round(seconds, 3), "versions": versions()}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--calib-ids", required=True, help="torch .pt tensor (N, L) int64 of token windows")
-    ap.add_argument("--method", required=True, choices=sorted(METHODS))
+    ap.add_argument("--hessians", default=None, help="layer-by-layer mode: .pt of {name: {W, H}} (see docstring)")
+    ap.add_argument("--bits", type=int, default=3, help="layer-by-layer mode: int bits (symmetric)")
+    ap.add_argument("--group-size", type=int, default=64, help="layer-by-layer mode: group size")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--calib-ids", help="torch .pt tensor (N, L) int64 of token windows")
+    ap.add_argument("--method", choices=sorted(METHODS))
     ap.add_argument("--output", required=True)
     ap.add_argument(
         "--actorder",
@@ -218,6 +263,13 @@ def main() -> None:
     )
     ap.add_argument("--llmc-save", default=None, help="also save via llm-compressor save_compressed=False here")
     args = ap.parse_args()
+    if args.hessians:
+        layerwise(
+            args.hessians, args.bits, args.group_size, "none" if args.actorder == "none" else "weight", args.output
+        )
+        return
+    if not (args.model_dir and args.calib_ids and args.method):
+        ap.error("--model-dir, --calib-ids and --method are required (unless --hessians)")
 
     vers = versions()
     log(f"[llmc-baseline] versions: {json.dumps(vers)}")
