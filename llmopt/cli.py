@@ -1,4 +1,4 @@
-"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``.
+"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``, ``llmopt recipes``.
 
 Each command is a few lines over the Python API."""
 
@@ -118,6 +118,16 @@ def _export_onnx(a: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(a: argparse.Namespace) -> int:
+    from llmopt.recipe import recipe_summary, shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmopt", description="Compress causal LMs and measure what it bought.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -141,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="run a YAML recipe and save an HF model folder")
     c.add_argument("model")
-    c.add_argument("--recipe", required=True, help="YAML recipe, e.g. configs/sparsegpt-50.yaml")
+    c.add_argument(
+        "--recipe", required=True, help="a shipped recipe's name (sparsegpt-50; see `llmopt recipes`) or a YAML file"
+    )
     c.add_argument("--output", required=True, help="output folder (written atomically)")
     c.add_argument("--calib", default=None, help="calibration data spec (overrides the recipe), e.g. self:32")
     c.add_argument("--calib-samples", type=int, default=None)
@@ -192,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     x.set_defaults(func=_export)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes (usable by name: --recipe sparsegpt-50)")
+    r.set_defaults(func=_recipes)
     return p
 
 

@@ -10,10 +10,15 @@
 
 Every model forbids unknown keys (``extra="forbid"``): a misspelt key is an error that names the valid
 ones. Stage names resolve through the one registry in :mod:`llmopt.stages`.
+
+The shipped recipes are package data (``llmopt/recipes/*.yaml``; ``configs/`` in a checkout links there), so
+a bare name (``sparsegpt-50``) resolves in a wheel install as in a checkout; :func:`shipped_recipes` lists
+them with the first sentence of each file's leading comment.
 """
 
 from __future__ import annotations
 
+import re
 import typing
 from functools import cache
 from pathlib import Path
@@ -23,6 +28,42 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from llmopt.errors import LLMOptError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name → path of every recipe shipped with llmopt, sorted by name."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path, max_chars: int = 110) -> str:
+    """What a recipe does: the first sentence of its leading ``#`` comment block (shortened to
+    ``max_chars`` at a word boundary), or "" when the file starts without a comment."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(x for x in lines if x)
+    m = re.search(r"\.(?=\s+[A-Z(]|$)", text)  # a sentence end: '.' before a capital or the end
+    text = text[: m.end()] if m else text
+    if len(text) > max_chars:
+        text = text[: max_chars - 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+    return text
+
+
+def resolve_recipe_name(name: str) -> Path:
+    """The shipped recipe called ``name`` (``sparsegpt-50``; a trailing ``.yaml`` is allowed)."""
+    recipes = shipped_recipes()
+    stem = name.removesuffix(".yaml").removesuffix(".yml")
+    if stem not in recipes:
+        raise LLMOptError(
+            f"unknown recipe '{name}': not a file and not a shipped recipe; shipped: {', '.join(recipes)} "
+            "(`llmopt recipes` describes them)"
+        )
+    return recipes[stem]
 
 
 class StrictModel(BaseModel):
@@ -104,22 +145,29 @@ def _one_line(err: ValidationError, raw: dict) -> str:
 
 
 def parse_recipe(source: str | Path | dict) -> BaseModel:
-    """A recipe from a YAML path, a YAML string, or a dict. Raises LLMOptError with one line."""
+    """A recipe from a YAML path, a shipped recipe's name (``sparsegpt-50``), a YAML string, or a dict.
+    Raises LLMOptError with one line. An existing file wins over a shipped recipe of the same name."""
     if isinstance(source, dict):
         raw = source
     else:
         text = str(source)
         p = Path(text)
-        if "\n" not in text and (p.suffix in (".yaml", ".yml") or p.exists()):
+        one_line = "\n" not in text
+        if one_line and not p.exists() and _NAME.fullmatch(text):
+            if p.suffix not in (".yaml", ".yml"):
+                p = resolve_recipe_name(text)  # a bare name: the shipped recipe
+            elif p.stem in shipped_recipes():
+                p = shipped_recipes()[p.stem]  # "sparsegpt-50.yaml", no folder, not in the current one
+        if one_line and (p.suffix in (".yaml", ".yml") or p.exists()):
             if not p.is_file():
-                raise LLMOptError(f"recipe not found: {p} (see configs/ for the shipped recipes)")
+                raise LLMOptError(f"recipe not found: {p} (`llmopt recipes` lists the shipped ones, by name)")
             text = p.read_text()
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise LLMOptError(f"recipe is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise LLMOptError("a recipe is a YAML mapping with a 'stages' list; see configs/ for examples")
+        raise LLMOptError("a recipe is a YAML mapping with a 'stages' list; `llmopt recipes` lists shipped examples")
     try:
         return TypeAdapter(_recipe_model()).validate_python(raw)
     except ValidationError as e:
