@@ -3,25 +3,27 @@
 Python API (the CLI is a thin layer over it)::
 
     import llmopt
-    llmopt.compress("bundled:smollm2", "configs/sparsegpt-50.yaml", "out/sgpt50", calib="self:32")
+    llmopt.compress("bundled:smollm2", "sparsegpt-50", "out/sgpt50", calib="self:32")
     data = "text:../shared/data/wikitext-2/valid.nounk.txt"
     r = llmopt.evaluate("out/sgpt50", data=data, base="bundled:smollm2")
     llmopt.export("out/sgpt50", to="gguf", output="out/sgpt50.gguf")
+    llmopt.push("out/sgpt50", "my-user/smollm2-sparsegpt50", dry_run=True)  # files + model card
 
-The functions live in ``llmopt.compression``, ``llmopt.evaluation`` and ``llmopt.exporters``; module
+The functions live in ``llmopt.compression``, ``llmopt.evaluation``, ``llmopt.exporters`` and ``llmopt.hub``; module
 names differ from function names so that importing a module never shadows the function.
 """
 
 from llmopt.errors import LLMOptError
 
 __version__ = "0.1.0"
-__all__ = ["LLMOptError", "compress", "evaluate", "export", "load_model", "parse_recipe"]
+__all__ = ["LLMOptError", "compress", "evaluate", "export", "load_model", "parse_recipe", "push"]
 
 _LAZY = {
     "compress": ("llmopt.compression", "compress"),
     "evaluate": ("llmopt.evaluation", "evaluate"),
     "load_model": ("llmopt.models", "load_model"),
     "parse_recipe": ("llmopt.recipe", "parse_recipe"),
+    "push": ("llmopt.hub.push", "push"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``, ``llmopt recipes``.
+"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``, ``llmopt push``, ``llmopt recipes``.
 
 Each command is a few lines over the Python API."""
 
@@ -118,6 +118,23 @@ def _export_onnx(a: argparse.Namespace) -> int:
     return 0
 
 
+def _push(a: argparse.Namespace) -> int:
+    from llmopt.hub.push import format_push, push
+
+    r = push(
+        a.folder,
+        a.repo_id,
+        private=a.private,
+        revision=a.revision,
+        commit_message=a.commit_message,
+        dry_run=a.dry_run,
+        base_model=a.base_model,
+        save_card=a.save_card,
+    )
+    print(format_push(r))
+    return 0
+
+
 def _recipes(a: argparse.Namespace) -> int:
     from llmopt.recipe import recipe_summary, shipped_recipes
 
@@ -204,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     x.set_defaults(func=_export)
+
+    h = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub with a generated model card")
+    h.add_argument("folder", help="an llmopt output folder (GGUF files, ONNX folders, eval JSON inside go too)")
+    h.add_argument("repo_id", help="OWNER/NAME of the model repo (created if missing)")
+    h.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
+    h.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    h.add_argument("--commit-message", default=None)
+    h.add_argument("--base-model", default=None, help="Hub id of the base model for the card (default: the source)")
+    h.add_argument("--save-card", action="store_true", help="also write the generated card into FOLDER/README.md")
+    h.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
+    h.set_defaults(func=_push)
 
     r = sub.add_parser("recipes", help="list the shipped recipes (usable by name: --recipe sparsegpt-50)")
     r.set_defaults(func=_recipes)

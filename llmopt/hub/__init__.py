@@ -1,0 +1,4 @@
+"""Hugging Face Hub publishing: :mod:`llmopt.hub.card` builds the model card of an output folder,
+:mod:`llmopt.hub.push` uploads the folder with it (``llmopt push``, ``llmopt.push``).
+
+Nothing is imported here, so that ``import llmopt.hub.card`` stays light."""

@@ -1,0 +1,330 @@
+"""The model card of an llmopt output folder, as a ``huggingface_hub.ModelCard``.
+
+Everything comes from the folder itself: ``llmopt_report.json`` (source model, stages, sparsity, bits per
+weight, calibration), ``recipe.yaml``, the JSON results ``llmopt eval --json`` wrote anywhere in it, and the
+artifacts present (safetensors for transformers, ``*.gguf`` files, ONNX folders). The metadata (YAML front
+matter) is built with ``ModelCardData``: ``base_model`` (when the source was a Hub id or ``bundled:``),
+``base_model_relation``, ``library_name``, ``tags``, ``pipeline_tag``, calibration ``datasets`` and a
+``model-index`` with the measured perplexity / KL. The text is written here, no template engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+REPORT_FILE = "llmopt_report.json"  # same names as llmopt.compression (not imported: it pulls in torch)
+RECIPE_FILE = "recipe.yaml"
+README = "README.md"
+
+#: ``bundled:<name>`` → the Hub model the bundled GGUF was converted from
+BUNDLED_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+_EVAL_KEYS = {"perplexity", "backend", "data", "seq_len", "windows"}
+_MAX_JSON_BYTES = 2 << 20
+
+
+@dataclass
+class Artifacts:
+    """What an output folder holds (paths relative to it, POSIX style)."""
+
+    folder: Path
+    report: dict | None = None
+    recipe_yaml: str | None = None
+    evals: list[tuple[str, dict]] = field(default_factory=list)  # (json file, `llmopt eval --json` result)
+    ggufs: list[tuple[str, int]] = field(default_factory=list)  # (file, bytes)
+    onnx_dirs: list[str] = field(default_factory=list)  # "" is the folder itself
+    transformers: bool = False  # config.json and *.safetensors at the top
+    quantization_codes: bool = False  # quantization.safetensors (stored GPTQ/RTN codes and scales)
+
+
+def _files(folder: Path):
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            yield rel.as_posix(), p
+
+
+def scan(folder: str | Path) -> Artifacts:
+    folder = Path(folder)
+    a = Artifacts(folder)
+    onnx = set()
+    for rel, p in _files(folder):
+        if rel == REPORT_FILE:
+            a.report = _read_json(p)
+        elif rel == RECIPE_FILE:
+            a.recipe_yaml = p.read_text(encoding="utf-8")
+        elif p.suffix == ".json" and p.stat().st_size < _MAX_JSON_BYTES:
+            d = _read_json(p)
+            if isinstance(d, dict) and _EVAL_KEYS <= d.keys():
+                a.evals.append((rel, d))
+        elif p.suffix == ".gguf":
+            a.ggufs.append((rel, p.stat().st_size))
+        elif p.suffix == ".onnx":
+            onnx.add("" if "/" not in rel else rel.rsplit("/", 1)[0])
+    a.onnx_dirs = sorted(onnx)
+    a.transformers = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    a.quantization_codes = (folder / "quantization.safetensors").is_file()
+    return a
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def hub_base_model(spec: str | None) -> str | None:
+    """The Hub id a model spec names: ``org/name`` itself, ``bundled:<name>``'s source; None for paths."""
+    if not spec:
+        return None
+    if spec.startswith("bundled:"):
+        return BUNDLED_HUB_IDS.get(spec[len("bundled:") :])
+    if _HUB_ID.fullmatch(spec) and not Path(spec).exists() and not spec.endswith(".gguf"):
+        return spec
+    return None
+
+
+def _dataset(spec: str) -> tuple[str, str, str | None, str | None]:
+    """(dataset id, display name, config, split) of an evaluation data spec (``llmopt.data`` forms)."""
+    s = spec.strip()
+    if s in ("wikitext2", "wikitext-2"):
+        return "Salesforce/wikitext", "WikiText-2", "wikitext-2-raw-v1", "test"
+    if s == "c4":
+        return "allenai/c4", "C4", "en", "validation"
+    if s.startswith("hf:"):
+        parts = s[3:].split(":")
+        config = parts[1] if len(parts) >= 3 else None
+        split = parts[2] if len(parts) >= 3 else parts[-1] if len(parts) == 2 else None
+        return parts[0], parts[0], config, split
+    if s.startswith("text:"):
+        path, _, frac = s[5:].partition("#")
+        return "text", Path(path).name + (f"#{frac}" if frac else ""), None, None
+    return "text", s, None, None
+
+
+def _calibration_datasets(report: dict | None) -> list[str]:
+    if not report:
+        return []
+    data = (report.get("recipe") or {}).get("calibration", {}).get("data", "")
+    ds = _dataset(data)[0] if data else "text"
+    return [] if ds == "text" or data.startswith("self:") else [ds]
+
+
+def _stage_kinds(report: dict | None) -> tuple[list[str], bool, bool]:
+    """(stage names, pruned?, quantized?): a pruning stage's config has ``sparsity``, a quantization
+    stage reports ``bits_per_weight`` (its own zeros from rounding are not pruning)."""
+    configs = ((report or {}).get("recipe") or {}).get("stages") or []
+    names, pruned, quantized = [], False, False
+    for key, s in (report or {}).get("stages", {}).items():
+        i, name = key.split(":", 1)
+        names.append(name)
+        cfg = configs[int(i)] if i.isdigit() and int(i) < len(configs) else {}
+        pruned |= "sparsity" in cfg and "bits_per_weight" not in s
+        quantized |= "bits_per_weight" in s
+    return names, pruned, quantized
+
+
+def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> ModelCardData:
+    source = (a.report or {}).get("model")
+    base = base_model or hub_base_model(source)
+    names, pruned, quantized = _stage_kinds(a.report)
+    tags = ["llmopt"]
+    if pruned:
+        tags += ["sparse", "pruned"]
+    if quantized:
+        tags += ["quantized"]
+    tags += [n for n in names if n in ("sparsegpt", "wanda", "gptq")]
+    if a.ggufs:
+        tags.append("gguf")
+    if a.onnx_dirs:
+        tags.append("onnx")
+    # The Hub knows adapter / merge / quantized / finetune; a pruned-only model is listed as a finetune.
+    relation = "quantized" if quantized else "finetune" if pruned else None
+    library = "transformers" if a.transformers else "gguf" if a.ggufs else "onnx" if a.onnx_dirs else None
+    results = []
+    for _, r in a.evals:
+        ds_id, ds_name, config, split = _dataset(str(r["data"]))
+        what = f"{r['backend']}, {r['seq_len']}-token windows x {r['windows']}"
+        metrics = [("perplexity", f"Perplexity ({what})", r["perplexity"])]
+        if r.get("kl"):
+            metrics.append(("kl_divergence", f"KL divergence vs base, mean ({what})", r["kl"]["mean"]))
+        for metric, label, value in metrics:
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Text Generation",
+                    dataset_type=ds_id,
+                    dataset_name=ds_name,
+                    dataset_config=config,
+                    dataset_split=split,
+                    metric_type=metric,
+                    metric_name=label,
+                    metric_value=round(float(value), 4),
+                )
+            )
+    return ModelCardData(
+        base_model=base,
+        base_model_relation=relation if base else None,
+        library_name=library,
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=_calibration_datasets(a.report) or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _summary_lines(a: Artifacts, base: str | None) -> list[str]:
+    r = a.report
+    if not r:
+        return ["A model folder pushed with llmopt (no `llmopt_report.json`: not made by `llmopt compress`)."]
+    recipe = r.get("recipe") or {}
+    src = f"[{base}](https://huggingface.co/{base})" if base else f"`{r.get('model')}`"
+    lines = [f"`{recipe.get('name') or 'custom recipe'}` applied to {src} with llmopt.", "", "| | |", "|---|---|"]
+    desc = _shipped_summary(recipe.get("name"))
+    if desc:
+        lines.append(f"| Recipe | `{recipe.get('name')}`: {desc} |")
+    for key, s in r.get("stages", {}).items():
+        i, name = key.split(":", 1)
+        parts = [f"{s.get('linears', '?')} Linears"]
+        if "bits_per_weight" in s:
+            parts.append(f"{s['bits_per_weight']:.3f} bits/weight")
+            if s.get("sparsity", 0) >= 0.01:
+                parts.append(f"zeros {100 * s['sparsity']:.2f}%")
+        elif "sparsity" in s:
+            parts.append(f"sparsity {100 * s['sparsity']:.2f}%")
+        lines.append(f"| Stage {int(i) + 1}: {name} | {', '.join(parts)} |")
+    names, _, _ = _stage_kinds(r)
+    cal = recipe.get("calibration") or {}
+    if cal and any(n in ("sparsegpt", "wanda", "gptq") for n in names):
+        lines.append(
+            f"| Calibration | {cal.get('samples')} x {cal.get('seq_len')} tokens of `{cal.get('data')}`, "
+            f"seed {cal.get('seed')}, true-sequential {str(r.get('true_sequential', False)).lower()} |"
+        )
+    lines.append(f"| dtype | {r.get('dtype')} |")
+    if "compress_seconds" in r:
+        lines.append(
+            f"| Compression time | {r['compress_seconds']:.1f} s, peak RSS {r.get('peak_rss_mib', 0):.0f} MiB |"
+        )
+    return lines
+
+
+def _shipped_summary(name: str | None) -> str:
+    if not name:
+        return ""
+    from llmopt.recipe import recipe_summary, shipped_recipes
+
+    p = shipped_recipes().get(name)
+    return recipe_summary(p) if p else ""
+
+
+def _eval_table(a: Artifacts) -> list[str]:
+    if not a.evals:
+        return ["No evaluation results in the folder (`llmopt eval DIR --json DIR/eval.json` adds them)."]
+    lines = [
+        "| artifact | backend | data | windows x seq_len | perplexity | base perplexity | KL mean | KL p99 "
+        "| top-1 agreement | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in a.evals:
+        model = str(r.get("model", ""))
+        artifact = Path(model).name if model.endswith(".gguf") else "ONNX" if r["backend"] == "onnx" else "model"
+        kl, sp = r.get("kl") or {}, r.get("speed") or {}
+        top1 = kl.get("top1_agreement")
+        lines.append(
+            f"| {artifact} | {r['backend']} | `{r['data']}` | {r['windows']} x {r['seq_len']} "
+            f"| {_fmt(r['perplexity'])} | {_fmt(kl.get('base_perplexity'))} "
+            f"| {_fmt(kl.get('mean'), '.4f')} | {_fmt(kl.get('p99'), '.4f')} "
+            f"| {'—' if top1 is None else f'{100 * top1:.2f}%'} "
+            f"| {_fmt(sp.get('prefill_tok_s'), '.1f')} | {_fmt(sp.get('decode_tok_s'), '.1f')} |"
+        )
+    threads = {(r.get("speed") or {}).get("threads") for _, r in a.evals} - {None}
+    lines += [
+        "",
+        "Perplexity: non-overlapping windows, each scored on its own (GPTQ-paper protocol); KL(base ‖ model) "
+        "per scored token over the whole vocabulary, like llama-perplexity's KL mode"
+        + (f"; speed on {', '.join(map(str, sorted(threads)))} threads." if threads else "."),
+    ]
+    return lines
+
+
+def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
+    out = ["## How to run", ""]
+    if a.transformers:
+        note = ""
+        if a.quantization_codes:
+            note = (
+                "The safetensors hold the dequantized weights (what the quantized model computes); the integer "
+                "codes and scales are in `quantization.safetensors` (`quantization.json` lists the formats).\n\n"
+            )
+        out += [
+            "### transformers",
+            "",
+            note + "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            'ids = tok("The capital of France is", return_tensors="pt").input_ids',
+            "print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))",
+            "```",
+            "",
+        ]
+    if a.ggufs:
+        out += ["### llama.cpp", "", "```bash"]
+        for rel, size in a.ggufs:
+            out.append(
+                f'llama-cli --hf-repo {repo_id} --hf-file {rel} -p "The capital of France is"  # {size / 2**20:.1f} MiB'
+            )
+        out += ["```", ""]
+    for d in a.onnx_dirs:
+        sub = f', subfolder="{d}"' if d else ""
+        out += [
+            "### ONNX Runtime" + (f" (`{d}/`)" if d else ""),
+            "",
+            "```python",
+            "from optimum.onnxruntime import ORTModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f'tok = AutoTokenizer.from_pretrained("{repo_id}"{sub})',
+            f'model = ORTModelForCausalLM.from_pretrained("{repo_id}"{sub})',
+            'print(tok.decode(model.generate(**tok("The capital of France is", return_tensors="pt"))[0]))',
+            "```",
+            "",
+        ]
+    source = (a.report or {}).get("model")
+    source = source if source and (source.startswith("bundled:") or hub_base_model(source)) else None
+    if a.transformers:
+        out += [
+            "### llmopt (perplexity, KL against the base, speed)",
+            "",
+            "```bash",
+            f"hf download {repo_id} --local-dir model && llmopt eval model --data wikitext2"
+            + (f" --base {source}" if source else ""),
+            "```",
+        ]
+    return out
+
+
+def build_card(folder: str | Path, repo_id: str, base_model: str | None = None) -> ModelCard:
+    """The model card (metadata + text) for ``folder`` as it will be published at ``repo_id``."""
+    a = scan(folder)
+    data = card_data(a, repo_id, base_model)
+    base = data.base_model
+    lines = [f"# {repo_id.split('/')[-1]}", "", *_summary_lines(a, base), "", "## Evaluation", "", *_eval_table(a)]
+    lines += ["", *_how_to_run(a, repo_id)]
+    if a.recipe_yaml:
+        lines += ["", "## Recipe", "", "The resolved recipe (`recipe.yaml`), defaults filled in:", "", "```yaml"]
+        lines += [a.recipe_yaml.rstrip(), "```"]
+    content = "---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n"
+    return ModelCard(content)
