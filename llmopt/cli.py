@@ -8,8 +8,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from pathlib import Path
+import traceback
 
 
 def _eval(a: argparse.Namespace) -> int:
@@ -20,6 +21,10 @@ def _eval(a: argparse.Namespace) -> int:
         raise LLMOptError(f"--repeats must be >= 1, got {a.repeats}")
     if a.threads is not None and a.threads < 1:
         raise LLMOptError(f"--threads must be >= 1, got {a.threads}")
+    if a.json:
+        from llmopt.outputs import preflight
+
+        preflight(a.json, overwrite=True, kind="file", flag="--json")  # before minutes of evaluation
     r = evaluate(
         a.model,
         data=a.data,
@@ -32,9 +37,16 @@ def _eval(a: argparse.Namespace) -> int:
         speed_repeats=a.repeats,
         progress=not a.quiet,
     )
-    print(format_result(r))
+    print(format_result(r), flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(r.to_dict(), indent=1))
+        from llmopt.outputs import write_text
+
+        text = json.dumps(r.to_dict(), indent=1)
+        try:
+            write_text(a.json, text, flag="--json")
+        except LLMOptError as e:
+            print(text)  # the results are not lost
+            raise LLMOptError(f"{e} (the JSON result is printed above)") from None
     return 0
 
 
@@ -148,6 +160,7 @@ def _recipes(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmopt", description="Compress causal LMs and measure what it bought.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error (accepted anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="perplexity, KL vs a base model, speed")
@@ -239,21 +252,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt.errors import LLMOptError
+    """Run the CLI; every failure ends with exactly one last stderr line ``error: ...``.
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    Input errors (:class:`LLMOptError`) exit 2, SIGINT 130, SIGTERM 143, anything unexpected 1 (a bug:
+    ``--debug``, anywhere on the command line, shows the traceback of any error)."""
+    from llmopt.errors import LLMOptError
+    from llmopt.outputs import Interrupted, install_signal_handlers
+
+    install_signal_handlers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LLMOPT_DEBUG", "").strip().lower() in {"1", "true", "yes"}
+    argv = [x for x in argv if x != "--debug"]
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return args.func(args)
     except LLMOptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else 'failed'}", 2, debug)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        return _fail(f"error: interrupted ({name})", 128 + int(signum), debug)
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug, not an input error: still one line unless --debug
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return _fail(f"error: internal error {type(e).__name__}: {msg} (--debug shows the traceback)", 1, debug)
+
+
+def _fail(line: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,8 @@ from torch import nn
 
 from llmopt.calibration import apply_to_linear, find_decoder_layers, layer_statistics, run_layerwise
 from llmopt.errors import LLMOptError
-from llmopt.recipe import parse_recipe, recipe_to_yaml
+from llmopt.outputs import atomic_output, preflight
+from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
 from llmopt.stages import build_stages
 from llmopt.stages.base import CompressionState, LinearStats, Stage
 
@@ -49,38 +47,6 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
-
-
-def check_output_folder(output: str | Path, overwrite: bool) -> Path:
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise LLMOptError(f"output folder {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LLMOptError(f"output path {out} exists and is not a folder; choose another --output")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_folder(output: Path, overwrite: bool):
-    """Yield a temporary sibling folder; on success it replaces ``output``, on failure it is removed,
-    so a crash or a bad input never leaves a half-written output."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if output.exists():
-            if not overwrite:
-                raise LLMOptError(f"output folder {output} appeared while compressing; pass --overwrite")
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _preflight(model: nn.Module, stages: list[Stage]) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -223,17 +189,10 @@ def compress(
 
     t_start = time.perf_counter()
     rec = recipe if isinstance(recipe, BaseModel) else parse_recipe(recipe)
-    overrides = {
-        k: v
-        for k, v in dict(
-            data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
-        ).items()
-        if v is not None
-    }
-    if overrides:
-        cal = rec.calibration.model_validate({**rec.calibration.model_dump(), **overrides})
-        rec = rec.model_copy(update={"calibration": cal})
-    out = check_output_folder(output, overwrite)
+    rec = apply_calibration_overrides(
+        rec, data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
+    )
+    out = preflight(output, overwrite=overwrite, kind="folder")  # before minutes of loading and compressing
     loaded = load_model(model, device=device, dtype=dtype)
     stages = build_stages(rec)
     _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
@@ -259,7 +218,7 @@ def compress(
         "linears": state.reports,
     }
     exact_float32_weights(loaded.model, state)
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(loaded.model))
         loaded.tokenizer.save_pretrained(tmp)
         save_quantized(state, tmp)

@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmopt.errors import LLMOptError
+from llmopt import network
+from llmopt.errors import LLMOptError, read_text
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,12 @@ def parse_data_spec(spec: str) -> DataSpec:
 
 def _hub_offline() -> bool:
     """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set (read now, not at import time)."""
-    return any(
-        os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
-        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    return network.offline_env("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _hub_reachable() -> bool:
+    """One short request to the Hub (no retries): a failed first request means offline."""
+    return network.hub_reachable()
 
 
 def _dataset_cached(name: str) -> bool:
@@ -151,8 +154,13 @@ def _hub_documents(
     Offline (HF_HUB_OFFLINE) with nothing cached raises a one-line LLMOptError at once instead of
     letting ``datasets`` retry the network.
     """
-    if _hub_offline() and not _dataset_cached(name):
+    offline = _hub_offline()
+    if offline and not _dataset_cached(name):
         raise LLMOptError(f"dataset '{name}' is not cached and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+    if not offline and not _hub_reachable():
+        if not _dataset_cached(name):
+            raise LLMOptError(f"dataset '{name}' is not cached and the Hugging Face Hub is unreachable; {OFFLINE_HINT}")
+        network.go_offline()  # use the cached copy without datasets' network retries
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a hard dependency
@@ -197,9 +205,11 @@ def load_text(spec: DataSpec | str, role: str = "eval") -> str:
         raise LLMOptError("self:N generates calibration tokens from the model; it cannot be used for evaluation")
     if spec.kind == "text":
         p = Path(spec.path).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise LLMOptError(f"text file not found: {p} (data spec text:PATH needs an existing UTF-8 file)")
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p, "text file")
+        if not text.strip():
+            raise LLMOptError(f"text file {p} is empty (data spec text:PATH needs text)")
         a, b = spec.fraction
         if (a, b) != (0.0, 1.0):
             text = _slice_at_lines(text, a, b)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from llmopt.backends import Backend, make_backend, resolve_threads
-from llmopt.data import C4_EVAL_WINDOWS, evaluation_tokens, parse_data_spec
+from llmopt.data import C4_EVAL_WINDOWS, load_text, parse_data_spec, tokenize_text
 from llmopt.errors import LLMOptError
 from llmopt.metrics import EvalResult, KLStats, make_windows, measure_speed, score_windows
 
@@ -47,10 +47,15 @@ def evaluate(
     if max_windows is None and data_spec.kind == "c4":
         max_windows = C4_EVAL_WINDOWS
     spec = model if isinstance(model, str) else model.model_spec
-    be = make_backend(backend, model, threads=threads) if isinstance(model, str) else model
+    # everything decidable from tokenizers and text first, before any weights are loaded
     tokenizer = load_tokenizer(spec)
-    tokens = evaluation_tokens(data_spec, tokenizer)
+    text = load_text(data_spec, role="eval")
+    tokens = tokenize_text(tokenizer, text)
     windows = make_windows(tokens, seq_len, max_windows)
+    base_spec = base if isinstance(base, str) else getattr(base, "model_spec", None)
+    if base_spec:
+        check_same_tokenizer(tokenizer, load_tokenizer(base_spec), text[:4000])
+    be = make_backend(backend, model, threads=threads) if isinstance(model, str) else model
     log.info("evaluating %s on %d windows of %d tokens (%s)", spec, windows.shape[0], seq_len, data)
 
     base_be = None
@@ -76,6 +81,31 @@ def evaluate(
             prompt = torch.cat([prompt] * (speed_prompt_tokens // max(1, prompt.numel()) + 1))[:speed_prompt_tokens]
         result.speed = measure_speed(be, prompt, speed_new_tokens, repeats=speed_repeats, progress=progress)
     return result
+
+
+#: tokenized by both models' tokenizers for --base: digits, spaces, accents, CJK, emoji, code
+PROBE_TEXT = "The 2024 café, naïve: 12,345.67 km — 中文 日本語 🤗\n\tdef f(x):  return x**2  # it's I'LL\n"
+
+
+def check_same_tokenizer(tokenizer, base_tokenizer, sample: str = "") -> None:
+    """KL compares distributions over the same token ids: the base model's tokenizer must have the same
+    vocabulary and split text identically (merges, pre-tokenizer); one-line LLMOptError otherwise."""
+    va, vb = tokenizer.get_vocab(), base_tokenizer.get_vocab()
+    if len(va) != len(vb):
+        raise LLMOptError(
+            f"--base has a tokenizer of {len(vb)} tokens, the model one of {len(va)}: KL needs the same tokenizer"
+        )
+    if va != vb:
+        diff = sum(1 for t, i in va.items() if vb.get(t) != i)
+        raise LLMOptError(
+            f"--base has a different tokenizer ({diff} of {len(va)} tokens have other ids): KL needs the same tokenizer"
+        )
+    for text in (PROBE_TEXT, sample):
+        if text and tokenize_text(tokenizer, text).tolist() != tokenize_text(base_tokenizer, text).tolist():
+            raise LLMOptError(
+                "--base tokenizes text differently from the model (other merges or pre-tokenizer): "
+                "KL needs the same tokenizer"
+            )
 
 
 def format_result(r: EvalResult) -> str:

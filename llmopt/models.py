@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llmopt.errors import LLMOptError
+from llmopt import checkpoint, network, outputs
+from llmopt.errors import LLMOptError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ def load_model(
     t0 = time.perf_counter()
     model = _model_from_folder(folder, dtype=dtype, trust_remote_code=remote)
     tokenizer = _tokenizer_from_folder(folder, trust_remote_code=remote)
+    checkpoint.check_vocab(model, tokenizer, spec)
     if torch_device is not None:
         model.to(torch_device)
     model.eval()
@@ -296,36 +297,16 @@ def _parse_device(device: str | None) -> torch.device | None:
 
 
 def _model_from_folder(folder: Path, *, dtype: torch.dtype | str, trust_remote_code: bool) -> PreTrainedModel:
-    has_safetensors = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
-    if not has_safetensors:
-        if any(folder.glob("pytorch_model*.bin")):
-            raise LLMOptError(
-                f"{folder} has only pytorch_model.bin weights: llmopt loads safetensors only "
-                "(re-save with model.save_pretrained(folder, safe_serialization=True))"
-            )
-        raise LLMOptError(f"{folder} has no *.safetensors weights: pass a complete Hugging Face model folder")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
+        raise LLMOptError(
+            f"{folder} has only pytorch_model.bin weights: llmopt loads safetensors only "
+            "(re-save with model.save_pretrained(folder, safe_serialization=True))"
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise LLMOptError(f"could not load a causal LM from {folder}: {_first_line(e)}") from e
-    return model.eval()
+    return checkpoint.load_causal_lm(folder, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _tokenizer_from_folder(folder: Path, *, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise LLMOptError(
-            f"could not load a tokenizer from {folder}: {_first_line(e)} "
-            "(save the tokenizer next to the model with tokenizer.save_pretrained)"
-        ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    return checkpoint.load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,22 +314,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return env or bool(constants.HF_HUB_OFFLINE)
+    return network.offline_env()
 
 
 def _hub_reachable() -> bool:
     """One short request to the Hub endpoint, without huggingface_hub's retries (~20 s when offline)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S, allow_redirects=False)
-    except Exception:  # any network failure means "unreachable"; the caller falls back to the cache
-        return False
-    return True
+    return network.hub_reachable()
 
 
 def _not_found_offline(repo_id: str) -> LLMOptError:
@@ -375,6 +346,8 @@ def _check_hub_model(repo_id: str) -> bool:
     except HFValidationError as e:
         raise LLMOptError(f"'{repo_id}' is not a local file or folder, nor a valid Hub model id (owner/name)") from e
     offline = _hub_offline() or not _hub_reachable()
+    if offline:
+        network.go_offline()  # no retries anywhere later (transformers, datasets)
     try:
         hf_hub_download(repo_id, "config.json", local_files_only=offline)
     except LocalEntryNotFoundError as e:  # offline (or unreachable) and not in the HF cache
@@ -415,7 +388,7 @@ def _download_hub_model(repo_id: str, *, weights: bool = True) -> str:
     except LocalEntryNotFoundError as e:
         raise _not_found_offline(repo_id) from e
     except HfHubHTTPError as e:
-        raise LLMOptError(f"could not download '{repo_id}' from the Hugging Face Hub: {_first_line(e)}") from e
+        raise LLMOptError(f"could not download '{repo_id}' from the Hugging Face Hub: {first_line(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,10 +418,19 @@ def _converted_gguf_folder(gguf: Path, root: Path) -> Path:
         log.debug("using cached conversion %s of %s", target, gguf)
         return target
     reader = _read_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LLMOptError(f"cannot create llmopt's cache {target.parent} ({e.strerror}): set LLMOPT_CACHE") from None
     _remove_stale_tmp(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared
+    outputs.remove_stale(target)  # temp folders of conversions killed mid-way
+    tmp = outputs.temp_sibling(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise LLMOptError(f"cannot write to llmopt's cache {target.parent} ({e.strerror}): set LLMOPT_CACHE") from None
+    outputs.install_signal_handlers()
     try:
         _convert_gguf(gguf, reader, tmp)
         try:
@@ -464,6 +446,7 @@ def _converted_gguf_folder(gguf: Path, root: Path) -> Path:
 
 
 def _remove_stale_tmp(parent: Path) -> None:
+    """Temp folders of older llmopt versions (``.tmp-*``, named without a pid)."""
     now = time.time()
     for p in parent.glob(".tmp-*"):
         try:
@@ -488,12 +471,15 @@ def _read_gguf(gguf: Path) -> Any:
     try:
         reader = GGUFReader(gguf)
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on any malformed or cut file
-        raise invalid(f"truncated or corrupt: {_first_line(e)[:120]}") from e
+        raise invalid(f"truncated or corrupt: {first_line(e)[:120]}") from e
     end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
         raise invalid(f"truncated: tensor data ends at byte {end}, file has {size}")
     if "general.architecture" not in reader.fields:
         raise invalid("no general.architecture")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None or not tokens.data or "tokenizer.ggml.model" not in reader.fields:
+        raise invalid("no vocabulary: tokenizer.ggml.tokens / tokenizer.ggml.model missing")
     return reader
 
 
@@ -510,9 +496,9 @@ def _convert_gguf(gguf: Path, reader: Any, out: Path) -> None:
     tokenizer = _build_gguf_tokenizer(gguf, reader)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except ValueError as e:  # e.g. "GGUF model with architecture X is not supported yet."
+    except Exception as e:  # noqa: BLE001 - e.g. "GGUF model with architecture X is not supported yet."
         raise LLMOptError(
-            f"transformers cannot dequantize {gguf.name} ({arch}): {_first_line(e)}; pass a HF folder instead"
+            f"transformers cannot dequantize {gguf.name} ({arch}): {first_line(e)}; pass a HF folder instead"
         ) from e
     cfg = model.config
     for name in ("bos", "eos", "pad"):  # the GGUF's special ids, as llama.cpp uses them

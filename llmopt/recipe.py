@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from llmopt.errors import LLMOptError
+from llmopt.errors import LLMOptError, read_text
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -76,7 +76,7 @@ class CalibrationConfig(StrictModel):
     data: str = "wikitext2"
     samples: int = Field(32, ge=1)
     seq_len: int = Field(512, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # torch.Generator (self:N sampling) takes at most 64 bits
     batch_size: int = Field(8, ge=1)  # windows per forward in the calibration engine
     # calibrate a layer's Linears group by group in the order its forward calls them (q/k/v, o, gate/up,
     # down for Llama), each group on the outputs of the already compressed earlier ones (GPTQ code)
@@ -161,7 +161,7 @@ def parse_recipe(source: str | Path | dict) -> BaseModel:
         if one_line and (p.suffix in (".yaml", ".yml") or p.exists()):
             if not p.is_file():
                 raise LLMOptError(f"recipe not found: {p} (`llmopt recipes` lists the shipped ones, by name)")
-            text = p.read_text()
+            text = read_text(p, "recipe")
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -177,3 +177,29 @@ def parse_recipe(source: str | Path | dict) -> BaseModel:
 def recipe_to_yaml(recipe: BaseModel) -> str:
     """The resolved recipe (all defaults filled in), as saved next to every output."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+#: CLI flag of each calibration field (errors name what the user typed)
+CALIBRATION_FLAGS = {
+    "data": "--calib",
+    "samples": "--calib-samples",
+    "seq_len": "--calib-seq-len",
+    "seed": "--seed",
+    "true_sequential": "--true-sequential",
+}
+
+
+def apply_calibration_overrides(recipe: BaseModel, **overrides: Any) -> BaseModel:
+    """``recipe`` with calibration fields replaced (None values skipped), validated exactly like the
+    same values written in the recipe; a bad value is a one-line error naming its CLI flag."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not overrides:
+        return recipe
+    try:
+        cal = CalibrationConfig.model_validate({**recipe.calibration.model_dump(), **overrides})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise LLMOptError(f"{CALIBRATION_FLAGS.get(key, key)} {overrides.get(key)!r}: {msg}") from None
+    return recipe.model_copy(update={"calibration": cal})

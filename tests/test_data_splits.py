@@ -58,6 +58,7 @@ def hub_recorder(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setattr(data_mod, "_hub_offline", lambda: False)  # conftest sets HF_HUB_OFFLINE
+    monkeypatch.setattr(data_mod, "_hub_reachable", lambda: True)  # no probe request from the tests
     return calls, docs
 
 

@@ -278,7 +278,7 @@ def test_cli_export_onnx(tiny_model_dir, tmp_path, capsys):
     )
     assert "MatMulNBits" in capsys.readouterr().out
     assert main(["export", str(tiny_model_dir), "--to", "onnx", "--output", str(out)]) == 2
-    assert capsys.readouterr().err.startswith("error: output")
+    assert capsys.readouterr().err.startswith("error: --output")
 
 
 @pytest.mark.integration

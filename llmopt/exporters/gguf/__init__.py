@@ -28,7 +28,6 @@ Modules: ``plan`` (types), ``hparams`` (architectures, metadata), ``tensors`` (n
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from llmopt.exporters.gguf.quantize import llama_quantize
 from llmopt.exporters.gguf.tensors import permute_qk, unpermute_qk
 from llmopt.exporters.gguf.vocab import CHECK_TEXT
 from llmopt.exporters.gguf.writer import summary, write_gguf
+from llmopt.outputs import atomic_output, preflight
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def export_gguf(
         {"output", "type", "architecture", "file_bytes", "tensor_types" {type: count}, "bits_per_weight"
         (all tensors), "linear_bits_per_weight" (2-D tensors but embeddings and head), "pre_tokenizer",
         "imatrix_entries", "seconds"}.
-    The file is written to ``output + ".tmp-<pid>"`` and renamed on success; on failure nothing is left.
+    The file is written to a temporary sibling ``.NAME.tmp-<pid>`` and renamed on success; on failure or
+    interruption nothing is left (:mod:`llmopt.outputs`).
     """
     t0 = time.perf_counter()
     plan = make_plan(type, embedding_type, output_type)
@@ -97,13 +98,10 @@ def export_gguf(
         )
     if plan.dense in NEED_IMATRIX and imatrix is None:
         raise LLMOptError(f"llama.cpp needs an importance matrix for {plan.dense}: pass --imatrix DATA")
-    out = Path(output)
-    if out.suffix.lower() != ".gguf":
-        raise LLMOptError(f"output {output} must end in .gguf")
-    if out.exists() and not overwrite:
-        raise LLMOptError(f"output file {out} already exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise LLMOptError(f"output {out} is a folder; give a .gguf file name")
+    out = preflight(output, overwrite=overwrite, kind="file", suffix=".gguf")
+    imatrix_file = None
+    if imatrix is not None and Path(imatrix).expanduser().is_file():
+        imatrix_file = read_imatrix_file(Path(imatrix).expanduser())  # a corrupt file fails before loading
     folder = _local_folder(model_spec)
     if folder is not None:  # everything decidable without the weights, before loading them
         _check_config(folder)
@@ -118,13 +116,13 @@ def export_gguf(
     spec = check_config(model.config)
     if output_type and (spec.tied_only or getattr(model.config, "tie_word_embeddings", False)):
         log.warning("--output-type %s ignored: the embeddings are tied, there is no output tensor", output_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp_f32 = out.with_name(f"{out.name}.f32.tmp-{os.getpid()}")
-    try:
+    with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
+        tmp_f32 = tmp.with_name(tmp.name + ".f32")  # removed with tmp
         imatrix_data = None
         if imatrix is not None:
-            imatrix_data = load_imatrix(imatrix, model, tokenizer, spec.arch, imatrix_samples, imatrix_seq_len)
+            imatrix_data = load_imatrix(
+                imatrix, model, tokenizer, spec.arch, imatrix_samples, imatrix_seq_len, data=imatrix_file
+            )
         if plan.mode == "llama":  # llama.cpp quantizes from an all-F32 file
             pre = write_gguf(tmp_f32, loaded, spec, F32_PLAN)
         else:
@@ -133,10 +131,6 @@ def export_gguf(
         if plan.mode == "llama":
             llama_quantize(tmp_f32, tmp, plan, imatrix_data, threads)
         report = summary(tmp)
-        os.replace(tmp, out)
-    finally:
-        for p in (tmp, tmp_f32):
-            p.unlink(missing_ok=True)
     report = {
         "output": str(out),
         "type": type,
@@ -160,7 +154,9 @@ def _local_folder(spec: str) -> Path | None:
     try:  # a Hub id: its config alone, from the HF cache when offline
         from huggingface_hub import hf_hub_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        from llmopt import network
+
+        offline = network.offline_env() or not network.hub_reachable()
         return Path(hf_hub_download(spec, "config.json", local_files_only=offline)).parent
     except Exception:  # noqa: BLE001 - load_model reports Hub problems in its own words
         return None
@@ -168,13 +164,12 @@ def _local_folder(spec: str) -> Path | None:
 
 def _check_config(folder: Path) -> ArchSpec:
     """:func:`check_config` on ``folder/config.json`` (the model type first: unknown ones may not parse)."""
-    import json
-
     from transformers import AutoConfig
 
+    from llmopt.checkpoint import read_config
     from llmopt.exporters.gguf.hparams import arch_of
 
-    raw: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    raw: dict[str, Any] = read_config(folder)
     arch_of(raw.get("model_type"))
     try:
         cfg = AutoConfig.from_pretrained(folder)

@@ -19,7 +19,6 @@ must equal the format's own dequantization bit for bit, else the export stops.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import gguf
 import numpy as np
 import torch
 
-from llmopt.errors import LLMOptError
+from llmopt.errors import LLMOptError, read_json
 from llmopt.formats import GGUF_BLOCK, GGUF_FORMATS, IntFormat, QParams, QuantFormat, make_format
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,39 @@ class StoredLinear:
         return self.fmt.dequantize(self.codes, self.qp)
 
 
+_ENTRY_KEYS = {"format": str, "bits": int, "group_size": (int, type(None)), "symmetric": bool}
+
+
 def read_index(folder: str | Path) -> dict[str, dict]:
-    """``quantization.json`` of an llmopt folder ({} when there is none)."""
+    """``quantization.json`` of an llmopt folder ({} when there is none), checked: every entry names a
+    format, and ``quantization.safetensors`` holds its codes, scales and zeros."""
     path = Path(folder) / INDEX_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    hint = "re-run llmopt compress, or export with --type f32 / --quant none after removing the file"
+    index = read_json(path, "quantization index")
+    if not isinstance(index, dict):
+        raise LLMOptError(f"{path} is not a JSON object: {hint}")
+    for linear, entry in index.items():
+        bad = not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) for k, t in _ENTRY_KEYS.items())
+        if bad:
+            raise LLMOptError(f"{path}: the entry of {linear} is malformed: {hint}")
+        try:
+            _format(entry)
+        except LLMOptError as e:
+            raise LLMOptError(f"{path}: {linear}: {e}") from None
+    if index:
+        codes = Path(folder) / CODES_FILE
+        if not codes.is_file():
+            raise LLMOptError(f"{folder} has {INDEX_FILE} but no {CODES_FILE} (the stored codes): {hint}")
+        from llmopt.checkpoint import safetensors_header
+
+        names = safetensors_header(codes)
+        for linear in index:
+            for part in ("codes", "scale", "zero"):
+                if f"{linear}.{part}" not in names:
+                    raise LLMOptError(f"{codes} lacks {linear}.{part}: {hint}")
+    return index
 
 
 def _format(entry: dict) -> QuantFormat:

@@ -19,7 +19,7 @@ and ``present.{i}.key/value``. The folder (``model.onnx``, ``config.json``, toke
 
 The output head stays float32 in every mode (llmopt's recipes leave ``lm_head`` unquantized; a tied head
 is a Transpose of the embedding, which no quantizer touches). The folder is written to a temporary
-sibling and renamed on success; on any failure nothing is left.
+sibling and renamed on success; on any failure or interruption nothing is left (:mod:`llmopt.outputs`).
 
 Modules: ``nbits`` (codes → MatMulNBits), ``graph`` (MatMul ↔ Linear mapping, rewriting, saving),
 ``ortquant`` (ONNX Runtime's quantizers).
@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from llmopt.errors import LLMOptError
+from llmopt.outputs import atomic_output, preflight
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,7 @@ def export_onnx(
         raise LLMOptError(f"--block-size must be a power of two >= 16 (MatMulNBits), got {block_size}")
     if quant in ("none", "int8-dynamic") and (block_size is not None or accuracy_level):
         raise LLMOptError(f"--block-size and --accuracy-level apply to 4-bit weights, not --quant {quant}")
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise LLMOptError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LLMOptError(f"output {out} is a file; give a folder name")
+    out = preflight(output, overwrite=overwrite, kind="folder")
 
     from llmopt.exporters.gguf import _local_folder
     from llmopt.exporters.gguf.codes import load_stored, read_index
@@ -93,7 +88,9 @@ def export_onnx(
     folder = _local_folder(model_spec)
     index: dict = {}
     if folder is not None:  # everything decidable without the weights, before loading them
-        check_architecture(json.loads((folder / "config.json").read_text()).get("model_type"))
+        from llmopt.checkpoint import read_config
+
+        check_architecture(read_config(folder).get("model_type"))
         index = read_index(folder)
     if quant == "auto":
         index = _precheck_auto(model_spec, index, block_size)
@@ -105,10 +102,7 @@ def export_onnx(
     arch = check_architecture(model.config.model_type)
     stored = load_stored(folder) if quant == "auto" and folder is not None else {}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
         from llmopt.exporters.onnx import graph, ortquant
 
         _export_float(model, tmp, opset)
@@ -137,11 +131,6 @@ def export_onnx(
             seconds=round(time.perf_counter() - t0, 2),
         )
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s (%.1f MiB, %d MatMulNBits)", out, report["file_bytes"] / 2**20, report["matmul_nbits"])
     return report
 

@@ -1,0 +1,220 @@
+"""Loading a local Hugging Face folder with every way it can be broken turned into one line.
+
+Before transformers sees the folder: ``config.json`` must be a JSON object whose size fields are
+positive integers; every ``*.safetensors`` header must parse, describe tensors whose byte ranges match
+their shapes, and end inside the file (a truncated, empty or bit-flipped file is caught here, before
+minutes of loading); a shard index must name existing shards; some tokenizer file must exist.
+While loading: a tensor the checkpoint lacks (transformers would silently fill it with random values),
+a tensor whose shape disagrees with the config, a tokenizer with more tokens than the embedding has
+rows, and NaN/inf weights are errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from llmopt.errors import LLMOptError, first_line, read_json
+
+log = logging.getLogger(__name__)
+
+CODES_FILE = "quantization.safetensors"  # llmopt's stored codes, not model weights
+INDEX_FILE = "model.safetensors.index.json"
+#: config fields that must be positive integers when present (llama-like, gpt2, opt, MoE names)
+INT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "head_dim", "n_embd", "n_layer", "n_head", "n_positions",
+    "n_inner", "ffn_dim", "word_embed_proj_dim", "num_local_experts", "num_experts_per_tok",
+)  # fmt: skip
+FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, its size fields type-checked."""
+    raw = read_json(folder / "config.json", "config")
+    if not isinstance(raw, dict):
+        raise LLMOptError(f"{folder / 'config.json'} is not a JSON object: re-create it (model.config.save_pretrained)")
+    configs = [("", raw)] + [(k + ".", v) for k, v in raw.items() if k.endswith("_config") and isinstance(v, dict)]
+    for prefix, cfg in configs:
+        for key in INT_FIELDS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise LLMOptError(f"config.json of {folder}: '{prefix}{key}' must be a positive integer, got {v!r}")
+        for key in FLOAT_FIELDS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise LLMOptError(f"config.json of {folder}: '{prefix}{key}' must be a number, got {v!r}")
+    return raw
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name → (dtype, shape) from a safetensors header, after checking it describes the file."""
+
+    def corrupt(why: str) -> LLMOptError:
+        return LLMOptError(f"{path} is not a valid safetensors file ({why}): re-download or re-save the model")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if size < 8 or n == 0:
+                raise corrupt("empty" if size == 0 else f"only {size} bytes")
+            if n > size - 8 or n > 100 * 2**20:
+                raise corrupt(f"header of {n} bytes in a file of {size}: truncated or corrupt")
+            blob = f.read(n)
+    except OSError as e:
+        raise LLMOptError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise corrupt("its header is not valid JSON: corrupt") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    out, end = {}, 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
+            ok = dtype in _DTYPE_BYTES and all(isinstance(x, int) and x >= 0 for x in (*shape, a, b)) and a <= b
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise corrupt(f"entry '{name}' of its header is malformed")
+        if math.prod(shape) * _DTYPE_BYTES[dtype] != b - a:
+            raise corrupt(f"'{name}' has shape {list(shape)} {dtype} but {b - a} bytes")
+        out[name] = (dtype, shape)
+        end = max(end, b)
+    if 8 + n + end > size:
+        raise corrupt(f"truncated: its tensors end at byte {8 + n + end}, the file has {size}")
+    return out
+
+
+def check_weights(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every model tensor of the folder's safetensors files (headers only), shards checked."""
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != CODES_FILE)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        raw = read_json(index, "shard index")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise LLMOptError(f"{index} has no weight_map: re-save the model")
+        missing = sorted({str(s) for s in weight_map.values()} - {p.name for p in files})
+        if missing:
+            raise LLMOptError(f"{folder} lacks shard(s) {', '.join(missing[:3])} named in {INDEX_FILE}: re-download it")
+    if not files:
+        raise LLMOptError(f"{folder} has no *.safetensors weights: pass a complete Hugging Face model folder")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for p in files:
+        tensors.update(safetensors_header(p))
+    if not tensors:
+        raise LLMOptError(f"the safetensors files of {folder} hold no tensors: re-save the model")
+    return tensors
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' multi-line loading warnings off: llmopt reports what matters in one line."""
+    from transformers.utils import logging as tf_logging
+
+    level = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_causal_lm(folder: Path, *, dtype: Any, trust_remote_code: bool) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(folder)`` with the checks of the module docstring."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    read_config(folder)
+    tensors = check_weights(folder)
+    try:
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise LLMOptError(f"config.json of {folder} cannot be read: {first_line(e, 200)}") from e
+    with _quiet_transformers():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder,
+                config=cfg,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
+        except LLMOptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken folder surfaces as any exception type
+            raise LLMOptError(
+                f"could not load a causal LM from {folder}: {type(e).__name__}: {first_line(e, 200)}"
+            ) from e
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key = mismatched[0]
+        got = tensors.get(key, (None, "?"))[1]
+        want = model.state_dict()[key].shape if key in model.state_dict() else "?"
+        raise LLMOptError(
+            f"config.json of {folder} does not match its weights: {key} is {list(got)} in the checkpoint but "
+            f"{list(want)} by the config ({len(mismatched)} tensor(s) differ)"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise LLMOptError(
+            f"the checkpoint in {folder} lacks {len(missing)} tensor(s) the model needs ({_names(missing)}); "
+            "transformers would fill them with random values: re-download or re-save the model"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        log.warning("ignored %d checkpoint tensor(s) the model does not use: %s", len(unexpected), _names(unexpected))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise LLMOptError(f"{name} in {folder} holds NaN or infinite values: the checkpoint is corrupt")
+    return model.eval()
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)``; a missing or corrupt tokenizer is one line."""
+    from transformers import AutoTokenizer
+
+    hint = "save the tokenizer next to the model with tokenizer.save_pretrained"
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise LLMOptError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): {hint}")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            read_json(folder / name, "tokenizer file")
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers/sentencepiece/protobuf raise anything
+        raise LLMOptError(f"could not load a tokenizer from {folder}: {first_line(e, 160)} ({hint})") from e
+
+
+def check_vocab(model: Any, tokenizer: Any, where: str) -> None:
+    """The tokenizer must not produce ids beyond the model's embedding rows."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise LLMOptError(
+            f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's embedding only {rows} rows: "
+            "tokenizer and weights do not belong together"
+        )
