@@ -188,6 +188,59 @@ def layerwise(args) -> None:
     print("\n".join(md))
 
 
+def timing(args) -> None:
+    """``--timing``: compression seconds only, llm-compressor and llmopt's shipped config alternating
+    (llm-compressor, llmopt, llm-compressor, llmopt, ...) ``--repeats`` times per method on the same
+    calibration ids, nothing else running; medians with min/max. Writes <out>-timing.{md,json}."""
+    import statistics
+
+    from llmopt.data import calibration_windows
+    from llmopt.models import load_tokenizer, resolve_local_folder
+
+    work = Path(tempfile.mkdtemp(prefix="bench-llmc-timing-"))
+    ids = work / "calib_32x512.pt"
+    torch.save(calibration_windows(CALIB, load_tokenizer(MODEL), 32, 512, seed=0), ids)
+    model_dir = resolve_local_folder(MODEL)
+    times: dict[str, dict[str, list[float]]] = {}
+    for method in args.methods.split(","):
+        t = times.setdefault(method, {"llm-compressor": [], "llmopt": []})
+        for _ in range(args.repeats):
+            out = work / method
+            cmd = [args.llmc_python, str(REPO / "eval" / "llmcompressor_baseline.py"), "--model-dir", model_dir,
+                   "--calib-ids", str(ids), "--method", method, "--output", str(out)]  # fmt: skip
+            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            t["llm-compressor"].append(json.loads(p.stdout.strip().splitlines()[-1])["oneshot_seconds"])
+            cleanup(out)
+            folder = work / f"llmopt-{method}"
+            t["llmopt"].append(run_compress(str(REPO / LLMOPT_CONFIG[method]), folder)["compress_seconds"])
+            cleanup(folder)
+            print(method, {k: v[-1] for k, v in t.items()}, flush=True)
+    header = ["method", "llm-compressor 0.14 `oneshot()` s", "llmopt shipped config s", "llmopt / llm-compressor"]
+    rows = []
+    for method, t in times.items():
+        a, b = statistics.median(t["llm-compressor"]), statistics.median(t["llmopt"])
+        span = lambda v: f"{statistics.median(v):.1f} [{min(v):.1f}, {max(v):.1f}]"  # noqa: E731
+        rows.append([method, span(t["llm-compressor"]), f"{span(t['llmopt'])} (`{LLMOPT_CONFIG[method]}`)",
+                     f"{b / a:.2f}x"])  # fmt: skip
+    md = [
+        "# Compression time: llmopt's shipped GPTQ configs vs llm-compressor 0.14, same run",
+        "",
+        f"SmolLM2-135M-Instruct (bundled), the identical 32 x 512 calibration ids (seed 0). Each method ran "
+        f"{args.repeats} times, the two tools alternating, one compression at a time (other jobs on the machine, "
+        "if any, ran at nice 19); "
+        "median [min, max] seconds. llm-compressor: its `oneshot()` call (model load and save excluded); "
+        "llmopt: the layer-wise engine's `compress_seconds` (model load and save excluded).",
+        "",
+        markdown_table(header, rows),
+        "",
+        f"Machine: {machine_note()}. Produced by `python eval/bench_llmcompressor.py --llmc-python PY --timing "
+        f"--methods {args.methods} --repeats {args.repeats}`.",
+    ]
+    Path(args.out + "-timing.md").write_text("\n".join(md) + "\n")
+    Path(args.out + "-timing.json").write_text(json.dumps(times, indent=1))
+    print("\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llmc-python", required=True, help="python of the llm-compressor virtual environment")
@@ -200,7 +253,12 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3, help="--layerwise: int bits")
     ap.add_argument("--layers", default="0,7,15,23,29", help="--layerwise: decoder layers whose Linears are used")
     ap.add_argument("--with-variants", action="store_true", help="also run LLMOPT_VARIANTS in the same run")
+    ap.add_argument("--timing", action="store_true", help="compression seconds only, alternating, --repeats times")
+    ap.add_argument("--repeats", type=int, default=2, help="--timing: runs per tool and method")
     args = ap.parse_args()
+    if args.timing:
+        timing(args)
+        return
     if args.layerwise:
         layerwise(args)
         return
