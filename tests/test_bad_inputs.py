@@ -397,7 +397,9 @@ def spawn(argv) -> subprocess.Popen:
 def wait_for_temp(out: Path, proc: subprocess.Popen, timeout: float = 240) -> list[Path]:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        found = temp_siblings(out)
+        # the real temp sibling, not the writability probe (``.NAME.tmp-PID.probe``, created and removed
+        # at once by the preflight check: a kill aimed at it would find nothing left to clean)
+        found = [p for p in temp_siblings(out) if not p.name.endswith(".probe")]
         if found:
             return found
         assert proc.poll() is None, f"finished before writing: {proc.communicate()}"
