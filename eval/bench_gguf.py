@@ -41,7 +41,8 @@ from common import (  # noqa: E402
 EMB = "q8_0"  # token embedding (= output head, tied) type in every file
 SGPT24 = {"stage": "sparsegpt", "pattern": "2:4"}
 CAL = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}
-Q4_0 = {"stage": "gptq", "format": "q4_0"}
+# plain GPTQ spelled out (the gptq stage defaults to act-order + static groups + search)
+Q4_0 = {"stage": "gptq", "format": "q4_0", "act_order": False, "static_groups": False, "mse_grid": 0}
 
 # (label, source, how): source "dense" → llama.cpp quantizes the F32 model with type `how`
 # (+ imatrix when label says so); otherwise an llmopt recipe, exported with --type auto.

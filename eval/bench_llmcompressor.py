@@ -50,7 +50,9 @@ from common import (  # noqa: E402
 
 # llm-compressor method → the shipped llmopt config run next to it in the same process, same calibration ids
 _CAL = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}
-_INT = {"stage": "gptq", "format": "int", "group_size": 64, "symmetric": True}
+# plain GPTQ spelled out (the gptq stage defaults to act-order + static groups + search)
+_INT = {"stage": "gptq", "format": "int", "group_size": 64, "symmetric": True, "act_order": False,
+        "static_groups": False, "mse_grid": 0}  # fmt: skip
 # --with-variants: other llmopt settings run in the same process (evidence for the shipped choice)
 LLMOPT_VARIANTS = {
     "gptq-w3g64": [

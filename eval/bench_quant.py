@@ -52,6 +52,8 @@ Q4_0 = {"format": "q4_0"}
 CAL = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}
 ACT = {"act_order": True, "static_groups": True}
 SEARCH = {"mse_grid": 20}
+# the paper's plain GPTQ, spelled out: the gptq stage defaults to act-order + static groups + search
+PLAIN = {"act_order": False, "static_groups": False, "mse_grid": 0}
 
 
 def inline(*stages: dict) -> dict:
@@ -69,10 +71,10 @@ PAIRS = [
 
 # --study: (scheme, setting, GPTQ recipe), most decisive first
 _VARIANTS = {
-    "dynamic groups": {},
-    "dynamic groups + search": SEARCH,
-    "act-order + static groups": ACT,
-    "act-order + static groups + search": ACT | SEARCH,
+    "dynamic groups": PLAIN,
+    "dynamic groups + search": PLAIN | SEARCH,
+    "act-order + static groups": PLAIN | ACT,
+    "act-order + static groups + search": PLAIN | ACT | SEARCH,
 }
 _SCHEMES = {"int4 g64 sym": W4G64, "int3 g64 sym": W3G64, "q4_0": Q4_0}
 STUDY = [

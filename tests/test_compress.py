@@ -83,7 +83,7 @@ def run_cli(args, capsys):
         ({"stage": "sparsegpt", "pattern": "4:4"}, "N:M needs 1 <= N < M"),
         ({"stage": "sparsegpt", "pattern": "2:6"}, "does not divide the input width"),
         ({"stage": "wanda", "sparsity": 1.0}, "sparsity must be in [0, 1)"),
-        ({"stage": "gptq", "format": "q4_0", "act_order": True}, "needs static_groups"),
+        ({"stage": "gptq", "format": "q4_0", "act_order": True, "static_groups": False}, "needs static_groups"),
     ],
 )
 def test_bad_recipe_inputs(tiny_model_dir, tmp_path, capsys, stage, expect):

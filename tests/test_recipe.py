@@ -73,9 +73,19 @@ def test_missing_recipe_file():
 
 def test_act_order_needs_static_groups_on_block_formats():
     with pytest.raises(LLMOptError, match="act_order with grouped formats needs static_groups"):
-        parse_recipe({"stages": [{"stage": "gptq", "format": "q4_0", "act_order": True}]})
+        parse_recipe({"stages": [{"stage": "gptq", "format": "q4_0", "act_order": True, "static_groups": False}]})
     ok = parse_recipe({"stages": [{"stage": "gptq", "format": "q4_0", "act_order": True, "static_groups": True}]})
     assert ok.stages[0].static_groups
+
+
+def test_gptq_stage_defaults_are_the_measured_best():
+    """A bare gptq entry runs what the shipped configs run (eval/results/gptq-defaults.md)."""
+    st = parse_recipe({"stages": [{"stage": "gptq", "format": "int", "bits": 4, "group_size": 64}]}).stages[0]
+    assert (st.act_order, st.static_groups, st.mse_grid) == (True, True, 20)
+    rtn = parse_recipe({"stages": [{"stage": "rtn", "format": "q4_0"}]}).stages[0]
+    assert rtn.mse_grid == 0  # RTN stays llama.cpp's reference quantizer (byte-identical exports)
+    plain = {"stage": "gptq", "format": "q4_0", "act_order": False, "static_groups": False, "mse_grid": 0}
+    assert parse_recipe({"stages": [plain]}).stages[0].mse_grid == 0  # the paper's plain GPTQ, when asked
 
 
 def test_unknown_format_and_block_group_size():

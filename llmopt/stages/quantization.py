@@ -113,8 +113,12 @@ class GPTQStageConfig(QuantConfig):
     stage: Literal["gptq"]
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0.0)
-    act_order: bool = False
-    static_groups: bool = False
+    # Defaults = the best setting measured (eval/results/gptq-defaults.md): columns in act-order with
+    # static (contiguous, exportable) groups, and the Hessian-weighted scale search on a 20-point grid.
+    # `act_order: false, static_groups: false, mse_grid: 0` is the paper's plain GPTQ.
+    act_order: bool = True
+    static_groups: bool = True
+    mse_grid: int = Field(20, ge=0)
 
     @model_validator(mode="after")
     def _act_order(self):
