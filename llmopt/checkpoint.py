@@ -142,6 +142,10 @@ def _names(keys: list[str], n: int = 3) -> str:
 def load_causal_lm(folder: Path, *, dtype: Any, trust_remote_code: bool) -> Any:
     """``AutoModelForCausalLM.from_pretrained(folder)`` with the checks of the module docstring."""
     import torch
+
+    import llmopt.hf_imports  # noqa: F401  (transformers' import-time settings, before its model classes)
+
+    # isort: split
     from transformers import AutoConfig, AutoModelForCausalLM
 
     read_config(folder)

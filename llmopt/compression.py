@@ -13,7 +13,13 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from llmopt.calibration import apply_to_linear, find_decoder_layers, layer_statistics, run_layerwise
+from llmopt.calibration import (
+    apply_to_linear,
+    find_decoder_layers,
+    layer_statistics,
+    release_freed_memory,
+    run_layerwise,
+)
 from llmopt.errors import LLMOptError
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
@@ -32,12 +38,24 @@ class CompressResult:
     report: dict
 
 
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so the
+    peak reported for a ``compress`` call is that call's, not whatever the process did before it (a
+    test session, a notebook that held another model). False where the platform cannot reset it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB.
+    """Peak resident memory of this process since the last :func:`reset_peak_rss`, MiB.
 
     Linux: VmHWM of /proc/self/status, the high-water mark of this process's own address space.
-    ``getrusage().ru_maxrss`` is not used there: it survives fork + exec, so a process started by a
-    big parent (a benchmark holding cached logits) would report the parent's peak.
+    ``getrusage().ru_maxrss`` is not used there: it survives fork + exec (a process started by a big
+    parent would report the parent's peak) and cannot be reset.
     """
     try:
         with open("/proc/self/status") as f:
@@ -188,6 +206,7 @@ def compress(
     from llmopt.models import load_model
 
     t_start = time.perf_counter()
+    peak_scope = "call" if reset_peak_rss() else "process"
     rec = recipe if isinstance(recipe, BaseModel) else parse_recipe(recipe)
     rec = apply_calibration_overrides(
         rec, data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
@@ -203,6 +222,7 @@ def compress(
         t0 = time.perf_counter()
         windows = calibration_windows(c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model)
         t_calib = time.perf_counter() - t0
+        release_freed_memory()  # the tokenizer's work arrays
         log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
     state, timing = compress_model(loaded.model, rec, windows, stages=stages)
 
@@ -213,7 +233,7 @@ def compress(
         "recipe": rec.model_dump(mode="json"),
         "calibration_seconds": round(t_calib, 2),
         **timing,
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_scope": peak_scope,
         "stages": _summarise(state),
         "linears": state.reports,
     }
@@ -223,6 +243,7 @@ def compress(
         loaded.tokenizer.save_pretrained(tmp)
         save_quantized(state, tmp)
         report["total_seconds"] = round(time.perf_counter() - t_start, 2)
+        report["peak_rss_mib"] = round(peak_rss_mib(), 1)  # loading, calibration, compression and saving
         (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     log.info("saved %s", out)
@@ -258,13 +279,16 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
     (transformers Conv1D)."""
     if not state.quantized:
         return
-    from safetensors.torch import save_file
+    from llmopt.safetensors_io import write_safetensors
 
-    tensors, index = {}, {}
+    entries, index = [], {}
     for name, q in state.quantized.items():
-        tensors[f"{name}.codes"] = q.codes.contiguous()
-        tensors[f"{name}.scale"] = q.qparams.scale.contiguous()
-        tensors[f"{name}.zero"] = q.qparams.zero.contiguous()
+        qp = q.qparams_shapes()
+        entries += [
+            (f"{name}.codes", q.shape, q.code_dtype, lambda q=q: q.codes),
+            (f"{name}.scale", qp, torch.float32, lambda q=q: q.qparams.scale),
+            (f"{name}.zero", qp, torch.float32, lambda q=q: q.qparams.zero),
+        ]
         f = q.fmt
         index[name] = {
             "format": f.name,
@@ -272,8 +296,8 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
             "group_size": f.group_size,
             "symmetric": f.symmetric,
             "gguf_type": f.gguf_type.name if f.gguf_type is not None else None,
-            "codes_dtype": str(q.codes.dtype).removeprefix("torch."),
+            "codes_dtype": str(q.code_dtype).removeprefix("torch."),
             "transposed": q.transposed,
         }
-    save_file(tensors, str(folder / "quantization.safetensors"))
+    write_safetensors(folder / "quantization.safetensors", entries)  # one Linear's codes unpacked at a time
     (folder / "quantization.json").write_text(json.dumps(index, indent=1))

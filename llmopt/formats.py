@@ -53,7 +53,7 @@ Tensor = torch.Tensor
 GGUF_BLOCK = 32  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 in ggml-common.h
 MSE_MAX_SHRINK = 0.5  # clipping search: range factors 1 − i/grid for 0 < i < 0.5·grid (never below half the range)
 REFIT_STEPS = (-6, -4, -2, -1, 0, 1, 2, 4, 6)  # refit sweep: inverse scales (r + k/10)/max, k in REFIT_STEPS
-SEARCH_CHUNK = 1 << 22  # elements of (candidates, rows, cols) scored at once (~16 MiB per float32 temporary)
+SEARCH_CHUNK = 1 << 20  # elements of (candidates, rows, cols) scored at once (4 MiB per float32 temporary)
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +104,12 @@ class QParams:
         """Concatenate parameters of consecutive groups along the group dim."""
         fields = list(zip(*(p._fields() for p in parts)))
         return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=-1) for f in fields))
+
+    @staticmethod
+    def cat_rows(parts: list[QParams]) -> QParams:
+        """Concatenate parameters of consecutive row slices along the row dim."""
+        fields = list(zip(*(p._fields() for p in parts)))
+        return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=-2) for f in fields))
 
     @staticmethod
     def cat_candidates(parts: list[QParams]) -> QParams:
@@ -289,6 +295,13 @@ class QuantFormat(ABC):
         rows, cols = W.shape
         self.check_width(cols)
         W = W.detach().to(torch.float32)
+        if mse_grid > 0:
+            # Rows are independent: score them in slices, so no (candidates, rows, cols) temporary of the
+            # search exceeds SEARCH_CHUNK elements (one 1536-wide Linear would take ~80 MiB at once).
+            n_cands = math.ceil(MSE_MAX_SHRINK * mse_grid) + len(REFIT_STEPS)
+            step = max(1, SEARCH_CHUNK // (cols * n_cands))
+            if step < rows:
+                return QParams.cat_rows([self.qparams(W[r : r + step], mse_grid, weight) for r in range(0, rows, step)])
         g = self.group_size or cols
         Wg = W.reshape(rows, cols // g, g)  # (rows, n_groups, g)
         qp = self._range_params(Wg, 1.0)

@@ -41,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import llmopt.hf_imports  # noqa: F401  (transformers' import-time settings, before its model classes)
+
+# isort: split
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,

@@ -200,3 +200,41 @@ def test_searched_params_pack_to_gguf_exactly(name):
     assert np.array_equal(gguf_dequantize(blocks, fmt.gguf_type), fmt.dequantize(codes, qp).numpy())
     codes2, qp2 = fmt.from_gguf_blocks(blocks)
     assert torch.equal(codes2, codes) and torch.equal(qp2.scale, qp.scale)
+
+
+@pytest.mark.parametrize(
+    "fmt", [IntFormat(4, 64, False), IntFormat(3, 64, True), *map(make_format, GGUF_NAMES)], ids=str
+)
+def test_search_in_row_slices_equals_one_pass(fmt, monkeypatch):
+    """The scale search scores rows in slices to bound its temporaries; rows are independent, so the
+    parameters are bit for bit those of scoring the whole matrix at once."""
+    import llmopt.formats as F
+
+    W = realistic_weights(rows=300, cols=512)
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(3)) + 0.1
+    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 14)  # slices of a few rows
+    sliced = fmt.qparams(W, mse_grid=20, weight=imp)
+    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 40)  # one pass
+    whole = fmt.qparams(W, mse_grid=20, weight=imp)
+    for a, b in zip(sliced._fields(), whole._fields()):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "fmt", [IntFormat(4, 64, False), IntFormat(3, 64, True), *map(make_format, GGUF_NAMES)], ids=str
+)
+def test_quantized_linear_holds_codes_compactly_and_exactly(fmt):
+    """The compression state keeps ≤ 4-bit codes two to a byte and float16-exact params in float16,
+    and gives back exactly the codes and params it was handed."""
+    from llmopt.stages.base import QuantizedLinear
+
+    W = realistic_weights()
+    qp = fmt.qparams(W, mse_grid=20).on_grid()
+    codes = fmt.quantize(W, qp)
+    q = QuantizedLinear(codes, qp, fmt)
+    assert torch.equal(q.codes, codes) and q.codes.dtype == codes.dtype
+    for a, b in zip(q.qparams._fields(), qp._fields()):
+        assert (a is None and b is None) or (torch.equal(a, b) and a.dtype == torch.float32)
+    held = q._packed.numel() * q._packed.element_size()
+    assert held == codes.numel() // (2 if fmt.bits <= 4 else 1)
+    assert q._qparams.scale.dtype == torch.float16  # every format's stored scale is a float16 value

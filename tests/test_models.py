@@ -491,3 +491,18 @@ def test_conversion_is_exact_against_f32_gguf(bundled: LoadedModel, tmp_path: Pa
     print(f"\nF32 llama.cpp vs torch, {len(ids)} rows: max|Δ|={diff.max():.4f} KL={_kl(ref, out):.2e}")
     assert diff.max() < 0.1
     assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_llmopt_does_not_drag_in_scikit_learn_or_scipy():
+    """transformers imports scikit-learn, scipy and pandas with its model classes whenever they are
+    installed (lm-eval installs them): ~140 MiB per process for features llmopt never uses. llmopt's
+    import-time settings (llmopt.hf_imports) keep them out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmopt.models, llmopt.compression;"
+        "print(','.join(m for m in ('sklearn', 'scipy', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

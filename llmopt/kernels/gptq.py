@@ -110,12 +110,13 @@ def gptq_quantize(
     col = torch.arange(cols, device=W.device)  # original index of the j-th column walked
     if cfg.act_order:
         col = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, col], H[col][:, col]
+        W, H = W[:, col], H[col[:, None], col]
         keep = None if keep is None else keep[:, col]
         importance = importance[col]
     group_of = torch.zeros_like(col) if g is None else col // g  # (in,) group of the j-th column
 
     U, damp = inverse_hessian_cholesky(H, cfg.damp, name=name)  # (in, in) upper Cholesky of (H + λI)⁻¹
+    del H  # only U is needed from here on
     Q = torch.zeros_like(W)  # (out, in) dequantized weights, walk order
     codes = torch.zeros(rows, cols, dtype=fmt.code_dtype, device=W.device)
     dynamic: list[QParams] = []  # group params chosen during the walk (not static)

@@ -38,13 +38,16 @@ def inverse_hessian_cholesky(
     """
     H = H.to(torch.float32)
     mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     configured = damp
     for _ in range(max_tries):
         try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            Hinv = torch.cholesky_inverse(L)
-            U = torch.linalg.cholesky(Hinv, upper=True)
+            # (in, in) temporaries one at a time: H + λI, then L, then H⁻¹ (a 1536-wide Hessian is 9 MiB each)
+            L = H.clone()
+            L.diagonal().add_(damp * mean_diag)
+            L = torch.linalg.cholesky(L)
+            L = torch.cholesky_inverse(L)
+            U = torch.linalg.cholesky(L, upper=True)
+            del L
         except torch.linalg.LinAlgError:
             log.debug("Cholesky failed for %s with damp=%g; retrying with damp=%g", name or "H", damp, damp * 10)
             damp *= 10

@@ -47,19 +47,70 @@ class LinearOutcome:
     report: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
 class QuantizedLinear:
     """What the saver and exporters need of a quantized Linear: codes and group parameters only.
 
     The dequantized float32 weight is not kept (it is in the model, and ``fmt.dequantize(codes,
     qparams)`` rebuilds it): holding it for every Linear until saving cost 4 bytes per parameter.
-    codes: (out, in) in the format's code dtype; qparams: llmopt.formats.QParams (out, n_groups).
+    ``codes``: (out, in) in the format's code dtype; ``qparams``: llmopt.formats.QParams (out, n_groups);
+    ``transposed``: the module stores its weight as (in, out) (transformers Conv1D).
+
+    Held compactly until saving, losslessly: codes of ≤ 4-bit formats two to a byte (half a byte per
+    weight instead of one), scales and zero-points in float16 when they are float16 values (every
+    format's stored scale is; integer zero-points ≤ 255 and q4_1/q5_1 minima are too), else float32.
+    ``codes`` / ``qparams`` give the unpacked tensors, bit for bit what was stored.
     """
 
-    codes: torch.Tensor
-    qparams: object
-    fmt: object
-    transposed: bool = False  # the module stores its weight as (in, out) (transformers Conv1D)
+    __slots__ = ("_packed", "_cols", "_code_dtype", "_qparams", "fmt", "transposed")
+
+    def __init__(self, codes: torch.Tensor, qparams, fmt, transposed: bool = False):
+        self.fmt, self.transposed = fmt, bool(transposed)
+        self._cols, self._code_dtype = codes.shape[-1], codes.dtype
+        bits = getattr(fmt, "bits", 8)
+        if bits <= 4 and codes.dtype == torch.uint8 and codes.dim() == 2 and self._cols % 2 == 0:
+            self._packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # low nibble: even column
+        else:
+            self._packed = codes.contiguous()
+        self._qparams = _compact_qparams(qparams)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the codes."""
+        return (self._packed.shape[0], self._cols)
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return self._code_dtype
+
+    def qparams_shapes(self) -> tuple[int, ...]:
+        """Shape of the scale / zero tensors: (out, n_groups)."""
+        return tuple(self._qparams.scale.shape)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        p = self._packed
+        if p.shape[-1] == self._cols:
+            return p
+        out = torch.empty(p.shape[0], self._cols, dtype=self._code_dtype, device=p.device)
+        out[:, 0::2], out[:, 1::2] = p & 0xF, p >> 4
+        return out
+
+    @property
+    def qparams(self):
+        qp = self._qparams
+        return type(qp)(*(None if t is None else t.to(torch.float32) for t in qp._fields()))
+
+
+def _compact_qparams(qp):
+    """QParams with every float16-exact field held in float16 (a lossless halving of its memory)."""
+
+    def compact(t):
+        if t is None or t.dtype != torch.float32:
+            return t
+        h = t.to(torch.float16)
+        return h if torch.equal(h.to(torch.float32), t) else t
+
+    return type(qp)(*(compact(t) for t in qp._fields()))
 
 
 @dataclass
