@@ -8,19 +8,22 @@ Python API (the CLI is a thin layer over it)::
     r = llmopt.evaluate("out/sgpt50", data=data, base="bundled:smollm2")
     llmopt.export("out/sgpt50", to="gguf", output="out/sgpt50.gguf")
     llmopt.push("out/sgpt50", "my-user/smollm2-sparsegpt50", dry_run=True)  # files + model card
+    llmopt.harness("out/sgpt50", "arc_easy", limit=100)  # lm-evaluation-harness tasks
 
 The functions live in ``llmopt.compression``, ``llmopt.evaluation``, ``llmopt.exporters`` and ``llmopt.hub``; module
-names differ from function names so that importing a module never shadows the function.
+names differ from function names so that importing a module never shadows the function (the package
+``llmopt.harness`` is itself callable, so it can share the name).
 """
 
 from llmopt.errors import LLMOptError
 
 __version__ = "0.1.0"
-__all__ = ["LLMOptError", "compress", "evaluate", "export", "load_model", "parse_recipe", "push"]
+__all__ = ["LLMOptError", "compress", "evaluate", "export", "harness", "load_model", "parse_recipe", "push"]
 
 _LAZY = {
     "compress": ("llmopt.compression", "compress"),
     "evaluate": ("llmopt.evaluation", "evaluate"),
+    "harness": ("llmopt.harness", None),  # the package itself, callable: llmopt.harness(model, tasks)
     "load_model": ("llmopt.models", "load_model"),
     "parse_recipe": ("llmopt.recipe", "parse_recipe"),
     "push": ("llmopt.hub.push", "push"),
@@ -44,5 +47,6 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(name)

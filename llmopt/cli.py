@@ -1,4 +1,5 @@
-"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``, ``llmopt push``, ``llmopt recipes``.
+"""Command line: ``llmopt eval``, ``llmopt compress``, ``llmopt export``, ``llmopt push``, ``llmopt harness``,
+``llmopt recipes``.
 
 Each command is a few lines over the Python API."""
 
@@ -130,6 +131,48 @@ def _export_onnx(a: argparse.Namespace) -> int:
     return 0
 
 
+def _harness(a: argparse.Namespace) -> int:
+    import llmopt.harness as h
+
+    if a.json:
+        from llmopt.outputs import preflight
+
+        preflight(a.json, overwrite=True, kind="file", flag="--json")  # before any model is loaded
+    r = h.harness(
+        a.model,
+        a.tasks,
+        include_path=a.include_path,
+        limit=a.limit,
+        num_fewshot=a.num_fewshot,
+        batch_size=a.batch_size,
+        backend=a.backend,
+        max_length=a.max_length,
+        threads=a.threads,
+        kv_cache=a.kv_cache,
+        documents=a.documents,
+    )
+    print(h.format_harness(r), flush=True)
+    if a.json:
+        from llmopt.errors import LLMOptError
+        from llmopt.outputs import write_text
+
+        text = json.dumps(r, indent=1)
+        try:
+            write_text(a.json, text, flag="--json")
+        except LLMOptError as e:
+            print(text)  # the results are not lost
+            raise LLMOptError(f"{e} (the JSON result is printed above)") from None
+    return 0
+
+
+def _limit(text: str) -> int | float:
+    """--limit: a whole number of documents, or a fraction below 1 (lm-eval's convention)."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def _push(a: argparse.Namespace) -> int:
     from llmopt.hub.push import format_push, push
 
@@ -245,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--save-card", action="store_true", help="also write the generated card into FOLDER/README.md")
     h.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
     h.set_defaults(func=_push)
+
+    lm = sub.add_parser("harness", help="lm-evaluation-harness tasks on torch, llama.cpp (GGUF) or ONNX Runtime")
+    lm.add_argument("model", help="bundled:smollm2, a Hub id, an HF folder, a .gguf file or an ONNX folder")
+    lm.add_argument("--tasks", required=True, help="lm-eval task/group/tag names, comma-separated: arc_easy,piqa")
+    lm.add_argument("--include-path", default=None, help="a folder of task YAMLs (as lm-eval's --include_path)")
+    lm.add_argument("--limit", type=_limit, default=None, help="documents per task (a fraction if below 1)")
+    lm.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, else 0)")
+    lm.add_argument("--batch-size", type=int, default=1, help="sequences per forward (torch; others score one)")
+    lm.add_argument("--backend", default="auto", help="auto (.gguf → gguf, ONNX folder → onnx, else torch)")
+    lm.add_argument("--max-length", type=int, default=None, help="context window in tokens (default: the model's)")
+    lm.add_argument("--threads", type=int, default=None, help="threads for every backend (default: physical cores)")
+    lm.add_argument("--kv-cache", default="f16", choices=["f16", "f32"], help="llama.cpp's KV cache (gguf only)")
+    lm.add_argument("--documents", action="store_true", help="per-document log-likelihoods in the JSON")
+    lm.add_argument("--json", default=None, help="write the result as JSON here (atomically)")
+    lm.set_defaults(func=_harness)
 
     r = sub.add_parser("recipes", help="list the shipped recipes (usable by name: --recipe sparsegpt-50)")
     r.set_defaults(func=_recipes)

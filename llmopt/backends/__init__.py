@@ -6,7 +6,7 @@ plug in here without touching it.
 
 from llmopt.backends.base import Backend, SpeedResult, default_threads, resolve_threads
 
-__all__ = ["Backend", "SpeedResult", "default_threads", "make_backend", "resolve_threads"]
+__all__ = ["Backend", "SpeedResult", "backend_kind", "default_threads", "make_backend", "resolve_threads"]
 
 
 def make_backend(kind: str, model_spec: str, *, threads: int | None = None, **kw) -> Backend:
@@ -16,10 +16,7 @@ def make_backend(kind: str, model_spec: str, *, threads: int | None = None, **kw
     from llmopt.errors import LLMOptError
 
     threads = resolve_threads(threads)
-    if kind == "auto":
-        kind = "gguf" if model_spec.strip().lower().endswith(".gguf") else "torch"
-        if kind == "torch" and _is_onnx_folder(model_spec):  # a folder with model.onnx: ONNX Runtime
-            kind = "onnx"
+    kind = backend_kind(kind, model_spec)
     if kind == "torch":
         from llmopt.backends.torch_backend import TorchBackend
 
@@ -31,6 +28,16 @@ def make_backend(kind: str, model_spec: str, *, threads: int | None = None, **kw
 
         return OnnxBackend.from_spec(model_spec, threads=threads, **kw)
     raise LLMOptError(f"unknown backend '{kind}'; valid backends: torch, gguf, onnx")
+
+
+def backend_kind(kind: str, model_spec: str) -> str:
+    """``kind`` with 'auto' resolved from the spec: ``.gguf`` → gguf, a folder with ``model.onnx`` → onnx,
+    anything else → torch. Other values are returned as given (``make_backend`` validates them)."""
+    if kind != "auto":
+        return kind
+    if model_spec.strip().lower().endswith(".gguf"):
+        return "gguf"
+    return "onnx" if _is_onnx_folder(model_spec) else "torch"
 
 
 def _is_onnx_folder(model_spec: str) -> bool:

@@ -21,6 +21,7 @@ from llmopt.errors import LLMOptError
 log = logging.getLogger(__name__)
 
 _MIN_CTX = 512  # first context size; grown (context rebuilt) when a longer window arrives
+KV_TYPES = {"f16": 1, "f32": 0}  # KV cache formats → ggml type ids (GGML_TYPE_F16, GGML_TYPE_F32)
 # Backends still open at exit are closed while llama_cpp's module globals still exist (its __del__
 # would otherwise print a traceback during interpreter shutdown).
 _OPEN: weakref.WeakSet[LlamaCppBackend] = weakref.WeakSet()
@@ -42,8 +43,16 @@ def gguf_file_of(spec: str) -> Path:
 class LlamaCppBackend(Backend):
     name = "gguf"
 
-    def __init__(self, path: str | Path, model_spec: str = "", threads: int | None = None, n_ctx: int = 0):
+    def __init__(
+        self, path: str | Path, model_spec: str = "", threads: int | None = None, n_ctx: int = 0, kv_type: str = "f16"
+    ):
+        """``kv_type``: the KV cache's number format, llama.cpp's default ``f16`` or ``f32`` (an F32 export
+        then computes in F32 end to end, within float32 rounding of torch's logits)."""
         from llmopt.models import _read_gguf
+
+        if kv_type not in KV_TYPES:
+            raise LLMOptError(f"unknown KV cache type '{kv_type}'; valid: {', '.join(KV_TYPES)}")
+        self.kv_type = kv_type
 
         self.path = Path(path)
         self.model_spec = model_spec or str(path)
@@ -59,10 +68,12 @@ class LlamaCppBackend(Backend):
         self._load(max(n_ctx, _MIN_CTX))
 
     @classmethod
-    def from_spec(cls, spec: str, threads: int | None = None, n_ctx: int = 0, **kw) -> LlamaCppBackend:
+    def from_spec(
+        cls, spec: str, threads: int | None = None, n_ctx: int = 0, kv_type: str = "f16", **kw
+    ) -> LlamaCppBackend:
         if kw.get("device") not in (None, "cpu"):
             raise LLMOptError("the gguf backend runs on the CPU here; drop --device or use --backend torch")
-        return cls(gguf_file_of(spec), spec, threads=threads, n_ctx=n_ctx)
+        return cls(gguf_file_of(spec), spec, threads=threads, n_ctx=n_ctx, kv_type=kv_type)
 
     def _load(self, n_ctx: int) -> None:
         import llama_cpp
@@ -74,6 +85,8 @@ class LlamaCppBackend(Backend):
                 n_ctx=n_ctx,
                 n_batch=min(n_ctx, 512),
                 logits_all=True,
+                type_k=KV_TYPES[self.kv_type],
+                type_v=KV_TYPES[self.kv_type],
                 n_threads=self._threads,
                 n_threads_batch=self._threads,
                 verbose=False,

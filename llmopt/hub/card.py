@@ -2,7 +2,8 @@
 
 Everything comes from the folder itself: ``llmopt_report.json`` (source model, stages, sparsity, bits per
 weight, calibration), ``recipe.yaml``, the JSON results ``llmopt eval --json`` wrote anywhere in it, and the
-artifacts present (safetensors for transformers, ``*.gguf`` files, ONNX folders). The metadata (YAML front
+artifacts present (safetensors for transformers, ``*.gguf`` files, ONNX folders), and the JSON results
+``llmopt harness --json`` wrote in it (lm-evaluation-harness tasks). The metadata (YAML front
 matter) is built with ``ModelCardData``: ``base_model`` (when the source was a Hub id or ``bundled:``),
 ``base_model_relation``, ``library_name``, ``tags``, ``pipeline_tag``, calibration ``datasets`` and a
 ``model-index`` with the measured perplexity / KL. The text is written here, no template engine.
@@ -25,6 +26,7 @@ README = "README.md"
 BUNDLED_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 _EVAL_KEYS = {"perplexity", "backend", "data", "seq_len", "windows"}
+HARNESS_KIND = "lm-eval-harness"  # llmopt.harness.run.RESULT_KIND (not imported: it pulls in lm-eval)
 _MAX_JSON_BYTES = 2 << 20
 
 
@@ -36,6 +38,7 @@ class Artifacts:
     report: dict | None = None
     recipe_yaml: str | None = None
     evals: list[tuple[str, dict]] = field(default_factory=list)  # (json file, `llmopt eval --json` result)
+    harness: list[tuple[str, dict]] = field(default_factory=list)  # (json file, `llmopt harness --json` result)
     ggufs: list[tuple[str, int]] = field(default_factory=list)  # (file, bytes)
     onnx_dirs: list[str] = field(default_factory=list)  # "" is the folder itself
     transformers: bool = False  # config.json and *.safetensors at the top
@@ -62,6 +65,8 @@ def scan(folder: str | Path) -> Artifacts:
             d = _read_json(p)
             if isinstance(d, dict) and _EVAL_KEYS <= d.keys():
                 a.evals.append((rel, d))
+            elif isinstance(d, dict) and d.get("kind") == HARNESS_KIND and isinstance(d.get("tasks"), dict):
+                a.harness.append((rel, d))
         elif p.suffix == ".gguf":
             a.ggufs.append((rel, p.stat().st_size))
         elif p.suffix == ".onnx":
@@ -168,6 +173,7 @@ def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> Mode
                     metric_value=round(float(value), 4),
                 )
             )
+    results += _harness_results(a)
     return ModelCardData(
         base_model=base,
         base_model_relation=relation if base else None,
@@ -230,6 +236,8 @@ def _shipped_summary(name: str | None) -> str:
 
 def _eval_table(a: Artifacts) -> list[str]:
     if not a.evals:
+        if a.harness:
+            return []
         return ["No evaluation results in the folder (`llmopt eval DIR --json DIR/eval.json` adds them)."]
     lines = [
         "| artifact | backend | data | windows x seq_len | perplexity | base perplexity | KL mean | KL p99 "
@@ -256,6 +264,57 @@ def _eval_table(a: Artifacts) -> list[str]:
         + (f"; speed on {', '.join(map(str, sorted(threads)))} threads." if threads else "."),
     ]
     return lines
+
+
+def _harness_rows(a: Artifacts):
+    """(artifact, backend, task name, task, metric, value dict) for every metric with a value."""
+    for _, r in a.harness:
+        model = str(r.get("model", ""))
+        artifact = Path(model).name if model.endswith(".gguf") else "ONNX" if r.get("backend") == "onnx" else "model"
+        for name, t in r["tasks"].items():
+            for metric, m in (t.get("metrics") or {}).items():
+                if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                    yield artifact, r.get("backend"), name, t, metric, m
+
+
+def _harness_results(a: Artifacts) -> list[EvalResult]:
+    """model-index entries for harness tasks on Hub data sets (local-data tasks stay in the table only)."""
+    out = []
+    for _, backend, name, t, metric, m in _harness_rows(a):
+        ds = (t.get("dataset") or {}).get("path")
+        if not isinstance(ds, str) or not _HUB_ID.fullmatch(ds):
+            continue
+        out.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name=name,
+                dataset_type=ds,
+                dataset_name=name,
+                dataset_config=(t.get("dataset") or {}).get("name"),
+                metric_type=metric,
+                metric_name=f"{metric} ({t.get('num_fewshot') or 0}-shot, {backend}, lm-evaluation-harness)",
+                metric_value=round(float(m["value"]), 4),
+            )
+        )
+    return out
+
+
+def _harness_table(a: Artifacts) -> list[str]:
+    lines = [
+        "### lm-evaluation-harness",
+        "",
+        "| artifact | backend | task | metric | value | ± stderr | n-shot | documents |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for artifact, backend, name, t, metric, m in _harness_rows(a):
+        err = m.get("stderr")
+        lines.append(
+            f"| {artifact} | {backend} | `{name}` | {metric} | {_fmt(m['value'], '.4f')} "
+            f"| {_fmt(err, '.4f') if isinstance(err, (int, float)) else '—'} | {t.get('num_fewshot') or 0} "
+            f"| {t.get('n_samples', '—')} |"
+        )
+    versions = sorted({str(r.get("lm_eval_version")) for _, r in a.harness})
+    return lines + ["", f"lm-evaluation-harness {', '.join(versions)} through `llmopt harness`."]
 
 
 def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
@@ -322,6 +381,8 @@ def build_card(folder: str | Path, repo_id: str, base_model: str | None = None) 
     data = card_data(a, repo_id, base_model)
     base = data.base_model
     lines = [f"# {repo_id.split('/')[-1]}", "", *_summary_lines(a, base), "", "## Evaluation", "", *_eval_table(a)]
+    if a.harness:
+        lines += ["", *_harness_table(a)]
     lines += ["", *_how_to_run(a, repo_id)]
     if a.recipe_yaml:
         lines += ["", "## Recipe", "", "The resolved recipe (`recipe.yaml`), defaults filled in:", "", "```yaml"]
