@@ -51,9 +51,80 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_options(a: argparse.Namespace):
+    """The options after the stages, or None when the command is a plain compression."""
+    if not (a.export or a.eval or a.harness or a.push_to_hub):
+        return None
+    from llmopt.pipeline import PipelineOptions
+
+    return PipelineOptions(
+        export=PipelineOptions.parse_exports(a.export),
+        eval=a.eval,
+        eval_data=a.eval_data,
+        eval_seq_len=a.eval_seq_len,
+        eval_windows=a.eval_windows,
+        speed=a.speed,
+        threads=a.threads,
+        harness_tasks=a.harness,
+        harness_include_path=a.harness_include_path,
+        harness_limit=a.harness_limit,
+        push_to_hub=a.push_to_hub,
+        private=a.private,
+    )
+
+
+def _run_pipeline(a: argparse.Namespace, opts) -> int:
+    from llmopt.pipeline import estimate_seconds, run_pipeline
+    from llmopt.pipeline.report import HEADER, markdown_table, table_rows
+    from llmopt.recipe import apply_calibration_overrides, parse_recipe
+
+    opts.check()  # bad export target, data, include path, repo id: before any model is loaded
+    rec = apply_calibration_overrides(
+        parse_recipe(a.recipe),
+        data=a.calib,
+        samples=a.calib_samples,
+        seq_len=a.calib_seq_len,
+        seed=a.seed,
+        true_sequential=a.true_sequential,
+    )
+    from llmopt.pipeline.run import model_parameter_count
+
+    n = model_parameter_count(a.model)
+    if n:
+        est = estimate_seconds(n, rec, opts)
+        print(f"expected duration: ~{max(1, round(est / 60))} min on this machine's scale ({n / 1e6:.0f}M parameters)")
+    report = run_pipeline(
+        a.model,
+        rec,
+        a.output,
+        opts,
+        overwrite=a.overwrite,
+        compress_kwargs=dict(device=a.device, dtype=a.dtype),
+    )
+    print(f"saved {a.output}: report.json, report.md, report.png, README.md (model card)")
+    print(markdown_table(HEADER, table_rows(report)))
+    if "push" in report:
+        from llmopt.hub.push import format_push
+
+        print(format_push(report["push"]))
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from llmopt.pipeline import compare
+
+    table, png = compare(a.runs, output=a.output)
+    print(table)
+    print(f"plot: {png}" if png else "no evaluated rows to plot (runs made without --eval)")
+    return 0
+
+
 def _compress(a: argparse.Namespace) -> int:
     from llmopt.compression import compress
 
+    opts = _pipeline_options(a)
+    if opts is not None:
+        return _run_pipeline(a, opts)
     res = compress(
         a.model,
         a.recipe,
@@ -247,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="load, calibrate and save in this dtype (auto: the checkpoint's own; kernels compute in float32)",
     )
+    c.add_argument("--export", default=None, help="after compressing, also write: gguf, onnx or gguf,onnx")
+    c.add_argument(
+        "--eval", action="store_true", help="evaluate every artifact and the input model (ppl, KL, size, speed)"
+    )
+    c.add_argument("--eval-data", default="wikitext2", help="evaluation data spec (as `llmopt eval --data`)")
+    c.add_argument("--eval-seq-len", type=int, default=2048)
+    c.add_argument("--eval-windows", type=int, default=8, help="evaluation windows (default 8)")
+    c.add_argument(
+        "--speed", action=argparse.BooleanOptionalAction, default=True, help="time prefill/decode (default on)"
+    )
+    c.add_argument("--threads", type=int, default=None, help="threads for every backend (default: physical cores)")
+    c.add_argument("--harness", default=None, help="lm-eval tasks to run on every artifact, e.g. arc_easy,piqa")
+    c.add_argument("--harness-include-path", default=None, help="a folder of task YAMLs (local tasks)")
+    c.add_argument("--harness-limit", type=_limit, default=None, help="documents per harness task")
+    c.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the finished folder to the Hub")
+    c.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     c.set_defaults(func=_compress)
 
     x = sub.add_parser(
@@ -303,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--documents", action="store_true", help="per-document log-likelihoods in the JSON")
     lm.add_argument("--json", default=None, help="write the result as JSON here (atomically)")
     lm.set_defaults(func=_harness)
+
+    rp = sub.add_parser("report", help="compare runs made with --eval: a table and plots (ppl vs size / speed)")
+    rp.add_argument("runs", nargs="+", help="output folders of `llmopt compress ... --eval` (or their report.json)")
+    rp.add_argument("--output", default=None, help="PNG to write (default llmopt-report.png)")
+    rp.set_defaults(func=_report)
 
     r = sub.add_parser("recipes", help="list the shipped recipes (usable by name: --recipe sparsegpt-50)")
     r.set_defaults(func=_recipes)

@@ -1,0 +1,136 @@
+"""The whole loop on a tiny random Llama: compress → GGUF + ONNX exports → evaluation of every artifact
+against the input model → report.json / report.md / report.png / model card; `llmopt report` over runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmopt.cli import main
+from llmopt.pipeline import PipelineOptions, compare, load_report, run_pipeline
+
+HARNESS_TASKS = Path(__file__).parent / "data" / "harness"
+RECIPE = {
+    "name": "tiny-rtn-q4_0",
+    "calibration": {"data": "self:4", "samples": 4, "seq_len": 64, "seed": 0},
+    "stages": [{"stage": "rtn", "format": "q4_0"}],
+}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tiny_text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "run-q4_0"
+    opts = PipelineOptions(
+        export=("gguf", "onnx"),
+        eval=True,
+        eval_data=f"text:{tiny_text_file}#0.5:1",
+        eval_seq_len=64,
+        eval_windows=4,
+        speed=True,
+        threads=1,
+        harness_tasks="llmopt_tiny_mc",
+        harness_include_path=str(HARNESS_TASKS),
+    )
+    report = run_pipeline(str(tiny_model_dir), RECIPE, out, opts, progress=False)
+    return out, report
+
+
+def test_artifacts_report_and_card(run):
+    from huggingface_hub import ModelCard
+
+    out, report = run
+    for name in ("config.json", "model.gguf", "onnx/model.onnx", "report.json", "report.md", "report.png"):
+        assert (out / name).is_file(), name
+    assert (out / "README.md").is_file()
+    assert [r["artifact"] for r in report["rows"]] == ["input", "transformers", "gguf", "onnx"]
+    assert load_report(out) == json.loads((out / "report.json").read_text())
+    rows = {r["artifact"]: r for r in report["rows"]}
+    # the same stored q4_0 codes in every runtime: torch, llama.cpp and ONNX Runtime agree on perplexity
+    t, g, o = rows["transformers"], rows["gguf"], rows["onnx"]
+    assert abs(o["perplexity"] / t["perplexity"] - 1) < 1e-3  # MatMulNBits from the codes, float32
+    assert abs(g["perplexity"] / t["perplexity"] - 1) < 2e-2  # llama.cpp: f16 KV cache, its own kernels
+    assert o["kl"] == pytest.approx(t["kl"], rel=0.05, abs=1e-4) and t["kl"] > 0
+    assert rows["input"]["kl"] == 0.0 and rows["input"]["perplexity"] > 1
+    assert g["bits_per_weight"] == pytest.approx(4.5, abs=0.01)  # q4_0: 18 bytes per 32 weights
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in report["rows"])
+    assert g["size_bytes"] == (out / "model.gguf").stat().st_size
+    card = ModelCard.load(out / "README.md")
+    assert "llmopt" in card.data.tags
+    for name in ("input", "transformers", "gguf", "onnx"):
+        ev = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert ev["perplexity"] == rows[name]["perplexity"]
+    # lm-eval on every artifact: the same stored codes give the same accuracy everywhere
+    acc = {h["artifact"]: h for h in report["harness"] if h["metric"] == "acc"}
+    assert set(acc) == {"transformers", "gguf", "onnx"}
+    assert abs(acc["gguf"]["value"] - acc["transformers"]["value"]) <= acc["transformers"]["stderr"] + 1e-9
+    assert acc["onnx"]["value"] == pytest.approx(acc["transformers"]["value"], abs=1e-9)
+    assert (out / "harness" / "gguf.json").is_file()
+    md = (out / "report.md").read_text()
+    assert "| transformers |" in md and "| gguf |" in md and "| onnx |" in md
+
+
+def test_report_compares_runs(run, tmp_path, capsys):
+    out, report = run
+    other = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, other)
+    png = tmp_path / "cmp.png"
+    assert main(["report", str(out), str(other), "--output", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("(input model)") == 1  # the reference row once, however many runs
+    assert text.count("| run-q4_0 |") == 3 and text.count("| copy |") == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table, path = compare([str(out)], output=str(tmp_path / "one.png"))
+    assert path and "gguf" in table
+
+
+def test_pareto_front():
+    from llmopt.pipeline.report import pareto
+
+    # (size, ppl): the 3rd is dominated by the 2nd (bigger and worse)
+    assert pareto([(1, 10), (2, 5), (3, 6), (4, 4)]) == [True, True, False, True]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--export", "tflite"], "unknown --export target 'tflite'"),
+        (["--eval", "--eval-data", "text:/nonexistent/file.txt"], "/nonexistent/file.txt"),
+        (["--harness", "x", "--harness-include-path", "/nonexistent"], "is not a folder of task YAMLs"),
+        (["--push-to-hub", "not a repo"], "repo"),
+    ],
+)
+def test_bad_pipeline_options_fail_before_any_work(tiny_model_dir, tmp_path, args, message):
+    out = tmp_path / "o"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmopt.cli",
+            "compress",
+            str(tiny_model_dir),
+            "--recipe",
+            "rtn-q4_0",
+            "--output",
+            str(out),
+        ]
+        + args,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, r.stderr
+    assert not out.exists()
+
+
+def test_report_of_a_folder_without_one(tmp_path):
+    from llmopt.errors import LLMOptError
+
+    with pytest.raises(LLMOptError, match="has no report.json"):
+        load_report(tmp_path)
