@@ -99,7 +99,7 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
         a.output,
         opts,
         overwrite=a.overwrite,
-        compress_kwargs=dict(device=a.device, dtype=a.dtype),
+        compress_kwargs=dict(device=a.device, dtype=a.dtype, resume=a.resume),
     )
     print(f"saved {a.output}: report.json, report.md, report.png, README.md (model card)")
     print(markdown_table(HEADER, table_rows(report)))
@@ -137,6 +137,7 @@ def _compress(a: argparse.Namespace) -> int:
         device=a.device,
         true_sequential=a.true_sequential,
         dtype=a.dtype,
+        resume=a.resume,
     )
     r = res.report
     print(f"saved {res.output} ({r['dtype']}, true_sequential={r['true_sequential']})")
@@ -147,6 +148,12 @@ def _compress(a: argparse.Namespace) -> int:
         if "bits_per_weight" in s:
             extra += f" {s['bits_per_weight']:.3f} bits/weight"
         print(f"  stage {key}: {s['linears']} Linears{extra}, kernels {s['seconds']:.1f} s")
+    for key, d in r.get("model_stages", {}).items():
+        before, after = d["heldout_before"], d["heldout_after"]
+        print(
+            f"  stage {key}: {d['tokens']} tokens in {d['steps']} steps, {d['minutes']:.1f} min "
+            f"(stopped by {d['stopped_by']}), held-out KL {before['kl']:.4f} -> {after['kl']:.4f}"
+        )
     print(
         f"  compress {r['compress_seconds']:.1f} s, total {r['total_seconds']:.1f} s, "
         f"peak RSS {r['peak_rss_mib']:.0f} MiB"
@@ -317,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="load, calibrate and save in this dtype (auto: the checkpoint's own; kernels compute in float32)",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a distill stage from the checkpoint an interrupted run of this command left in OUTPUT.ckpt/",
     )
     c.add_argument("--export", default=None, help="after compressing, also write: gguf, onnx or gguf,onnx")
     c.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from llmopt.errors import LLMOptError
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
 from llmopt.stages import build_stages
-from llmopt.stages.base import CompressionState, LinearStats, Stage
+from llmopt.stages.base import CompressionState, LinearStats, RunContext, Stage
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,20 @@ def compress_model(
     recipe: BaseModel,
     windows: torch.Tensor | None,
     stages: list[Stage] | None = None,
+    context: RunContext | None = None,
 ) -> tuple[CompressionState, dict]:
     """Apply a parsed recipe to a loaded model in place. ``windows``: (N, L) calibration ids, needed when
-    a stage is data-driven; ``stages``: the recipe's stages if the caller already built them.
+    a stage is data-driven; ``stages``: the recipe's stages if the caller already built them;
+    ``context``: what whole-model stages (distill) need (tokenizer, output, resume).
     Returns the state (masks, quantized tensors) and a timing summary."""
     stages = build_stages(recipe) if stages is None else stages
     targets = _preflight(model, stages)
     state = CompressionState()
     t0 = time.perf_counter()
+    ctx = context if context is not None else RunContext(recipe=recipe)
+    for st in stages:  # whole-model stages look at the model before any stage changed it (teacher cache)
+        if st.whole_model:
+            st.prepare(model, ctx)
     needs_data = any(s.needs_data for s in stages)
     if needs_data and windows is None:
         raise LLMOptError("this recipe has a data-driven stage: give calibration data (--calib)")
@@ -128,7 +135,8 @@ def compress_model(
     if needs_data:
         _plan_owl(model, windows, stages, state, batch)
     # Data-driven stages go through the layer-wise engine together (one capture, per layer in recipe
-    # order); data-free stages apply directly. Order between the two groups follows the recipe.
+    # order); data-free stages apply directly; a whole-model stage (distill) runs on the model as the
+    # stages before it left it. Order between the groups follows the recipe.
     prefix = None
     if needs_data:
         prefix, _ = find_decoder_layers(model)
@@ -142,6 +150,12 @@ def compress_model(
                 model, windows, stages[i:j], state, batch_size=batch, true_sequential=recipe.calibration.true_sequential
             )
             i = j
+        elif stages[i].whole_model:
+            st = stages[i]
+            t1 = time.perf_counter()
+            report = st.run_model(model, state, ctx)
+            state.stage_reports[f"{st.index}:{st.name}"] = {**report, "seconds": round(time.perf_counter() - t1, 2)}
+            i += 1
         else:
             st = stages[i]
             for name, lin in targets[st.index]:
@@ -188,6 +202,8 @@ def compress(
     device: str | None = None,
     true_sequential: bool | None = None,
     dtype: str | torch.dtype = "auto",
+    resume: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> CompressResult:
     """Compress ``model`` (any model spec) with ``recipe`` and save an HF folder at ``output``.
 
@@ -200,7 +216,9 @@ def compress(
     is loaded, calibrated and saved in; kernels always compute in float32. Quantized Linears of a
     16-bit model are saved in float32, the only dtype in which code × scale is exact, so the saved
     weights equal the stored codes bit for bit; ``true_sequential`` (None = the recipe's value)
-    overrides ``calibration.true_sequential``.
+    overrides ``calibration.true_sequential``. ``resume``: a distill stage continues from the checkpoint
+    an interrupted run of the same command left in ``<output>.ckpt/`` (``checkpoint_dir`` elsewhere, e.g.
+    for a caller whose ``output`` is a temporary folder); the checkpoints are removed once the output is saved.
     """
     from llmopt.data import calibration_windows
     from llmopt.models import load_model
@@ -212,8 +230,17 @@ def compress(
         rec, data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
     )
     out = preflight(output, overwrite=overwrite, kind="folder")  # before minutes of loading and compressing
-    loaded = load_model(model, device=device, dtype=dtype)
     stages = build_stages(rec)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ctx = RunContext(model_spec=model, output=out, checkpoints=ckpt, resume=resume, recipe=rec)
+    if any(s.whole_model for s in stages):  # their data and teacher specs, before any weights are loaded
+        from llmopt.models import load_tokenizer
+
+        ctx.tokenizer = load_tokenizer(model)
+        for st in stages:
+            st.check_inputs(ctx)
+    loaded = load_model(model, device=device, dtype=dtype)
+    ctx.tokenizer, ctx.device = loaded.tokenizer, next(loaded.model.parameters()).device
     _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
     windows = None
     t_calib = 0.0
@@ -224,7 +251,7 @@ def compress(
         t_calib = time.perf_counter() - t0
         release_freed_memory()  # the tokenizer's work arrays
         log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
-    state, timing = compress_model(loaded.model, rec, windows, stages=stages)
+    state, timing = compress_model(loaded.model, rec, windows, stages=stages, context=ctx)
 
     report = {
         "model": model,
@@ -235,18 +262,26 @@ def compress(
         **timing,
         "peak_rss_scope": peak_scope,
         "stages": _summarise(state),
+        **({"model_stages": state.stage_reports} if state.stage_reports else {}),
         "linears": state.reports,
     }
     exact_float32_weights(loaded.model, state)
+    if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes the output
+        return CompressResult(str(out), report)
     with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(loaded.model))
         loaded.tokenizer.save_pretrained(tmp)
         save_quantized(state, tmp)
+        for name, data in state.files.items():  # e.g. the distillation loss curve
+            (tmp / name).write_bytes(data)
         report["total_seconds"] = round(time.perf_counter() - t_start, 2)
         report["peak_rss_mib"] = round(peak_rss_mib(), 1)  # loading, calibration, compression and saving
         (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
     log.info("saved %s", out)
+    for st in stages:
+        if st.whole_model:
+            st.finish(ctx)  # e.g. remove the distillation checkpoints
     return CompressResult(str(out), report)
 
 

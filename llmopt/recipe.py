@@ -117,6 +117,17 @@ def _recipe_model() -> type[BaseModel]:
     return Recipe
 
 
+def _nested_model(model: Any, field: str) -> Any:
+    """The pydantic model a field of ``model`` holds (``X | None`` included), or None."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    for t in (info.annotation, *typing.get_args(info.annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
 def _one_line(err: ValidationError, raw: dict) -> str:
     """Turn pydantic's multi-line report into one actionable line (first error only)."""
     from llmopt.stages import REGISTRY
@@ -138,6 +149,11 @@ def _one_line(err: ValidationError, raw: dict) -> str:
         elif loc[0] == "stages" and len(loc) >= 3:
             model = REGISTRY[loc[2]].Config
             ctx = f"stage {int(loc[1]) + 1} ({loc[2]})"
+            for part in loc[3:-1]:  # a nested entry (owl, gradual): its own keys
+                sub = _nested_model(model, part)
+                if sub is None:
+                    break
+                model, ctx = sub, f"{ctx} {part}"
         valid = ", ".join(model.model_fields)
         return f"unknown key '{key}' in {ctx}; valid keys: {valid}"
     msg = e["msg"].removeprefix("Value error, ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmopt.stages.base import Stage
+from llmopt.stages.distill import DistillStage
 from llmopt.stages.pruning import MagnitudeStage, SparseGPTStage, WandaStage
 from llmopt.stages.quantization import GPTQStage, RTNStage
 
@@ -12,6 +13,7 @@ REGISTRY: dict[str, type[Stage]] = {
     "sparsegpt": SparseGPTStage,
     "rtn": RTNStage,
     "gptq": GPTQStage,
+    "distill": DistillStage,
 }
 
 

@@ -9,12 +9,19 @@ A stage never walks the model or runs forwards itself. It answers three question
 
 The calibration engine (:mod:`llmopt.calibration`) or, for data-free stages, :func:`llmopt.compression.compress`
 calls it once per target Linear.
+
+A *whole-model* stage (``whole_model = True``: distillation) is not layer-wise: it runs on the whole
+model at its place in the recipe, after the stages before it. It may check its inputs before any model
+is loaded (``check_inputs``), look at the uncompressed model before any stage runs (``prepare``: e.g.
+cache a teacher's logits), do its work (``run_model``), and clean up once the output is saved
+(``finish``); a :class:`RunContext` tells it where the run comes from and goes.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -122,6 +129,22 @@ class CompressionState:
     reports: list[dict] = field(default_factory=list)
     # per-decoder-layer override of the stage's sparsity (OWL), keyed by stage index then layer index
     layer_sparsity: dict[int, list[float]] = field(default_factory=dict)
+    # whole-model stages: their report by "index:name", and extra files for the output folder (name → bytes)
+    stage_reports: dict[str, dict] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What a whole-model stage may need besides the model (built by :func:`llmopt.compression.compress`)."""
+
+    tokenizer: object | None = None
+    model_spec: str | None = None  # the input model as the user named it
+    output: Path | None = None  # the output folder
+    checkpoints: Path | None = None  # where training checkpoints live; None = <output>.ckpt (no output: none)
+    resume: bool = False  # continue from a checkpoint of an interrupted identical run
+    recipe: object | None = None  # the parsed recipe (calibration defaults, checkpoint keys)
+    device: object | None = None  # torch.device the model runs on
 
 
 class Stage:
@@ -130,6 +153,7 @@ class Stage:
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]]
     statistic: ClassVar[Statistic] = "none"
+    whole_model: ClassVar[bool] = False  # runs on the whole model (run_model), not per Linear
 
     def __init__(self, cfg: StageConfig, index: int = 0):
         self.cfg = cfg
@@ -174,6 +198,20 @@ class Stage:
         """A data-driven stage's answer for a target that never ran on the calibration windows (an
         unrouted MoE expert, a branch the data never took): the data-free kernel of the same kind."""
         raise LLMOptError(f"{name} never ran on the calibration data and stage '{self.name}' has no data-free fallback")
+
+    # --- whole-model stages ----------------------------------------------------------------------
+    def check_inputs(self, ctx: RunContext) -> None:
+        """Before any model is loaded: raise LLMOptError for inputs the stage cannot use."""
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
+        """Before the first stage runs, on the uncompressed model."""
+
+    def run_model(self, model: nn.Module, state: CompressionState, ctx: RunContext) -> dict:
+        """Do the stage's work on the whole model; returns its report."""
+        raise NotImplementedError
+
+    def finish(self, ctx: RunContext) -> None:
+        """After the output was saved."""
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:

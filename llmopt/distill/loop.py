@@ -1,0 +1,347 @@
+"""The distillation loop: AdamW through accelerate on the whole student, masks and formats kept.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows per process. Per
+micro-batch the student's trunk runs once (gradient checkpointing on its decoder layers), then the
+output head and the loss run in chunks of ``chunk_tokens`` positions, each chunk under activation
+checkpointing, so (positions × vocabulary) logits exist for one chunk at a time (SmolLM2: 512 × 49152
+floats ≈ 100 MB) in the forward and again in the backward. After each step: pruned weights back to
+exactly 0, gradual-sparsity updates when due, a held-out loss every ``eval_every`` steps, a checkpoint
+every ``checkpoint_every`` steps / ``checkpoint_minutes`` and on SIGINT/SIGTERM.
+
+The same code runs on one CPU, one GPU, or under ``accelerate launch`` on several (data parallel: each
+process takes its slice of every global batch; the loss is computed inside the prepared module's
+forward so DDP synchronises the gradients; process 0 writes checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from llmopt.distill import fakequant, resume
+from llmopt.distill.config import DistillConfig
+from llmopt.distill.data import DistillData, batch_windows
+from llmopt.distill.heads import check_head, last_hidden, layer_outputs, ordered, output_head
+from llmopt.distill.schedules import lr_factor, progress
+from llmopt.distill.sparsity import GradualPruner, MaskKeeper, student_masks
+from llmopt.distill.teacher import Targets, Teacher
+from llmopt.kernels.distill import divergence, logit_distill_loss, squarehead_loss, student_buckets, token_cross_entropy
+from llmopt.linears import write_weight
+from llmopt.stages.base import CompressionState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillJob:
+    """Everything the loop needs besides the student."""
+
+    cfg: DistillConfig
+    data: DistillData
+    teacher: Teacher
+    state: CompressionState  # masks and quantized codes of the student; refreshed at the end
+    gradual_targets: list[str]  # float Linears gradual sparsity prunes
+    seed: int
+    key: str  # checkpoint key (see llmopt.distill.resume)
+    checkpoints: Path | None  # <output>.ckpt, None = no checkpoints
+    resume: bool = False
+
+
+class DistillLoss(nn.Module):
+    """forward(ids, targets) → (loss, parts): the whole objective, so a prepared (DDP) module sees it."""
+
+    def __init__(self, student: nn.Module, cfg: DistillConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+
+    def forward(self, ids: torch.Tensor, tgt: Targets, at_one: bool = False) -> tuple[torch.Tensor, dict]:
+        c = self.cfg
+        with layer_outputs(self.student, enabled=c.hidden_weight > 0) as store:
+            h = last_hidden(self.student, ids)  # (B, L, H)
+        B, L, H = h.shape
+        h = h.reshape(B * L, H)
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)  # (B·L,)
+        head = output_head(self.student)
+        kl = ce = kl1 = h.new_zeros((), dtype=torch.float32)
+        for c0 in range(0, B * L, c.chunk_tokens):
+            rows = slice(c0, c0 + c.chunk_tokens)
+            logp, index = tgt.log_probs(rows, c.temperature) if c.loss_weight > 0 else (None, None)
+            if at_one:  # held-out: no graph, plus KL at T = 1 (NaN without teacher logits: a CE-only run)
+                z = head(h[rows])
+                if tgt.logits is None and tgt.top is None:
+                    kl1 = kl1 + float("nan")
+                else:
+                    lp1, idx1 = tgt.log_probs(rows, c.temperature, at_one=True)
+                    kl1 = kl1 + divergence("forward_kl", lp1, student_buckets(z, idx1, 1.0)).sum()
+                k, e = self._chunk_from_logits(z, logp, index, labels[rows])
+            elif torch.is_grad_enabled():
+                k, e = checkpoint(self._chunk, h[rows], logp, index, labels[rows], use_reentrant=False)
+            else:
+                k, e = self._chunk(h[rows], logp, index, labels[rows])
+            kl, ce = kl + k, ce + e
+        n_labels = max(1, B * (L - 1))
+        parts = {"kl": kl / (B * L), "ce": ce / n_labels}
+        loss = c.loss_weight * parts["kl"] + c.ce_weight * parts["ce"]
+        if c.hidden_weight > 0:
+            parts["hidden"] = squarehead_loss(ordered(store), tgt.hidden)
+            loss = loss + c.hidden_weight * parts["hidden"]
+        if at_one:
+            parts["kl1"] = kl1 / (B * L)
+        return loss, parts
+
+    def _chunk(self, h, logp, index, labels):
+        return self._chunk_from_logits(output_head(self.student)(h), logp, index, labels)
+
+    def _chunk_from_logits(self, z, logp, index, labels):
+        c = self.cfg
+        zero = z.new_zeros((), dtype=torch.float32)
+        kl = logit_distill_loss(z, logp, index, c.loss, c.temperature, c.beta) if logp is not None else zero
+        ce = token_cross_entropy(z, labels) if c.ce_weight > 0 else zero
+        return kl, ce
+
+
+def _accelerator(cpu: bool, mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    except ValueError:  # an earlier run in this process initialised accelerate with other settings
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def _train_mode(model: nn.Module) -> None:
+    """train() for gradient checkpointing, with dropout off (distilling a pretrained student)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+
+
+def _trainable(model: nn.Module, cfg: DistillConfig) -> dict[str, nn.Parameter]:
+    frozen: set[int] = set()
+    if not cfg.train_embeddings:
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None:
+                frozen |= {id(p) for p in emb.parameters()}
+    out = {}
+    for name, p in model.named_parameters():
+        train = id(p) not in frozen and p.is_floating_point()
+        p.requires_grad_(train)
+        if train:
+            out[name] = p
+    return out
+
+
+def _optimizer(params: dict[str, nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
+    # weight decay on matrices only, never on norms, biases or quantization scales
+    decay = [p for n, p in params.items() if p.dim() >= 2 and ".parametrizations.weight.0." not in n]
+    rest = [p for n, p in params.items() if not (p.dim() >= 2 and ".parametrizations.weight.0." not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@torch.no_grad()
+def heldout(module: DistillLoss, job: DistillJob, device: torch.device) -> dict:
+    """Mean objective and forward KL at T = 1 over the held-out windows."""
+    model = module.student
+    was_training = model.training
+    model.eval()
+    loss = kl1 = 0.0
+    windows = job.data.heldout
+    for b0 in range(0, len(windows), job.cfg.batch_size):
+        ids = windows[b0 : b0 + job.cfg.batch_size].to(device)
+        l_, parts = module(ids, job.teacher.targets(ids), at_one=True)
+        loss += float(l_) * len(ids)
+        kl1 += float(parts["kl1"]) * len(ids)
+    if was_training:
+        _train_mode(model)
+    return {"loss": loss / len(windows), "kl": kl1 / len(windows)}
+
+
+def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, dict[str, dict]]:
+    """Distil ``model`` in place. Returns the stage's report (``curve`` included) and, per masked or
+    quantized Linear, its final sparsity and how many of its codes training changed."""
+    cfg, state = job.cfg, job.state
+    orig_dtype = model.dtype
+    if orig_dtype != torch.float32:  # AdamW on 16-bit weights loses the updates: train in float32
+        model.float()
+    check_head(model)
+    acc = _accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    for name, q in state.quantized.items():  # start exactly at the codes (a 16-bit weight only rounds them)
+        write_weight(model.get_submodule(name), q.fmt.dequantize(q.codes, q.qparams).to(device))
+    masks = student_masks(model, state.masks, set(state.quantized))
+    fqs = fakequant.attach(model, state.quantized, masks, cfg.learn_scales)
+    pruner = GradualPruner(cfg.gradual, model, job.gradual_targets, masks) if cfg.gradual else None
+    params = _trainable(model, cfg)
+    weights = {n: (fakequant.latent(model, n) if n in fqs else model.get_submodule(n).weight) for n in masks}
+    keeper = MaskKeeper(model, masks, weights)
+    keeper.apply()
+    opt = _optimizer(params, cfg)
+    if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _train_mode(model)
+    module, opt = acc.prepare(DistillLoss(model, cfg), opt)
+    raw = acc.unwrap_model(module)
+
+    ls = resume.LoopState()
+    if job.resume and job.checkpoints is not None:
+        ckpt = resume.load(job.checkpoints, job.key)
+        if ckpt is not None:
+            with torch.no_grad():
+                for n, t in ckpt.params.items():
+                    params[n].copy_(t)
+                for n, m in ckpt.masks.items():
+                    masks[n] = m.to(masks[n].device if n in masks else device)
+                if pruner is not None:
+                    for n, a in ckpt.act_sq.items():
+                        pruner.act_sq[n].copy_(a)
+                    pruner.done = ckpt.loop.gradual_done
+            opt.load_state_dict(ckpt.optimizer)
+            ls = ckpt.loop
+            ls.resumed_from = ls.step
+            log.info("resumed distillation from %s at step %d (%d tokens)", job.checkpoints, ls.step, ls.tokens)
+
+    world, rank = acc.num_processes, acc.process_index
+    n_train = len(job.data.train)
+    per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    total_steps = math.ceil(cfg.max_tokens / per_step)
+    last_save = time.perf_counter()
+
+    def save_checkpoint() -> None:
+        nonlocal last_save
+        if job.checkpoints is None or not acc.is_main_process:
+            return
+        acts = pruner.act_sq if pruner is not None else {}
+        resume.save(job.checkpoints, job.key, ls, params, opt.state_dict(), masks, acts)
+        last_save = time.perf_counter()
+
+    def evaluate() -> None:
+        r = heldout(raw, job, acc.device)
+        ls.curve["heldout"].append({"step": ls.step, "tokens": ls.tokens, **r})
+        log.info("step %d: held-out loss %.4f, KL %.4f", ls.step, r["loss"], r["kl"])
+
+    t0 = time.perf_counter() - ls.seconds
+    t_run, first_step = time.perf_counter(), ls.step
+    if not ls.curve["heldout"]:
+        evaluate()
+    bar = tqdm(total=total_steps, initial=ls.step, desc="distill", unit="step", disable=not acc.is_main_process)
+    stopped_by = "tokens"
+    try:
+        while True:
+            ls.seconds = time.perf_counter() - t0
+            if ls.step >= total_steps:
+                break
+            if cfg.max_minutes is not None and ls.seconds / 60 >= cfg.max_minutes:
+                stopped_by = "minutes"
+                break
+            p_next = progress(ls.tokens + per_step, cfg.max_tokens, ls.seconds / 60, cfg.max_minutes)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio)
+            t_step = time.perf_counter()
+            total, parts_sum = 0.0, {}
+            for micro in range(cfg.grad_accum):
+                idx = batch_windows(n_train, job.seed, ls.step, micro, cfg.grad_accum, cfg.batch_size, rank, world)
+                ids = job.data.train[idx].to(acc.device)
+                tgt = job.teacher.targets(ids)
+                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(module)
+                with sync:
+                    loss, parts = module(ids, tgt)
+                    acc.backward(loss / cfg.grad_accum)
+                total += float(loss.detach()) / cfg.grad_accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            keeper.mask_grads()
+            if cfg.max_grad_norm is not None:
+                acc.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            keeper.apply()
+            ls.step += 1
+            ls.tokens += per_step
+            ls.seconds = time.perf_counter() - t0
+            p_done = progress(ls.tokens, cfg.max_tokens, ls.seconds / 60, cfg.max_minutes)
+            if pruner is not None and pruner.step(p_done):
+                keeper.apply()
+                ls.gradual_done = pruner.done
+            loss_all = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
+            ls.curve["train"].append(
+                {"step": ls.step, "tokens": ls.tokens, "loss": loss_all, "lr": opt.param_groups[0]["lr"], **parts_sum}
+            )
+            tok_s = per_step / max(1e-9, time.perf_counter() - t_step)
+            eta = (total_steps - ls.step) * (time.perf_counter() - t_run) / (ls.step - first_step)
+            if cfg.max_minutes is not None:
+                eta = min(eta, cfg.max_minutes * 60 - ls.seconds)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_all:.4f}", tok_s=f"{tok_s:.0f}", eta=f"{max(0.0, eta) / 60:.1f}min")
+            if ls.step % cfg.eval_every == 0:
+                evaluate()
+            due_steps = cfg.checkpoint_every is not None and ls.step % cfg.checkpoint_every == 0
+            due_time = (
+                cfg.checkpoint_minutes is not None and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes
+            )
+            if due_steps or due_time:
+                save_checkpoint()
+    except KeyboardInterrupt:  # SIGINT, and SIGTERM (llmopt.outputs.Interrupted)
+        if ls.step > first_step:
+            save_checkpoint()  # a rerun with --resume continues from here
+        raise
+    finally:
+        bar.close()
+    if pruner is not None and pruner.step(1.0):  # stopped by the clock before the last update
+        log.warning(
+            "distillation stopped before its sparsity schedule ended: target %s applied without training after it",
+            cfg.gradual.target,
+        )
+        keeper.apply()
+        ls.gradual_done = pruner.done
+    if ls.curve["heldout"][-1]["step"] != ls.step:
+        evaluate()
+    save_checkpoint()  # the finished run: a failed save of the output resumes right here
+
+    if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model.eval()
+    if pruner is not None:
+        pruner.remove()
+        for n in job.gradual_targets:
+            state.masks[n] = masks[n].cpu()
+    exact = keeper.exact()
+    fq_report = fakequant.finish(model, fqs, state.quantized)
+    for p in model.parameters():
+        p.requires_grad_(True)  # as from_pretrained leaves them
+    if orig_dtype != torch.float32:
+        model.to(orig_dtype)
+    acc.free_memory()
+    held = ls.curve["heldout"]
+    report = {
+        "steps": ls.step,
+        "tokens": ls.tokens,
+        "minutes": round(ls.seconds / 60, 2),
+        "stopped_by": stopped_by,
+        "resumed_from_step": ls.resumed_from,
+        "train_windows": n_train,
+        "heldout_windows": len(job.data.heldout),
+        "heldout_before": held[0],
+        "heldout_after": held[-1],
+        "masks_exact": exact,
+        "masked_linears": len(masks),
+        "qat_linears": len(fqs),
+        "gradual_sparsity": pruner.sparsity() if pruner is not None else None,
+        "curve": ls.curve,
+    }
+    linears = {n: {"sparsity": float(1.0 - m.float().mean())} for n, m in masks.items()}
+    for n, entry in fq_report.items():
+        linears.setdefault(n, {}).update(entry)
+    return report, linears

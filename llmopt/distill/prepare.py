@@ -1,0 +1,142 @@
+"""Before compression: check the inputs, draw the windows, build the teacher (and fill its cache).
+
+The default teacher is the recipe's input model *before any stage ran*: its top-k logits are cached
+from the very model object while it is still uncompressed, so no copy is kept. A copy (``deepcopy``,
+the model's size again in memory) is kept only when the teacher must run during training: full logits
+(``top_k: null``) or SquareHead hidden states (``hidden_weight`` > 0). ``teacher: SPEC`` loads that
+model instead (kept in memory only in the same two cases).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmopt.distill.config import DistillConfig
+from llmopt.distill.data import DistillData, check_data, distill_windows, windows_needed
+from llmopt.distill.teacher import Teacher, TopKCache, model_fingerprint
+from llmopt.errors import LLMOptError
+from llmopt.stages.base import RunContext
+
+log = logging.getLogger(__name__)
+
+QUANT_STAGES = ("rtn", "gptq")
+
+
+@dataclass
+class Prepared:
+    data: DistillData
+    teacher: Teacher
+    seed: int
+    key: str  # checkpoint key: recipe, model, stage, teacher weights, windows
+    teacher_seconds: float  # windows drawn and teacher logits cached (0 for windows already cached)
+    teacher_windows: int  # windows the teacher ran on now
+
+
+def data_spec(cfg: DistillConfig, ctx: RunContext) -> str:
+    return cfg.data if cfg.data is not None else ctx.recipe.calibration.data
+
+
+def check_inputs(cfg: DistillConfig, ctx: RunContext, index: int) -> None:
+    """One-line errors before any model is loaded: data, teacher spec, recipe order."""
+    check_data(data_spec(cfg, ctx))
+    if ctx.model_spec and (Path(ctx.model_spec).expanduser() / "quantization.json").is_file():
+        raise LLMOptError(
+            f"{ctx.model_spec} is quantized (quantization.json): distil it within the recipe that quantizes it "
+            "(e.g. gptq-q4_0-qat from the original model), so training keeps its format"
+        )
+    if cfg.gradual is not None:
+        earlier = [s.stage for s in ctx.recipe.stages[:index] if s.stage in QUANT_STAGES]
+        if earlier:
+            raise LLMOptError(
+                f"gradual sparsity prunes float weights, but stage '{earlier[0]}' quantizes the student before "
+                "it: put the quantization stage after the distill stage, or drop gradual"
+            )
+    if cfg.teacher is not None:
+        from llmopt.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.teacher)  # a missing file, folder or Hub model fails here, in one line
+        if ctx.tokenizer is not None and tok.get_vocab() != ctx.tokenizer.get_vocab():
+            raise LLMOptError(
+                f"teacher {cfg.teacher} has another tokenizer than the student: distillation compares "
+                "distributions over the same token ids"
+            )
+
+
+def _load_teacher(spec: str, device) -> nn.Module:
+    from llmopt.models import load_model
+
+    model = load_model(spec, device=None if device is None else str(device)).model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _check_compatible(teacher: nn.Module, student: nn.Module, cfg: DistillConfig) -> None:
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    vs = student.get_output_embeddings().weight.shape[0]
+    if vt != vs:
+        raise LLMOptError(f"teacher has {vt} output logits, the student {vs}: they must share the vocabulary")
+    if cfg.top_k is not None and cfg.top_k >= vs:
+        raise LLMOptError(f"top_k {cfg.top_k} is not below the vocabulary size {vs}: use top_k: null for full logits")
+    if cfg.hidden_weight > 0:
+        nt, ns = teacher.config.num_hidden_layers, student.config.num_hidden_layers
+        ht, hs = teacher.config.hidden_size, student.config.hidden_size
+        if (nt, ht) != (ns, hs):
+            raise LLMOptError(
+                f"hidden_weight (SquareHead) needs the teacher's layers and width ({nt} x {ht}) to equal the "
+                f"student's ({ns} x {hs}); set hidden_weight: 0"
+            )
+
+
+def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -> Prepared:
+    """``model`` is the uncompressed input model (no stage has run yet)."""
+    from llmopt.models import cache_root
+
+    if ctx.tokenizer is None:
+        raise LLMOptError("the distill stage needs the model's tokenizer: run it through llmopt.compress")
+    seed = cfg.seed if cfg.seed is not None else ctx.recipe.calibration.seed
+    t0 = time.perf_counter()
+    source = model if cfg.teacher is None else _load_teacher(cfg.teacher, ctx.device)
+    _check_compatible(source, model, cfg)
+    fingerprint = model_fingerprint(source)
+    data = distill_windows(
+        data_spec(cfg, ctx),
+        ctx.tokenizer,
+        cfg.seq_len,
+        cfg.heldout_windows,
+        seed,
+        windows_needed(cfg.max_tokens, cfg.seq_len),
+        model=source,
+    )
+    cache, computed = None, 0
+    if cfg.top_k is not None:  # also for hidden / CE-only runs: the held-out KL reads it
+        cache = TopKCache(cache_root(), fingerprint, cfg.top_k, cfg.temperature)
+        computed = cache.fill(source, torch.cat([data.train, data.heldout]), cfg.chunk_tokens)
+    live = None
+    if cfg.live_teacher:
+        live = copy.deepcopy(model) if cfg.teacher is None else source
+        for p in live.parameters():
+            p.requires_grad_(False)
+        live.eval()
+    h = hashlib.blake2b(digest_size=12)
+    recipe_text = ctx.recipe.model_dump_json() if ctx.recipe is not None else ""
+    for part in (recipe_text, str(ctx.model_spec), str(index), fingerprint):
+        h.update(part.encode() + b"\0")
+    h.update(data.train.numpy().tobytes())
+    h.update(data.heldout.numpy().tobytes())
+    return Prepared(
+        data=data,
+        teacher=Teacher(cache, live, want_hidden=cfg.hidden_weight > 0),
+        seed=seed,
+        key=h.hexdigest(),
+        teacher_seconds=round(time.perf_counter() - t0, 2),
+        teacher_windows=computed,
+    )

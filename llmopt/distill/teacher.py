@@ -1,0 +1,150 @@
+"""The teacher: top-k logits cached on disk once, or a live model (full logits, hidden states).
+
+Cache. For every window the teacher's k most likely tokens per position are stored with their logits,
+``logsumexp(logits / T)`` and the log of the mass outside them, at the training temperature T and at
+T = 1 (the held-out KL), in one safetensors file per window under
+``<llmopt cache>/distill-teacher/<teacher fingerprint>-k<k>-T<T>/<window hash>.safetensors`` (the cache
+root is ``$LLMOPT_CACHE`` or ``~/.cache/llmopt``). The fingerprint hashes the teacher's weights, so
+the default teacher (the input model before compression) and the same model named by its spec share
+entries, and any budget, epoch count or rerun reuses every window already there. Files are written to a
+temporary name and renamed: a killed run leaves only complete entries. A position costs k·8 + 16
+bytes (k = 64: 270 KB per 512-token window; SmolLM2's full float32 logits would take 100 MB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmopt.distill.heads import last_hidden, layer_outputs, ordered, output_head
+from llmopt.kernels.distill import teacher_buckets, topk_summary
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the stored fields change
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """blake2b of every tensor of the state dict (names, dtypes, shapes, bytes): 16 hex digits."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _window_key(window: torch.Tensor) -> str:
+    ids = window.to(torch.int64).contiguous().numpy()
+    return hashlib.blake2b(ids.tobytes(), digest_size=12).hexdigest() + f"-{ids.shape[0]}"
+
+
+@dataclass
+class Targets:
+    """The teacher's side of one batch, positions flattened: N = B·L (window after window)."""
+
+    index: torch.Tensor | None = None  # (N, k) int64 top-k ids (cached teacher)
+    top: torch.Tensor | None = None  # (N, k) float32 their logits
+    lse: torch.Tensor | None = None  # (N,) logsumexp(logits / T)
+    tail: torch.Tensor | None = None  # (N,) log mass outside the top k at T
+    lse1: torch.Tensor | None = None  # the same two at T = 1
+    tail1: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (N, V) full logits (live teacher, top_k None)
+    hidden: list[torch.Tensor] | None = None  # per decoder layer (B, L, H) (SquareHead)
+
+    def log_probs(self, rows: slice, T: float, at_one: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher log-probabilities of positions ``rows`` at temperature T (or 1): (n, k + 1) buckets
+        with their (n, k) token ids, or (n, V) and None for full logits."""
+        t = 1.0 if at_one else T
+        if self.logits is not None:
+            return torch.log_softmax(self.logits[rows].float() / t, dim=-1), None
+        lse, tail = (self.lse1, self.tail1) if at_one else (self.lse, self.tail)
+        return teacher_buckets(self.top[rows], lse[rows], tail[rows], t), self.index[rows]
+
+
+class TopKCache:
+    """Top-k teacher logits per window on disk (see the module docstring)."""
+
+    def __init__(self, root: Path, fingerprint: str, k: int, T: float):
+        self.k, self.T = k, T
+        self.dir = Path(root) / "distill-teacher" / f"{fingerprint}-k{k}-T{T:g}-v{CACHE_FORMAT}"
+
+    def path(self, window: torch.Tensor) -> Path:
+        return self.dir / f"{_window_key(window)}.safetensors"
+
+    def missing(self, windows: torch.Tensor) -> list[int]:
+        return [i for i in range(windows.shape[0]) if not self.path(windows[i]).is_file()]
+
+    @torch.no_grad()
+    def fill(self, model: nn.Module, windows: torch.Tensor, chunk_tokens: int = 512) -> int:
+        """Run the teacher on every window not cached yet; returns how many were computed."""
+        from safetensors.torch import save_file
+
+        todo = self.missing(windows)
+        if not todo:
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        device = next(model.parameters()).device
+        head = output_head(model)
+        for i in tqdm(todo, desc="teacher top-k cache", unit="window"):
+            ids = windows[i : i + 1].to(device)
+            h = last_hidden(model, ids)[0]  # (L, H)
+            parts = []
+            for c in range(0, len(h), chunk_tokens):
+                z = head(h[c : c + chunk_tokens])  # (c, V)
+                top, index, lse, tail = topk_summary(z, self.k, self.T)
+                lse1, tail1 = (lse, tail) if self.T == 1.0 else topk_summary(z, self.k, 1.0)[2:]
+                parts.append((top, index.to(torch.int32), lse, tail, lse1, tail1))
+            names = ("top", "index", "lse", "tail", "lse1", "tail1")
+            tensors = {n: torch.cat(x).contiguous().cpu() for n, x in zip(names, zip(*parts))}
+            final = self.path(windows[i])
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, final)
+        log.info("teacher cache %s: %d windows computed", self.dir, len(todo))
+        return len(todo)
+
+    def load(self, windows: torch.Tensor, device: torch.device) -> Targets:
+        """Cache entries of windows (B, L), positions flattened window after window."""
+        from safetensors.torch import load_file
+
+        entries = [load_file(str(self.path(w))) for w in windows]
+        stack = {k: torch.cat([e[k] for e in entries]).to(device) for k in entries[0]}  # (B·L, ...)
+        return Targets(
+            index=stack["index"].long(),
+            top=stack["top"],
+            lse=stack["lse"],
+            tail=stack["tail"],
+            lse1=stack["lse1"],
+            tail1=stack["tail1"],
+        )
+
+
+class Teacher:
+    """What the loop asks for per batch: cached top-k targets, and/or a live forward (full logits when
+    ``top_k`` is None, hidden states for SquareHead)."""
+
+    def __init__(self, cache: TopKCache | None, model: nn.Module | None, want_hidden: bool):
+        self.cache = cache
+        self.model = model
+        self.want_hidden = want_hidden
+
+    @torch.no_grad()
+    def targets(self, ids: torch.Tensor) -> Targets:
+        """ids: (B, L) on the training device."""
+        t = self.cache.load(ids.cpu(), ids.device) if self.cache is not None else Targets()
+        if self.model is not None and (self.cache is None or self.want_hidden):
+            with layer_outputs(self.model, enabled=self.want_hidden) as store:
+                h = last_hidden(self.model, ids)
+            if self.cache is None:
+                t.logits = output_head(self.model)(h.reshape(-1, h.shape[-1]))  # (B·L, V)
+            if self.want_hidden:
+                t.hidden = ordered(store)
+        return t
