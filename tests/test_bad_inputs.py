@@ -389,9 +389,15 @@ def calib_hf(w, t):
 
 
 # ---------------------------------------------------------------- interruptions
+def _default_sigint() -> None:
+    # A test run started in the background by a non-interactive shell (`pytest &`) ignores SIGINT, and
+    # children inherit an ignored signal: the command under test would then rightly ignore it too.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(argv) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "llmopt.cli", *map(str, argv)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)  # fmt: skip
 
 
 def wait_for_temp(out: Path, proc: subprocess.Popen, timeout: float = 240) -> list[Path]:
