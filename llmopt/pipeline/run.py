@@ -155,7 +155,9 @@ def run_pipeline(
     seconds: dict[str, float] = {}
     with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
         # compress() writes its own folder atomically: here into the (empty) temporary sibling
-        res = compress(model, rec, tmp, overwrite=True, **(compress_kwargs or {}))
+        # distill checkpoints beside the final output, so a rerun with --resume finds them
+        kw = {"checkpoint_dir": out.parent / f"{out.name}.ckpt", **(compress_kwargs or {})}
+        res = compress(model, rec, tmp, overwrite=True, **kw)
         seconds["compress"] = res.report["total_seconds"]
         artifacts: dict[str, dict] = {"transformers": {"path": ".", "spec": str(tmp), "backend": "torch"}}
         for target in opts.export:
