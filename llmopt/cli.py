@@ -14,6 +14,19 @@ import sys
 import traceback
 
 
+def _write_json(path: str, result: dict) -> None:
+    """``--json PATH``, atomically; if writing fails the result is printed, then the one-line error."""
+    from llmopt.errors import LLMOptError
+    from llmopt.outputs import write_text
+
+    text = json.dumps(result, indent=1)
+    try:
+        write_text(path, text, flag="--json")
+    except LLMOptError as e:
+        print(text)  # the results are not lost
+        raise LLMOptError(f"{e} (the JSON result is printed above)") from None
+
+
 def _eval(a: argparse.Namespace) -> int:
     from llmopt.errors import LLMOptError
     from llmopt.evaluation import evaluate, format_result
@@ -40,14 +53,7 @@ def _eval(a: argparse.Namespace) -> int:
     )
     print(format_result(r), flush=True)
     if a.json:
-        from llmopt.outputs import write_text
-
-        text = json.dumps(r.to_dict(), indent=1)
-        try:
-            write_text(a.json, text, flag="--json")
-        except LLMOptError as e:
-            print(text)  # the results are not lost
-            raise LLMOptError(f"{e} (the JSON result is printed above)") from None
+        _write_json(a.json, r.to_dict())
     return 0
 
 
@@ -231,15 +237,7 @@ def _harness(a: argparse.Namespace) -> int:
     )
     print(h.format_harness(r), flush=True)
     if a.json:
-        from llmopt.errors import LLMOptError
-        from llmopt.outputs import write_text
-
-        text = json.dumps(r, indent=1)
-        try:
-            write_text(a.json, text, flag="--json")
-        except LLMOptError as e:
-            print(text)  # the results are not lost
-            raise LLMOptError(f"{e} (the JSON result is printed above)") from None
+        _write_json(a.json, r)
     return 0
 
 
