@@ -84,7 +84,6 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
     from llmopt.pipeline.report import HEADER, markdown_table, table_rows
     from llmopt.recipe import apply_calibration_overrides, parse_recipe
 
-    opts.check()  # bad export target, data, include path, repo id: before any model is loaded
     rec = apply_calibration_overrides(
         parse_recipe(a.recipe),
         data=a.calib,
@@ -93,6 +92,8 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
         seed=a.seed,
         true_sequential=a.true_sequential,
     )
+    opts = opts.with_recipe(rec)
+    opts.check()  # bad export target, data, include path, repo id: before any model is loaded
     from llmopt.pipeline.run import model_parameter_count
 
     n = model_parameter_count(a.model)
@@ -332,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--eval", action="store_true", help="evaluate every artifact and the input model (ppl, KL, size, speed)"
     )
-    c.add_argument("--eval-data", default="wikitext2", help="evaluation data spec (as `llmopt eval --data`)")
-    c.add_argument("--eval-seq-len", type=int, default=2048)
-    c.add_argument("--eval-windows", type=int, default=8, help="evaluation windows (default 8)")
+    c.add_argument(
+        "--eval-data", help="evaluation data spec (as `llmopt eval --data`; default: the recipe's evaluation.data)"
+    )
+    c.add_argument("--eval-seq-len", type=int, help="tokens per evaluation window (default: the recipe's, 2048)")
+    c.add_argument("--eval-windows", type=int, help="evaluation windows (default: the recipe's, 8)")
     c.add_argument(
         "--speed", action=argparse.BooleanOptionalAction, default=True, help="time prefill/decode (default on)"
     )

@@ -93,6 +93,23 @@ class CalibrationConfig(StrictModel):
         return v
 
 
+class EvaluationConfig(StrictModel):
+    """What ``llmopt compress --eval`` measures every artifact on, unless ``--eval-data``,
+    ``--eval-seq-len`` or ``--eval-windows`` say otherwise (saved with the recipe, shown in the report)."""
+
+    data: str = "wikitext2"
+    seq_len: int = Field(2048, ge=16)
+    windows: int | None = Field(8, ge=1)  # None = every window of the text
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
+        from llmopt.data import parse_data_spec
+
+        parse_data_spec(v)
+        return v
+
+
 class StageConfig(StrictModel):
     """Fields every stage has: which nn.Linear modules it touches (fnmatch patterns on module names)."""
 
@@ -112,6 +129,7 @@ def _recipe_model() -> type[BaseModel]:
         name: str | None = None
         description: str | None = None
         calibration: CalibrationConfig = CalibrationConfig()
+        evaluation: EvaluationConfig = EvaluationConfig()
         stages: list[StageUnion] = Field(min_length=1)  # type: ignore[valid-type]
 
     return Recipe
@@ -146,6 +164,8 @@ def _one_line(err: ValidationError, raw: dict) -> str:
         ctx = "recipe"
         if loc[0] == "calibration":
             model, ctx = CalibrationConfig, "calibration"
+        elif loc[0] == "evaluation":
+            model, ctx = EvaluationConfig, "evaluation"
         elif loc[0] == "stages" and len(loc) >= 3:
             model = REGISTRY[loc[2]].Config
             ctx = f"stage {int(loc[1]) + 1} ({loc[2]})"

@@ -134,3 +134,29 @@ def test_report_of_a_folder_without_one(tmp_path):
 
     with pytest.raises(LLMOptError, match="has no report.json"):
         load_report(tmp_path)
+
+
+def test_evaluation_settings_come_from_the_recipe_unless_given():
+    from llmopt.recipe import parse_recipe
+
+    rec = parse_recipe({**RECIPE, "evaluation": {"data": "self:2", "seq_len": 128, "windows": 3}})
+    o = PipelineOptions(eval=True).with_recipe(rec)
+    assert (o.eval_data, o.eval_seq_len, o.eval_windows) == ("self:2", 128, 3)
+    o = PipelineOptions(eval=True, eval_data="wikitext2", eval_windows=5).with_recipe(rec)
+    assert (o.eval_data, o.eval_seq_len, o.eval_windows) == ("wikitext2", 128, 5)  # the command line wins
+    o = PipelineOptions(eval=True).with_recipe(parse_recipe(RECIPE))  # no section: the defaults
+    assert (o.eval_data, o.eval_seq_len, o.eval_windows) == ("wikitext2", 2048, 8)
+    assert parse_recipe(RECIPE).evaluation.windows == 8
+
+
+def test_quickstart_runs_offline_on_the_local_text():
+    """The README's main command names no data: the quickstart recipe's calibration, distillation and
+    evaluation data are the local WikiText-2 text (first half / second half), never the Hub."""
+    from llmopt.data import parse_data_spec
+    from llmopt.recipe import parse_recipe
+
+    rec = parse_recipe("quickstart")
+    cal, ev = parse_data_spec(rec.calibration.data), parse_data_spec(rec.evaluation.data)
+    assert cal.kind == ev.kind == "text" and cal.path == ev.path
+    assert cal.fraction == (0.0, 0.5) and ev.fraction == (0.5, 1.0)
+    assert [s.stage for s in rec.stages] == ["sparsegpt", "gptq", "distill"] and rec.stages[-1].data is None

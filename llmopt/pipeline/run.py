@@ -44,9 +44,10 @@ class PipelineOptions:
 
     export: tuple[str, ...] = ()
     eval: bool = False
-    eval_data: str = "wikitext2"
-    eval_seq_len: int = 2048
-    eval_windows: int | None = 8
+    # None: the recipe's ``evaluation`` section (see :meth:`with_recipe`)
+    eval_data: str | None = None
+    eval_seq_len: int | None = None
+    eval_windows: int | None = None
     speed: bool = True
     threads: int | None = None
     harness_tasks: str | None = None
@@ -68,7 +69,22 @@ class PipelineOptions:
             raise LLMOptError(f"unknown --export target {bad[0]!r}; valid: {', '.join(EXPORTS)} (comma-separated)")
         return tuple(dict.fromkeys(parts))
 
+    def with_recipe(self, recipe) -> PipelineOptions:
+        """These options with the evaluation settings the command line left open taken from the recipe's
+        ``evaluation`` section (a recipe without one: wikitext2, 8 windows of 2048 tokens)."""
+        from dataclasses import replace
+
+        ev = getattr(recipe, "evaluation", None)
+        return replace(
+            self,
+            eval_data=self.eval_data or (ev.data if ev else "wikitext2"),
+            eval_seq_len=self.eval_seq_len or (ev.seq_len if ev else 2048),
+            eval_windows=self.eval_windows if self.eval_windows is not None else (ev.windows if ev else 8),
+        )
+
     def check(self) -> None:
+        if self.eval_data is None or self.eval_seq_len is None:
+            raise LLMOptError("internal: PipelineOptions.check() before with_recipe()")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise LLMOptError(f"--eval-windows must be >= 1, got {self.eval_windows}")
         if self.eval_seq_len < 16:
@@ -110,7 +126,8 @@ def model_parameter_count(spec: str) -> int | None:
 
 def estimate_seconds(n_params: int, recipe, opts: PipelineOptions) -> float:
     """A rough duration, scaled from this project's measurements on the embedded model (SmolLM2-135M,
-    2 CPU cores): a GPTQ/SparseGPT pass over 32 x 512 calibration tokens ~150 s, a GGUF export ~10 s, an
+    2 CPU cores): a GPTQ/SparseGPT pass over 32 x 512 calibration tokens ~150 s, distillation at ~80 tokens/s
+    up to its wall-clock budget, a GGUF export ~10 s, an
     ONNX export ~40 s, one backend's evaluation of 8 x 2048 tokens with speed ~60 s (with the base)."""
     scale = n_params / 135e6
     cal = recipe.calibration
@@ -122,8 +139,13 @@ def estimate_seconds(n_params: int, recipe, opts: PipelineOptions) -> float:
             s += 150 * scale * tokens
         elif name in ("rtn", "magnitude"):
             s += 5 * scale
-        elif name == "distill":
-            s += 60 * float(getattr(st, "max_minutes", None) or 5)
+        elif name == "structured":
+            s += 30 * scale * tokens  # one forward pass with importance hooks
+        elif name == "distill":  # ~80 (QAT) to ~110 trained tokens/s; teacher top-k ~1.4 s per 512 tokens, cached
+            train = st.max_tokens * scale / 80
+            if st.max_minutes:
+                train = min(train, 60 * st.max_minutes)
+            s += train + min(st.max_tokens / 512, 240) * 1.4 * scale
     s += (10 * ("gguf" in opts.export) + 40 * ("onnx" in opts.export)) * scale
     if opts.eval:
         windows = (opts.eval_windows or 32) * opts.eval_seq_len / (8 * 2048)
@@ -148,8 +170,9 @@ def run_pipeline(
     from llmopt.outputs import atomic_output, preflight
     from llmopt.recipe import parse_recipe
 
-    opts.check()
     rec = recipe if not isinstance(recipe, str | Path | dict) else parse_recipe(recipe)
+    opts = opts.with_recipe(rec)
+    opts.check()
     out = preflight(output, overwrite=overwrite, kind="folder")
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}

@@ -184,8 +184,15 @@ def _export_float(model: torch.nn.Module, folder: Path, opset: int | None) -> No
 
     logging.getLogger("optimum").setLevel(logging.ERROR)
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    import warnings
+
     try:
-        onnx_export_from_model(model, folder, opset=opset, task=TASK, do_validation=False)
+        with warnings.catch_warnings():
+            # the tracer's expected notes (Python booleans from tensors in the cache / mask code, advanced
+            # indexing in opset 18): the graph is checked against torch's logits, the warnings only alarm users
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx\..*")
+            onnx_export_from_model(model, folder, opset=opset, task=TASK, do_validation=False)
     except Exception as e:  # optimum/torch raise many kinds; one line for the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LLMOptError(f"optimum's ONNX exporter failed on {model.config.model_type}: {msg}") from e
