@@ -125,6 +125,7 @@ def compress_model(
     state = CompressionState()
     t0 = time.perf_counter()
     ctx = context if context is not None else RunContext(recipe=recipe)
+    ctx.windows = windows
     for st in stages:  # whole-model stages look at the model before any stage changed it (teacher cache)
         if st.whole_model:
             st.prepare(model, ctx)
@@ -156,6 +157,9 @@ def compress_model(
             report = st.run_model(model, state, ctx)
             state.stage_reports[f"{st.index}:{st.name}"] = {**report, "seconds": round(time.perf_counter() - t1, 2)}
             i += 1
+            # a whole-model stage may have replaced Linears (structured pruning: smaller ones): the later
+            # stages' targets and width checks are taken again on the model as it is now
+            targets.update(_preflight(model, stages[i:]))
         else:
             st = stages[i]
             for name, lin in targets[st.index]:

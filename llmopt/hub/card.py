@@ -132,6 +132,10 @@ def _stage_kinds(report: dict | None) -> tuple[list[str], bool, bool]:
         cfg = configs[int(i)] if i.isdigit() and int(i) < len(configs) else {}
         pruned |= "sparsity" in cfg and "bits_per_weight" not in s
         quantized |= "bits_per_weight" in s
+    for key in (report or {}).get("model_stages", {}):  # whole-model stages: structured, distill
+        name = key.split(":", 1)[1]
+        names.append(name)
+        pruned |= name == "structured"
     return names, pruned, quantized
 
 
@@ -141,10 +145,12 @@ def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> Mode
     names, pruned, quantized = _stage_kinds(a.report)
     tags = ["llmopt"]
     if pruned:
-        tags += ["sparse", "pruned"]
+        sparse = any(n in ("sparsegpt", "wanda", "magnitude") for n in names)  # structured pruning stays dense
+        tags += ["sparse", "pruned"] if sparse else ["pruned"]
     if quantized:
         tags += ["quantized"]
     tags += [n for n in names if n in ("sparsegpt", "wanda", "gptq")]
+    tags += [t for n, t in (("structured", "structured-pruning"), ("distill", "distillation")) if n in names]
     if a.ggufs:
         tags.append("gguf")
     if a.onnx_dirs:

@@ -6,6 +6,7 @@ from llmopt.stages.base import Stage
 from llmopt.stages.distill import DistillStage
 from llmopt.stages.pruning import MagnitudeStage, SparseGPTStage, WandaStage
 from llmopt.stages.quantization import GPTQStage, RTNStage
+from llmopt.stages.structured import StructuredStage
 
 REGISTRY: dict[str, type[Stage]] = {
     "magnitude": MagnitudeStage,
@@ -14,6 +15,7 @@ REGISTRY: dict[str, type[Stage]] = {
     "rtn": RTNStage,
     "gptq": GPTQStage,
     "distill": DistillStage,
+    "structured": StructuredStage,
 }
 
 

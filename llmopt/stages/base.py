@@ -145,6 +145,7 @@ class RunContext:
     resume: bool = False  # continue from a checkpoint of an interrupted identical run
     recipe: object | None = None  # the parsed recipe (calibration defaults, checkpoint keys)
     device: object | None = None  # torch.device the model runs on
+    windows: torch.Tensor | None = None  # (N, L) calibration token ids, when the recipe needs data
 
 
 class Stage:

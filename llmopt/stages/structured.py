@@ -1,0 +1,56 @@
+"""The structured stage: a thin adapter from the recipe entry to :mod:`llmopt.structured`.
+
+A whole-model stage: one forward pass over the calibration windows scores channels, heads and layers
+on the model as the stages before it left it, then the model is cut to a smaller dense one (new config
+sizes). It must come before any pruning or quantization stage: their masks and codes name Linears of
+the uncut shapes."""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+from torch import nn
+
+from llmopt.errors import LLMOptError
+from llmopt.stages.base import CompressionState, RunContext, Stage
+from llmopt.structured.config import StructuredConfig
+
+
+class StructuredStage(Stage):
+    name = "structured"
+    Config: ClassVar = StructuredConfig
+    statistic = "none"
+    whole_model = True
+    cfg: StructuredConfig
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        from llmopt.structured.layout import check_supported
+
+        check_supported(model)  # before any slow work: a one-line error for other architectures
+        return []
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> None:
+        from llmopt.structured.layout import check_supported, sizes_of
+        from llmopt.structured.plan import target_sizes
+
+        target_sizes(self.cfg, sizes_of(model), check_supported(model))  # impossible sizes: fail now
+
+    def run_model(self, model: nn.Module, state: CompressionState, ctx: RunContext) -> dict:
+        from llmopt.structured import measure, prune
+
+        if state.masks or state.quantized:
+            raise LLMOptError("the structured stage must come before pruning and quantization stages in the recipe")
+        if ctx.windows is None:
+            raise LLMOptError("the structured stage ranks channels on calibration data: give --calib")
+        batch = ctx.recipe.calibration.batch_size if ctx.recipe is not None else 4
+        t0 = time.perf_counter()
+        imp = measure(model, ctx.windows, batch_size=batch)
+        t1 = time.perf_counter()
+        report = prune(model, self.cfg, imp)
+        report.update(importance_seconds=round(t1 - t0, 2), cut_seconds=round(time.perf_counter() - t1, 2))
+        return report

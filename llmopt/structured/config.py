@@ -1,0 +1,65 @@
+"""The structured stage's recipe entry: target sizes, validated once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from llmopt.recipe import StageConfig
+
+Axis = Literal["mlp", "heads", "hidden", "depth"]
+Size = int | float | None
+
+
+def _check_size(name: str, v: Size) -> Size:
+    if v is None:
+        return v
+    if isinstance(v, bool):
+        raise ValueError(f"{name} is a size (an integer) or a fraction kept (0 < f <= 1), got {v}")
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"{name} as a size must be >= 1, got {v}")
+    elif not 0.0 < v <= 1.0:
+        raise ValueError(f"{name} as a fraction kept must be in (0, 1], got {v}")
+    return v
+
+
+class StructuredConfig(StageConfig):
+    """Remove MLP channels, attention heads (whole K/V groups), hidden channels and decoder layers,
+    ranked on the calibration data (see :mod:`llmopt.kernels.structured`), leaving a smaller dense model.
+
+    Each size is an integer (the new size, e.g. ``intermediate_size: 1152``, ``num_layers: 24``) or a
+    float in (0, 1] (the fraction kept, e.g. ``intermediate_size: 0.75``). Or ``params``: the fraction
+    of the non-embedding parameters kept, reached by shrinking each of ``axes`` by one common factor.
+    Widths are rounded down to multiples of ``round_to`` (32 keeps q4_0 / MatMulNBits blocks whole).
+    Widths are uniform across layers: a Hugging Face config has one ``intermediate_size`` and one head
+    count for all layers, so per-layer widths could not be loaded with ``from_pretrained``.
+    """
+
+    stage: Literal["structured"]
+    intermediate_size: Size = None
+    num_attention_heads: Size = None  # query heads kept; a multiple of the heads per K/V group
+    hidden_size: Size = None
+    num_layers: Size = None
+    params: float | None = Field(None, gt=0.0, lt=1.0)
+    axes: list[Axis] = ["mlp", "hidden", "depth"]  # what ``params`` shrinks
+    round_to: int = Field(32, ge=1)
+
+    @field_validator("intermediate_size", "num_attention_heads", "hidden_size", "num_layers")
+    @classmethod
+    def _size(cls, v: Size, info) -> Size:
+        return _check_size(info.field_name, v)
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        explicit = [
+            k for k in ("intermediate_size", "num_attention_heads", "hidden_size", "num_layers") if getattr(self, k)
+        ]
+        if self.params is not None and explicit:
+            raise ValueError(f"give either params or explicit sizes, not both (got params and {explicit[0]})")
+        if self.params is None and not explicit:
+            raise ValueError("give params (fraction of non-embedding parameters kept) or at least one size")
+        if self.params is not None and not self.axes:
+            raise ValueError("params needs at least one axis (mlp, heads, hidden, depth)")
+        return self
