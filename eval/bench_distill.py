@@ -84,6 +84,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="training wall clock per row (max_minutes)")
     ap.add_argument("--max-tokens", type=int, default=1_000_000, help="token budget per row (max_tokens)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument(
+        "--before-only",
+        default="",
+        help="comma-separated rows measured without their distill run (e.g. sparsegpt-70: the one-shot reference)",
+    )
     ap.add_argument("--windows", type=int, default=8, help="2048-token evaluation windows")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "distill"))
@@ -109,6 +114,16 @@ def main() -> None:
             rep0 = run_compress(recipe(stages), work / f"{name}-0")
             r0 = evaluate_folder(str(work / f"{name}-0"), dense, args.seq_len, args.windows)
             cleanup(work / f"{name}-0")
+            if name in args.before_only.split(","):
+                sparsity = next((s.get("sparsity") for s in rep0["stages"].values() if "sparsity" in s), None)
+                rec = dict(row=name, label=label, ppl_before=r0.perplexity, kl_before=r0.kl.mean, final_sparsity=sparsity)
+                rec.update(compress_seconds_before=rep0["total_seconds"], peak_rss_mib_before=rep0["peak_rss_mib"])
+                records.append(rec)
+                rows.append([label + " (no distillation)", fmt(r0.perplexity, 2), "", "", "", fmt(r0.kl.mean, 4)])
+                rows[-1] += ["", "", "", fmt(rep0["total_seconds"] / 60, 1), fmt(rep0["peak_rss_mib"] / 1024, 2)]
+                print(rows[-1], flush=True)
+                _write(args, dense_r, records, rows)
+                continue
             t0 = time.perf_counter()
             rep1 = run_compress(recipe([*stages, entry]), work / name)
             wall = time.perf_counter() - t0
@@ -193,7 +208,8 @@ def _write(args, dense_r, records: list[dict], rows: list[list[str]]) -> None:
         "",
         markdown_table(header, rows),
         "",
-        f"Machine: {machine_note()}. Produced by `python eval/bench_distill.py --minutes {args.minutes:g}`.",
+        f"Machine: {machine_note()}. Produced by `python eval/bench_distill.py --minutes {args.minutes:g} "
+        f"--rows {args.rows}" + (f" --before-only {args.before_only}`." if args.before_only else "`."),
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"dense_ppl": dense_r.perplexity, "rows": records}, indent=1))
@@ -206,6 +222,8 @@ def _plot(records: list[dict], path: Path) -> None:
     fig = Figure(figsize=(8, 4.5), dpi=110)
     ax = fig.subplots()
     for r in records:
+        if "curve" not in r:
+            continue
         held = r["curve"]["heldout"]
         ax.plot([h["tokens"] for h in held], [h["kl"] for h in held], "o-", ms=3, label=r["label"])
     ax.set_xlabel("tokens trained")

@@ -53,8 +53,8 @@ class CachedBackend:
         return self._cache[key].float()
 
 
-def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = None) -> dict:
-    """``llmopt compress`` in a fresh process; returns its report (times, peak RSS)."""
+def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = None, model: str = MODEL) -> dict:
+    """``llmopt compress`` of ``model`` in a fresh process; returns its report (times, peak RSS)."""
     if isinstance(recipe, dict):
         import yaml
 
@@ -67,7 +67,7 @@ def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = No
         "-m",
         "llmopt.cli",
         "compress",
-        MODEL,
+        model,
         "--recipe",
         recipe,
         "--output",

@@ -1,0 +1,218 @@
+"""Structured-pruning benchmark on the bundled SmolLM2-135M: smaller dense models, what distillation wins
+back, and what they buy in llama.cpp speed.
+
+Rows per shipped structured config (structured-mlp25, structured-depth20, minitron-75 = the structured
+entry of minitron-75-distill): the cut alone ("before"), the cut + a distill stage with the shipped
+distill settings and ``--minutes`` of training ("after", the first stages of minitron-75-distill), and
+that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0 settings (= minitron-75-distill-q4_0's
+last stage, on the same calibration windows), each exported to GGUF (F32 and q4_0, q8_0 token embedding
+as in the dense files). References: the dense model as F32 GGUF and llama.cpp's own Q4_0 and Q4_K_M of
+it (no imatrix). Every file runs in llama.cpp on the same windows (second half of WikiText-2 valid,
+2048-token windows), KL against the dense F32 GGUF; speed: 512-token prompt, 128 greedy tokens.
+Writes eval/results/structured.md, .json and .png (perplexity vs decode tok/s).
+
+    python eval/bench_structured.py [--minutes 30] [--rows mlp25,depth20,minitron-75] [--windows 8]
+    python eval/bench_structured.py --minutes 1 --max-tokens 4096 --rows minitron-75 --windows 2 --out /tmp/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    EVAL,
+    MODEL,
+    REPO,
+    CachedBackend,
+    cleanup,
+    fmt,
+    machine_note,
+    markdown_table,
+    require_text,
+    run_compress,
+)
+
+EMB = "q8_0"
+
+
+def shipped_stage(recipe: str, kind: str) -> dict:
+    """The first ``kind`` stage of a shipped recipe, as the YAML says it (so the benchmark runs the configs)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
+    return next(s for s in raw["stages"] if s["stage"] == kind)
+
+
+ROWS = {
+    "mlp25": ("MLP -25%", "structured-mlp25"),
+    "depth20": ("depth -20%", "structured-depth20"),
+    "minitron-75": ("Minitron 75% (width + depth)", "minitron-75-distill"),
+}
+
+
+def gguf_eval(path: Path, base, args) -> dict:
+    from llmopt.evaluation import evaluate
+
+    r = evaluate(
+        str(path),
+        data=EVAL,
+        seq_len=args.seq_len,
+        max_windows=args.windows,
+        base=base,
+        speed=True,
+        threads=args.threads,
+        progress=False,
+    )
+    return dict(
+        ppl=r.perplexity,
+        kl=r.kl.mean if r.kl is not None else 0.0,
+        top1=r.kl.top1_agreement if r.kl is not None else 1.0,
+        mib=path.stat().st_size / 2**20,
+        prefill=r.speed.prefill_tok_s,
+        decode=r.speed.decode_tok_s,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=30.0, help="distillation wall clock per row")
+    ap.add_argument("--max-tokens", type=int, default=1_000_000)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(REPO / "eval" / "results" / "structured"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    require_text()
+    names = args.rows.split(",")
+    if any(n not in ROWS for n in names):
+        sys.exit(f"unknown rows; valid: {', '.join(ROWS)}")
+
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+    from llmopt.exporters import export_gguf
+
+    cal = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}  # run_compress passes --calib
+    distill = shipped_stage("minitron-75-distill", "distill") | {"max_minutes": args.minutes, "max_tokens": args.max_tokens}
+    q4 = shipped_stage("gptq-q4_0", "gptq")
+    work = Path(tempfile.mkdtemp(prefix="bench-structured-"))
+    records: list[dict] = []
+    try:
+        f32 = work / "dense-f32.gguf"
+        export_gguf(MODEL, str(f32), type="f32")
+        base = CachedBackend(LlamaCppBackend(str(f32), threads=args.threads))
+        for label, how in (("dense F32", "f32"), ("dense Q4_0 (llama.cpp)", "q4_0"), ("dense Q4_K_M (llama.cpp)", "q4_k_m")):
+            path = f32 if how == "f32" else work / f"dense-{how}.gguf"
+            if how != "f32":
+                export_gguf(MODEL, str(path), type=how, embedding_type=EMB, threads=args.threads)
+            records.append(dict(row="dense", label=label, fmt=how.upper(), params=134_515_008, **gguf_eval(path, base, args)))
+            print(records[-1], flush=True)
+        for name in names:
+            label, recipe = ROWS[name]
+            cut = shipped_stage(recipe, "structured")
+            for phase, stages in (("before", [cut]), ("after", [cut, distill])):
+                folder = work / f"{name}-{phase}"
+                rep = run_compress({"calibration": cal, "stages": stages}, folder)
+                st = rep["model_stages"]["0:structured"]
+                d = rep["model_stages"].get("1:distill", {})
+                gg = work / f"{name}-{phase}-f32.gguf"
+                export_gguf(str(folder), str(gg), type="f32")
+                common = dict(
+                    row=name,
+                    phase=phase,
+                    params=st["params_after"],
+                    non_embedding_fraction=st["non_embedding_fraction"],
+                    sizes=st["after"],
+                    tokens=d.get("tokens"),
+                    train_minutes=d.get("minutes"),
+                    compress_seconds=rep["total_seconds"],
+                )
+                records.append(dict(label=f"{label}, {phase} distill", fmt="F32", **common, **gguf_eval(gg, base, args)))
+                print(records[-1], flush=True)
+                cleanup(gg)
+                if phase == "after":  # + GPTQ q4_0 on the distilled model: minitron-75-distill-q4_0
+                    qf = work / f"{name}-q4_0"
+                    rq = run_compress({"calibration": cal, "stages": [q4]}, qf, model=str(folder))
+                    gq = work / f"{name}-q4_0.gguf"
+                    export_gguf(str(qf), str(gq), type="auto", embedding_type=EMB)
+                    row = dict(label=f"{label}, distilled + GPTQ q4_0", fmt="Q4_0", **common, **gguf_eval(gq, base, args))
+                    row["compress_seconds"] += rq["total_seconds"]
+                    records.append(row)
+                    print(records[-1], flush=True)
+                    cleanup(qf)
+                    cleanup(gq)
+                cleanup(folder)
+                write(args, records)
+    finally:
+        cleanup(work)
+    write(args, records)
+
+
+def write(args, records: list[dict]) -> None:
+    dense_q4 = next((r for r in records if r["label"].startswith("dense Q4_0")), None)
+    dense_ppl = next((r["ppl"] for r in records if r["label"] == "dense F32"), None)
+    header = ["model", "GGUF", "params M", "non-emb kept", "MiB", "ppl", "ppl / dense", "KL", "top-1",
+              "prefill tok/s", "decode tok/s", "decode vs dense Q4_0", "trained tokens"]
+    rows = []
+    for r in records:
+        rows.append([
+            r["label"],
+            r["fmt"],
+            fmt(r["params"] / 1e6, 1),
+            fmt(r.get("non_embedding_fraction", 1.0), 3),
+            fmt(r["mib"], 1),
+            fmt(r["ppl"], 2),
+            fmt(r["ppl"] / dense_ppl, 3) + "x" if dense_ppl else "",
+            fmt(r["kl"], 4),
+            fmt(r["top1"], 3),
+            fmt(r["prefill"], 0),
+            fmt(r["decode"], 1),
+            fmt(r["decode"] / dense_q4["decode"], 2) + "x" if dense_q4 else "",
+            f"{r['tokens']:,}" if r.get("tokens") else "",
+        ])
+    md = [
+        "# Structured pruning: SmolLM2-135M-Instruct (bundled), run by llama.cpp",
+        "",
+        f"{args.windows} windows x {args.seq_len} tokens of the second half of WikiText-2 `valid.nounk.txt`; KL "
+        "against the dense F32 GGUF; calibration / training: the first half (32 x 512 calibration windows; "
+        f"distillation: 512-token windows, shipped distill settings, budget {args.minutes:g} min or "
+        f"{args.max_tokens:,} tokens). Speed: 512-token prompt, 128 greedy tokens, {args.threads} threads. Token "
+        f"embedding {EMB} in every quantized file.",
+        "",
+        markdown_table(header, rows),
+        "",
+        f"Machine: {machine_note()}. Produced by `python eval/bench_structured.py --minutes {args.minutes:g}`.",
+    ]
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    Path(args.out + ".json").write_text(json.dumps({"rows": records}, indent=1))
+    plot(records, Path(args.out + ".png"))
+
+
+def plot(records: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=110)
+    ax = fig.subplots()
+    for r in records:
+        marker = "s" if r["row"] == "dense" else ("o" if r["fmt"] == "F32" else "D")
+        ax.scatter(r["decode"], r["ppl"], marker=marker)
+        ax.annotate(r["label"], (r["decode"], r["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("llama.cpp decode tokens/s")
+    ax.set_ylabel("perplexity (WikiText-2 valid, 2nd half)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("structured pruning: perplexity vs decode speed (squares: dense, diamonds: q4_0)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
