@@ -47,6 +47,7 @@ def test_artifacts_report_and_card(run):
         assert (out / name).is_file(), name
     assert (out / "README.md").is_file()
     assert [r["artifact"] for r in report["rows"]] == ["input", "transformers", "gguf", "onnx"]
+    assert report["output"] == out.name  # the run's name in `llmopt report` tables, not an artifact's
     assert load_report(out) == json.loads((out / "report.json").read_text())
     rows = {r["artifact"]: r for r in report["rows"]}
     # the same stored q4_0 codes in every runtime: torch, llama.cpp and ONNX Runtime agree on perplexity

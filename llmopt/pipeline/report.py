@@ -58,19 +58,19 @@ def build_report(
     rows = []
     if evals.get("input"):
         rows.append(_row("input", {"path": model, "backend": "torch"}, evals.get("input"), None, 32.0))
-    for name, a in artifacts.items():
+    for art, a in artifacts.items():
         path = folder / a["path"]
         exp = a.get("export", {})
-        row_bpw = exp.get("linear_bits_per_weight", exp.get("bits_per_weight", bpw if name != "transformers" else None))
-        if name == "transformers":
+        row_bpw = exp.get("linear_bits_per_weight", exp.get("bits_per_weight", bpw if art != "transformers" else None))
+        if art == "transformers":
             row_bpw = None  # the HF folder stores dequantized float weights (codes are a side file)
-        rows.append(_row(name, a, evals.get(name), _bytes(path, transformers=name == "transformers"), row_bpw))
+        rows.append(_row(art, a, evals.get(art), _bytes(path, transformers=art == "transformers"), row_bpw))
     harness_rows = []
-    for name, r in harness.items():
+    for art, r in harness.items():
         for task, t in (r.get("tasks") or {}).items():
             for metric, v in ((t or {}).get("metrics") or {}).items():
                 if isinstance(v, dict) and "value" in v:
-                    harness_rows.append({"artifact": name, "task": task, "metric": metric, **v})
+                    harness_rows.append({"artifact": art, "task": task, "metric": metric, **v})
     return {
         "kind": REPORT_KIND,
         "model": model,
