@@ -61,6 +61,10 @@ def test_artifacts_report_and_card(run):
     assert g["size_bytes"] == (out / "model.gguf").stat().st_size
     card = ModelCard.load(out / "README.md")
     assert "llmopt" in card.data.tags
+    # model-index: this model's artifacts only (3 perplexities); the input model is a reference row in the text
+    ppl = sorted(e.metric_value for e in card.data.eval_results if e.metric_type == "perplexity")
+    assert ppl == sorted(round(rows[n]["perplexity"], 4) for n in ("transformers", "gguf", "onnx")), ppl
+    assert "input model (reference)" in card.text
     for name in ("input", "transformers", "gguf", "onnx"):
         ev = json.loads((out / "eval" / f"{name}.json").read_text())
         assert ev["perplexity"] == rows[name]["perplexity"]

@@ -159,7 +159,9 @@ def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> Mode
     relation = "quantized" if quantized else "finetune" if pruned else None
     library = "transformers" if a.transformers else "gguf" if a.ggufs else "onnx" if a.onnx_dirs else None
     results = []
-    for _, r in a.evals:
+    for rel, r in a.evals:
+        if _is_input_eval(a, rel, r):  # the base model's numbers are not this model's results
+            continue
         ds_id, ds_name, config, split = _dataset(str(r["data"]))
         what = f"{r['backend']}, {r['seq_len']}-token windows x {r['windows']}"
         metrics = [("perplexity", f"Perplexity ({what})", r["perplexity"])]
@@ -240,6 +242,11 @@ def _shipped_summary(name: str | None) -> str:
     return recipe_summary(p) if p else ""
 
 
+def _is_input_eval(a: Artifacts, rel: str, r: dict) -> bool:
+    """An evaluation of the input model (``llmopt compress --eval`` writes it as eval/input.json)."""
+    return rel == "eval/input.json" or r.get("model") == "input model"
+
+
 def _eval_table(a: Artifacts) -> list[str]:
     if not a.evals:
         if a.harness:
@@ -250,9 +257,11 @@ def _eval_table(a: Artifacts) -> list[str]:
         "| top-1 agreement | prefill tok/s | decode tok/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for _, r in a.evals:
+    for rel, r in a.evals:
         model = str(r.get("model", ""))
         artifact = Path(model).name if model.endswith(".gguf") else "ONNX" if r["backend"] == "onnx" else "model"
+        if _is_input_eval(a, rel, r):
+            artifact = "input model (reference)"
         kl, sp = r.get("kl") or {}, r.get("speed") or {}
         top1 = kl.get("top1_agreement")
         lines.append(
