@@ -116,7 +116,9 @@ def main() -> None:
             cleanup(work / f"{name}-0")
             if name in args.before_only.split(","):
                 sparsity = next((s.get("sparsity") for s in rep0["stages"].values() if "sparsity" in s), None)
-                rec = dict(row=name, label=label, ppl_before=r0.perplexity, kl_before=r0.kl.mean, final_sparsity=sparsity)
+                rec = dict(
+                    row=name, label=label, ppl_before=r0.perplexity, kl_before=r0.kl.mean, final_sparsity=sparsity
+                )
                 rec.update(compress_seconds_before=rep0["total_seconds"], peak_rss_mib_before=rep0["peak_rss_mib"])
                 records.append(rec)
                 rows.append([label + " (no distillation)", fmt(r0.perplexity, 2), "", "", "", fmt(r0.kl.mean, 4)])

@@ -101,7 +101,10 @@ def main() -> None:
     from llmopt.exporters import export_gguf
 
     cal = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}  # run_compress passes --calib
-    distill = shipped_stage("minitron-75-distill", "distill") | {"max_minutes": args.minutes, "max_tokens": args.max_tokens}
+    distill = shipped_stage("minitron-75-distill", "distill") | {
+        "max_minutes": args.minutes,
+        "max_tokens": args.max_tokens,
+    }
     q4 = shipped_stage("gptq-q4_0", "gptq")
     work = Path(tempfile.mkdtemp(prefix="bench-structured-"))
     records: list[dict] = []
@@ -109,11 +112,17 @@ def main() -> None:
         f32 = work / "dense-f32.gguf"
         export_gguf(MODEL, str(f32), type="f32")
         base = CachedBackend(LlamaCppBackend(str(f32), threads=args.threads))
-        for label, how in (("dense F32", "f32"), ("dense Q4_0 (llama.cpp)", "q4_0"), ("dense Q4_K_M (llama.cpp)", "q4_k_m")):
+        for label, how in (
+            ("dense F32", "f32"),
+            ("dense Q4_0 (llama.cpp)", "q4_0"),
+            ("dense Q4_K_M (llama.cpp)", "q4_k_m"),
+        ):
             path = f32 if how == "f32" else work / f"dense-{how}.gguf"
             if how != "f32":
                 export_gguf(MODEL, str(path), type=how, embedding_type=EMB, threads=args.threads)
-            records.append(dict(row="dense", label=label, fmt=how.upper(), params=134_515_008, **gguf_eval(path, base, args)))
+            records.append(
+                dict(row="dense", label=label, fmt=how.upper(), params=134_515_008, **gguf_eval(path, base, args))
+            )
             print(records[-1], flush=True)
         for name in names:
             label, recipe = ROWS[name]
@@ -135,7 +144,9 @@ def main() -> None:
                     train_minutes=d.get("minutes"),
                     compress_seconds=rep["total_seconds"],
                 )
-                records.append(dict(label=f"{label}, {phase} distill", fmt="F32", **common, **gguf_eval(gg, base, args)))
+                records.append(
+                    dict(label=f"{label}, {phase} distill", fmt="F32", **common, **gguf_eval(gg, base, args))
+                )
                 print(records[-1], flush=True)
                 cleanup(gg)
                 if phase == "after":  # + GPTQ q4_0 on the distilled model: minitron-75-distill-q4_0
@@ -143,7 +154,9 @@ def main() -> None:
                     rq = run_compress({"calibration": cal, "stages": [q4]}, qf, model=str(folder))
                     gq = work / f"{name}-q4_0.gguf"
                     export_gguf(str(qf), str(gq), type="auto", embedding_type=EMB)
-                    row = dict(label=f"{label}, distilled + GPTQ q4_0", fmt="Q4_0", **common, **gguf_eval(gq, base, args))
+                    row = dict(
+                        label=f"{label}, distilled + GPTQ q4_0", fmt="Q4_0", **common, **gguf_eval(gq, base, args)
+                    )
                     row["compress_seconds"] += rq["total_seconds"]
                     records.append(row)
                     print(records[-1], flush=True)
@@ -159,25 +172,40 @@ def main() -> None:
 def write(args, records: list[dict]) -> None:
     dense_q4 = next((r for r in records if r["label"].startswith("dense Q4_0")), None)
     dense_ppl = next((r["ppl"] for r in records if r["label"] == "dense F32"), None)
-    header = ["model", "GGUF", "params M", "non-emb kept", "MiB", "ppl", "ppl / dense", "KL", "top-1",
-              "prefill tok/s", "decode tok/s", "decode vs dense Q4_0", "trained tokens"]
+    header = [
+        "model",
+        "GGUF",
+        "params M",
+        "non-emb kept",
+        "MiB",
+        "ppl",
+        "ppl / dense",
+        "KL",
+        "top-1",
+        "prefill tok/s",
+        "decode tok/s",
+        "decode vs dense Q4_0",
+        "trained tokens",
+    ]
     rows = []
     for r in records:
-        rows.append([
-            r["label"],
-            r["fmt"],
-            fmt(r["params"] / 1e6, 1),
-            fmt(r.get("non_embedding_fraction", 1.0), 3),
-            fmt(r["mib"], 1),
-            fmt(r["ppl"], 2),
-            fmt(r["ppl"] / dense_ppl, 3) + "x" if dense_ppl else "",
-            fmt(r["kl"], 4),
-            fmt(r["top1"], 3),
-            fmt(r["prefill"], 0),
-            fmt(r["decode"], 1),
-            fmt(r["decode"] / dense_q4["decode"], 2) + "x" if dense_q4 else "",
-            f"{r['tokens']:,}" if r.get("tokens") else "",
-        ])
+        rows.append(
+            [
+                r["label"],
+                r["fmt"],
+                fmt(r["params"] / 1e6, 1),
+                fmt(r.get("non_embedding_fraction", 1.0), 3),
+                fmt(r["mib"], 1),
+                fmt(r["ppl"], 2),
+                fmt(r["ppl"] / dense_ppl, 3) + "x" if dense_ppl else "",
+                fmt(r["kl"], 4),
+                fmt(r["top1"], 3),
+                fmt(r["prefill"], 0),
+                fmt(r["decode"], 1),
+                fmt(r["decode"] / dense_q4["decode"], 2) + "x" if dense_q4 else "",
+                f"{r['tokens']:,}" if r.get("tokens") else "",
+            ]
+        )
     md = [
         "# Structured pruning: SmolLM2-135M-Instruct (bundled), run by llama.cpp",
         "",

@@ -199,12 +199,12 @@ def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
         raise KeyboardInterrupt
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", unsupported)
+    monkeypatch.setattr(models.gguf_cache.AutoModelForCausalLM, "from_pretrained", unsupported)
     with pytest.raises(LLMOptError) as e:
         load_model("bundled:smollm2", cache_dir=str(cache))
     assert "cannot dequantize" in _one_line(e)
     assert not [p for p in (cache / "gguf").iterdir()]
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", crash)
+    monkeypatch.setattr(models.gguf_cache.AutoModelForCausalLM, "from_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
         load_model("bundled:smollm2", cache_dir=str(cache))
     assert not [p for p in (cache / "gguf").iterdir()]
@@ -397,7 +397,7 @@ def test_cached_folder_is_reused(bundled: LoadedModel, monkeypatch: pytest.Monke
     def no_reconversion(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached conversion should have been reused")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_reconversion)
+    monkeypatch.setattr(models.gguf_cache, "_convert_gguf", no_reconversion)
     t0 = time.perf_counter()
     again = load_model("bundled:smollm2")
     elapsed = time.perf_counter() - t0

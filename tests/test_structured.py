@@ -357,8 +357,10 @@ def test_other_architectures_are_refused_before_any_work(tmp_path, tiny_text_fil
     tok = make_tiny_tokenizer(tiny_text_file.read_text())
     folder = tmp_path / "gpt2"
     save_tiny_model("gpt2", folder, tok)
-    recipe = {"calibration": {"data": f"text:{tiny_text_file}", "samples": 4, "seq_len": 32},
-              "stages": [{"stage": "structured", "num_layers": 1}]}
+    recipe = {
+        "calibration": {"data": f"text:{tiny_text_file}", "samples": 4, "seq_len": 32},
+        "stages": [{"stage": "structured", "num_layers": 1}],
+    }
     with pytest.raises(LLMOptError, match="supports llama, mistral, qwen2, qwen3"):
         compress(str(folder), recipe, tmp_path / "out")
 

@@ -56,7 +56,10 @@ def prune_groups(layer: nn.Module, kept_groups: torch.Tensor, s: Sizes) -> None:
     a.k_proj = slice_linear(a.k_proj, out_idx=kv)
     a.v_proj = slice_linear(a.v_proj, out_idx=kv)
     a.o_proj = slice_linear(a.o_proj, in_idx=q)
-    for attr, v in (("num_heads", kept_groups.numel() * s.heads_per_group), ("num_key_value_heads", kept_groups.numel())):
+    for attr, v in (
+        ("num_heads", kept_groups.numel() * s.heads_per_group),
+        ("num_key_value_heads", kept_groups.numel()),
+    ):
         if hasattr(a, attr):  # older transformers attention classes keep the counts
             setattr(a, attr, v)
 
