@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmopt import memory
 from llmopt.errors import LLMOptError
 from llmopt.linears import is_linear, is_transposed, weight_oi, write_weight
 from llmopt.stages.base import CompressionState, LinearStats, QuantizedLinear, Stage
@@ -319,7 +320,7 @@ def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iter
         layer = source.load(i)
         yield i, layer
         if i < n - 1:
-            with torch.no_grad():
+            with torch.no_grad(), memory.phase("layer_outputs"):
                 for b in batches:
                     b.hidden = _layer_forward(layer, b, i)
         source.release(i, layer)
@@ -393,7 +394,8 @@ def run_layerwise(
     """
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix)
-    batches = capture_layer_inputs(model, layers, windows, batch_size)
+    with memory.phase("capture"):
+        batches = capture_layer_inputs(model, layers, windows, batch_size)
     log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
     for i, layer in iterate_layers(source, batches, "compressing"):
         for stage in stages:
@@ -407,19 +409,26 @@ def run_layerwise(
                 acc = None
                 if stage.statistic != "none":
                     acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic)
-                    _run_all(layer, batches, acc, i)
+                    with memory.phase("statistics"):
+                        _run_all(layer, batches, acc, i)
                     acc.remove()
-                for name in group:
-                    if acc is not None and not acc.has(name):
-                        log.warning(
-                            "%s never ran on the calibration data (unrouted expert or unused branch): "
-                            "stage %s uses its data-free kernel for it",
-                            name,
-                            stage.name,
-                        )
-                        apply_to_linear(stage, name, names[name], None, state, i)
-                        continue
-                    apply_to_linear(stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i)
+                with memory.phase("kernels"):
+                    _apply_group(stage, group, names, acc, state, i)
+
+
+def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: CompressionState, i: int) -> None:
+    """One group's Linears through the stage's kernel (the data-free one for a Linear the data never reached)."""
+    for name in group:
+        if acc is not None and not acc.has(name):
+            log.warning(
+                "%s never ran on the calibration data (unrouted expert or unused branch): "
+                "stage %s uses its data-free kernel for it",
+                name,
+                stage.name,
+            )
+            apply_to_linear(stage, name, names[name], None, state, i)
+            continue
+        apply_to_linear(stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i)
 
 
 def apply_to_linear(

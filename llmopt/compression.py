@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from llmopt.calibration import (
     run_layerwise,
 )
 from llmopt.errors import LLMOptError
+from llmopt.memory import PhaseSampler, peak_rss_mib, reset_peak_rss
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
 from llmopt.stages import build_stages
@@ -37,35 +37,6 @@ RECIPE_FILE = "recipe.yaml"
 class CompressResult:
     output: str
     report: dict
-
-
-def reset_peak_rss() -> bool:
-    """Restart the peak-RSS count (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so the
-    peak reported for a ``compress`` call is that call's, not whatever the process did before it (a
-    test session, a notebook that held another model). False where the platform cannot reset it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process since the last :func:`reset_peak_rss`, MiB.
-
-    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own address space.
-    ``getrusage().ru_maxrss`` is not used there: it survives fork + exec (a process started by a big
-    parent would report the parent's peak) and cannot be reset.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def _preflight(model: nn.Module, stages: list[Stage]) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -229,64 +200,71 @@ def compress(
 
     t_start = time.perf_counter()
     peak_scope = "call" if reset_peak_rss() else "process"
-    rec = recipe if isinstance(recipe, BaseModel) else parse_recipe(recipe)
-    rec = apply_calibration_overrides(
-        rec, data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
-    )
-    out = preflight(output, overwrite=overwrite, kind="folder")  # before minutes of loading and compressing
-    stages = build_stages(rec)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ctx = RunContext(model_spec=model, output=out, checkpoints=ckpt, resume=resume, recipe=rec)
-    if any(s.whole_model for s in stages):  # their data and teacher specs, before any weights are loaded
-        from llmopt.models import load_tokenizer
+    with PhaseSampler() as rss:
+        rec = recipe if isinstance(recipe, BaseModel) else parse_recipe(recipe)
+        rec = apply_calibration_overrides(
+            rec, data=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed, true_sequential=true_sequential
+        )
+        out = preflight(output, overwrite=overwrite, kind="folder")  # before minutes of loading and compressing
+        stages = build_stages(rec)
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        ctx = RunContext(model_spec=model, output=out, checkpoints=ckpt, resume=resume, recipe=rec)
+        if any(s.whole_model for s in stages):  # their data and teacher specs, before any weights are loaded
+            from llmopt.models import load_tokenizer
 
-        ctx.tokenizer = load_tokenizer(model)
+            ctx.tokenizer = load_tokenizer(model)
+            for st in stages:
+                st.check_inputs(ctx)
+        with rss.phase("load"):
+            loaded = load_model(model, device=device, dtype=dtype)
+        ctx.tokenizer, ctx.device = loaded.tokenizer, next(loaded.model.parameters()).device
+        _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
+        windows = None
+        t_calib = 0.0
+        if any(s.needs_data for s in stages):
+            c = rec.calibration
+            t0 = time.perf_counter()
+            with rss.phase("calibration_data"):
+                windows = calibration_windows(
+                    c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model
+                )
+            t_calib = time.perf_counter() - t0
+            release_freed_memory()  # the tokenizer's work arrays
+            log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
+        with rss.phase("stages"):
+            state, timing = compress_model(loaded.model, rec, windows, stages=stages, context=ctx)
+
+        report = {
+            "model": model,
+            "dtype": str(loaded.model.dtype).removeprefix("torch."),
+            "true_sequential": rec.calibration.true_sequential,
+            "recipe": rec.model_dump(mode="json"),
+            "calibration_seconds": round(t_calib, 2),
+            **timing,
+            "peak_rss_scope": peak_scope,
+            "stages": _summarise(state),
+            **({"model_stages": state.stage_reports} if state.stage_reports else {}),
+            "linears": state.reports,
+        }
+        exact_float32_weights(loaded.model, state)
+        if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes the output
+            return CompressResult(str(out), report)
+        with rss.phase("save"), atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
+            loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(loaded.model))
+            loaded.tokenizer.save_pretrained(tmp)
+            save_quantized(state, tmp)
+            for name, data in state.files.items():  # e.g. the distillation loss curve
+                (tmp / name).write_bytes(data)
+            report["total_seconds"] = round(time.perf_counter() - t_start, 2)
+            report["peak_rss_mib"] = round(peak_rss_mib(), 1)  # loading, calibration, compression and saving
+            report["peak_rss_mib_by_phase"] = {k: round(v, 1) for k, v in rss.peaks.items()}  # sampled every 50 ms
+            (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        log.info("saved %s", out)
         for st in stages:
-            st.check_inputs(ctx)
-    loaded = load_model(model, device=device, dtype=dtype)
-    ctx.tokenizer, ctx.device = loaded.tokenizer, next(loaded.model.parameters()).device
-    _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
-    windows = None
-    t_calib = 0.0
-    if any(s.needs_data for s in stages):
-        c = rec.calibration
-        t0 = time.perf_counter()
-        windows = calibration_windows(c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model)
-        t_calib = time.perf_counter() - t0
-        release_freed_memory()  # the tokenizer's work arrays
-        log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
-    state, timing = compress_model(loaded.model, rec, windows, stages=stages, context=ctx)
-
-    report = {
-        "model": model,
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "true_sequential": rec.calibration.true_sequential,
-        "recipe": rec.model_dump(mode="json"),
-        "calibration_seconds": round(t_calib, 2),
-        **timing,
-        "peak_rss_scope": peak_scope,
-        "stages": _summarise(state),
-        **({"model_stages": state.stage_reports} if state.stage_reports else {}),
-        "linears": state.reports,
-    }
-    exact_float32_weights(loaded.model, state)
-    if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes the output
+            if st.whole_model:
+                st.finish(ctx)  # e.g. remove the distillation checkpoints
         return CompressResult(str(out), report)
-    with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(loaded.model))
-        loaded.tokenizer.save_pretrained(tmp)
-        save_quantized(state, tmp)
-        for name, data in state.files.items():  # e.g. the distillation loss curve
-            (tmp / name).write_bytes(data)
-        report["total_seconds"] = round(time.perf_counter() - t_start, 2)
-        report["peak_rss_mib"] = round(peak_rss_mib(), 1)  # loading, calibration, compression and saving
-        (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
-    log.info("saved %s", out)
-    for st in stages:
-        if st.whole_model:
-            st.finish(ctx)  # e.g. remove the distillation checkpoints
-    return CompressResult(str(out), report)
 
 
 def shard_size(model: nn.Module) -> int:

@@ -40,6 +40,8 @@ def test_magnitude_50_exact_and_reloads(tiny_model_dir, tmp_path):
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["stages"]["0:magnitude"]["sparsity"] == pytest.approx(0.5)
     assert report["peak_rss_mib"] > 0 and res.report["linears"][0]["sparsity"] == pytest.approx(0.5)
+    phases = report["peak_rss_mib_by_phase"]
+    assert {"load", "stages", "save"} <= set(phases) and max(phases.values()) <= report["peak_rss_mib"] + 1
     assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["sparsity"] == 0.5
     assert not list(tmp_path.glob(".mag50.tmp-*"))
 
@@ -178,3 +180,22 @@ def test_model_without_recognised_decoder_layers():
     with pytest.raises(LLMOptError, match="cannot find the decoder layers of Flat.*magnitude, rtn") as e:
         find_decoder_layers(Flat())
     assert "\n" not in str(e.value)
+
+
+def test_phase_sampler_attributes_memory_to_its_phase():
+    import time
+
+    from llmopt.memory import PhaseSampler, phase, rss_mib
+
+    if rss_mib() is None:
+        pytest.skip("no /proc/self/statm")
+    with PhaseSampler(interval=0.01) as s:
+        with phase("small"):
+            time.sleep(0.05)
+        with phase("big"):
+            x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            time.sleep(0.05)
+            del x
+    assert s.peaks["big"] > s.peaks["small"] + 48
+    with phase("nothing active"):  # a no-op without a sampler
+        pass

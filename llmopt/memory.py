@@ -1,0 +1,117 @@
+"""Resident memory of this process: the peak since a reset (VmHWM) and, per phase of a run, the peak a
+background sampler saw (which phase the peak belongs to is what a user trimming memory needs to know).
+
+Linux only (``/proc/self``); elsewhere the sampler records nothing and the peak falls back to
+``getrusage``. The sampler reads ``/proc/self/statm`` every ``interval`` seconds: a spike shorter than
+that can be missed per phase, never in the overall VmHWM peak."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from contextlib import contextmanager
+
+_PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 4096 / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so the
+    peak reported for a ``compress`` call is that call's, not whatever the process did before it (a
+    test session, a notebook that held another model). False where the platform cannot reset it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since the last :func:`reset_peak_rss`, MiB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own address space.
+    ``getrusage().ru_maxrss`` is not used there: it survives fork + exec (a process started by a big
+    parent would report the parent's peak) and cannot be reset.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
+def rss_mib() -> float | None:
+    """Resident memory now, MiB (None off Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_MIB
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_ACTIVE: list[PhaseSampler] = []  # the sampler of the running compress() call, if any
+
+
+@contextmanager
+def phase(name: str):
+    """Attribute what runs inside to phase ``name`` of the active sampler (a no-op without one)."""
+    if not _ACTIVE:
+        yield
+        return
+    with _ACTIVE[-1].phase(name):
+        yield
+
+
+class PhaseSampler:
+    """Peak RSS per named phase, sampled by a daemon thread (``with sampler.phase("load"): ...``)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peaks: dict[str, float] = {}
+        self._phase: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        phase, now = self._phase, rss_mib()
+        if phase is not None and now is not None and now > self.peaks.get(phase, 0.0):
+            self.peaks[phase] = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> PhaseSampler:
+        if rss_mib() is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llmopt-rss", daemon=True)
+            self._thread.start()
+        _ACTIVE.append(self)
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if self._thread is not None:
+            self._thread.join()
+        return {k: round(v, 1) for k, v in self.peaks.items()}
+
+    def __enter__(self) -> PhaseSampler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @contextmanager
+    def phase(self, name: str):
+        prev, self._phase = self._phase, name
+        self._sample()
+        try:
+            yield
+        finally:
+            self._sample()
+            self._phase = prev
