@@ -28,10 +28,7 @@ without changing anything here.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +40,7 @@ from tqdm.auto import tqdm
 from llmopt import memory
 from llmopt.errors import LLMOptError
 from llmopt.linears import is_linear, is_transposed, weight_oi, write_weight
+from llmopt.memory import release_freed_memory
 from llmopt.stages.base import CompressionState, LinearStats, QuantizedLinear, Stage
 
 log = logging.getLogger(__name__)
@@ -325,29 +323,6 @@ def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iter
                     b.hidden = _layer_forward(layer, b, i)
         source.release(i, layer)
         release_freed_memory()
-
-
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the last layer back to the OS (glibc ``malloc_trim``).
-
-    A layer's temporaries (activations of each batch, Hessians, the kernels' work arrays: tens to
-    hundreds of MiB) are freed when it is done, but glibc keeps freed heap pages for reuse, and after
-    it frees a large block it raises its mmap threshold, so later blocks of that size come from the
-    heap too; over 30 layers the resident size then grows by whatever fragmentation leaves behind.
-    Trimming once per layer costs milliseconds and kept the embedded model's gptq-q4_0 peak ~100 MiB
-    lower. A no-op off glibc."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _layer_linears(layer: nn.Module, prefix: str, i: int, stage: Stage | None = None) -> dict[str, nn.Module]:
