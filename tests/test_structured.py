@@ -228,90 +228,78 @@ def test_saved_folder_reloads_with_the_same_logits(tmp_path, tiny_text_file, tin
 # ---- recipes, exports, errors --------------------------------------------------------------------------
 
 
+def _cut(tmp_path, text_file, model_dir, stages: list[dict]):
+    """compress the tiny Llama with ``stages``; returns the folder and 32 evaluation token ids."""
+    from llmopt.compression import compress
+
+    out = tmp_path / "cut"
+    recipe = {"calibration": {"data": f"text:{text_file}", "samples": 8, "seq_len": 32}, "stages": stages}
+    compress(str(model_dir), recipe, out)
+    tok = make_tiny_tokenizer(text_file.read_text())
+    ids = torch.tensor(tok(text_file.read_text()[2000:3000], add_special_tokens=False)["input_ids"][:32])
+    return out, ids
+
+
+def _backend_logits(backend, ids) -> torch.Tensor:
+    try:
+        return backend.logits(ids)
+    finally:
+        backend.close()
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return (got - ref).abs().max().item() / ref.abs().max().item()
+
+
 @pytest.mark.llamacpp
 def test_structured_gptq_q4_0_distill_exports_gguf_matching_torch(tmp_path, tiny_text_file, tiny_model_dir):
     pytest.importorskip("llama_cpp")
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
-    from llmopt.compression import compress
     from llmopt.exporters import export_gguf
     from tests.test_export_archs import torch_logits
 
-    out = tmp_path / "cut-q4"
-    recipe = {
-        "calibration": {"data": f"text:{tiny_text_file}", "samples": 8, "seq_len": 32},
-        "stages": [
-            {"stage": "structured", "intermediate_size": 64, "hidden_size": 32, "num_layers": 1},
-            {"stage": "gptq", "format": "q4_0"},
-            {"stage": "distill", "max_tokens": 256, "seq_len": 32, "top_k": 8, "heldout_windows": 1},
-        ],
-    }
-    compress(str(tiny_model_dir), recipe, out)
+    stages = [
+        {"stage": "structured", "intermediate_size": 64, "hidden_size": 32, "num_layers": 1},
+        {"stage": "gptq", "format": "q4_0"},
+        {"stage": "distill", "max_tokens": 256, "seq_len": 32, "top_k": 8, "heldout_windows": 1},
+    ]
+    out, ids = _cut(tmp_path, tiny_text_file, tiny_model_dir, stages)
     index = json.loads((out / "quantization.json").read_text())
     assert index and all(v["format"] == "q4_0" for v in index.values())
     gg = tmp_path / "cut.gguf"
     rep = export_gguf(str(out), str(gg), type="auto")
     assert rep["tensor_types"]["Q4_0"] == len(index)
-    tok = make_tiny_tokenizer(tiny_text_file.read_text())
-    ids = torch.tensor(tok(tiny_text_file.read_text()[2000:3000], add_special_tokens=False)["input_ids"][:32])
-    be = LlamaCppBackend(str(gg), threads=2)
-    try:
-        got = be.logits(ids)
-    finally:
-        be.close()
-    ref = torch_logits(out, ids)
-    assert (got - ref).abs().max().item() / ref.abs().max().item() < 0.06  # llama.cpp's q8_0 activations
+    got = _backend_logits(LlamaCppBackend(str(gg), threads=2), ids)
+    assert _rel(got, torch_logits(out, ids)) < 0.06  # llama.cpp's q4_0 matmuls quantize activations to q8_0
 
 
+@pytest.mark.llamacpp
 def test_f32_gguf_of_a_cut_model_matches_torch(tmp_path, tiny_text_file, tiny_model_dir):
     pytest.importorskip("llama_cpp")
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
-    from llmopt.compression import compress
     from llmopt.exporters import export_gguf
     from tests.test_export_archs import torch_logits
 
-    out = tmp_path / "cut"
-    recipe = {
-        "calibration": {"data": f"text:{tiny_text_file}", "samples": 8, "seq_len": 32},
-        "stages": [{"stage": "structured", "num_attention_heads": 2, "hidden_size": 48, "round_to": 16}],
-    }
-    compress(str(tiny_model_dir), recipe, out)
+    stages = [{"stage": "structured", "num_attention_heads": 2, "hidden_size": 48, "round_to": 16}]
+    out, ids = _cut(tmp_path, tiny_text_file, tiny_model_dir, stages)
     gg = tmp_path / "cut.gguf"
-    export_gguf(str(out), str(gg), type="f32")
-    tok = make_tiny_tokenizer(tiny_text_file.read_text())
-    ids = torch.tensor(tok(tiny_text_file.read_text()[2000:3000], add_special_tokens=False)["input_ids"][:32])
-    be = LlamaCppBackend(str(gg), threads=2)
-    try:
-        got = be.logits(ids)
-    finally:
-        be.close()
-    ref = torch_logits(out, ids)
-    assert (got - ref).abs().max().item() / ref.abs().max().item() < 3e-3
+    export_gguf(str(out), str(gg), type="f32")  # head_dim 16 with 2 heads on a 48-wide residual stream
+    got = _backend_logits(LlamaCppBackend(str(gg), threads=2), ids)
+    assert _rel(got, torch_logits(out, ids)) < 3e-3
 
 
 def test_onnx_export_of_a_cut_model_matches_torch(tmp_path, tiny_text_file, tiny_model_dir):
     pytest.importorskip("onnxruntime")
     from llmopt.backends.onnx_backend import OnnxBackend
-    from llmopt.compression import compress
     from llmopt.exporters import export_onnx
     from tests.test_export_archs import torch_logits
 
-    out = tmp_path / "cut"
-    recipe = {
-        "calibration": {"data": f"text:{tiny_text_file}", "samples": 8, "seq_len": 32},
-        "stages": [{"stage": "structured", "intermediate_size": 64, "num_layers": 1, "round_to": 16}],
-    }
-    compress(str(tiny_model_dir), recipe, out)
+    stages = [{"stage": "structured", "intermediate_size": 64, "num_layers": 1, "round_to": 16}]
+    out, ids = _cut(tmp_path, tiny_text_file, tiny_model_dir, stages)
     onnx_dir = tmp_path / "onnx"
     export_onnx(str(out), str(onnx_dir))
-    tok = make_tiny_tokenizer(tiny_text_file.read_text())
-    ids = torch.tensor(tok(tiny_text_file.read_text()[2000:3000], add_special_tokens=False)["input_ids"][:32])
-    be = OnnxBackend.from_spec(str(onnx_dir))
-    try:
-        got = be.logits(ids)
-    finally:
-        be.close()
-    ref = torch_logits(out, ids)
-    assert (got - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
+    got = _backend_logits(OnnxBackend.from_spec(str(onnx_dir)), ids)
+    assert _rel(got, torch_logits(out, ids)) < 1e-3
 
 
 @pytest.mark.parametrize(
