@@ -245,8 +245,14 @@ _RECIPES = {
     "recipe-calib-data-bad": (b"calibration: {data: 'foo'}\nstages:\n  - stage: magnitude\n", "unknown data spec"),
     "recipe-eval-unknown-key": (b"evaluation: {windowz: 2}\nstages:\n  - stage: magnitude\n", "valid keys: data"),
     "recipe-eval-data-bad": (b"evaluation: {data: 'foo'}\nstages:\n  - stage: magnitude\n", "unknown data spec"),
-    "recipe-structured-heads": (b"stages:\n  - stage: structured\n    num_attention_heads: 3\n", "multiple of"),
-    "recipe-structured-too-wide": (b"stages:\n  - stage: structured\n    hidden_size: 4096\n", "larger than"),
+    "recipe-structured-heads": (
+        b"calibration: {data: 'self:2'}\nstages:\n  - stage: structured\n    num_attention_heads: 3\n",
+        "multiple of",
+    ),
+    "recipe-structured-too-wide": (
+        b"calibration: {data: 'self:2'}\nstages:\n  - stage: structured\n    hidden_size: 4096\n",
+        "larger than",
+    ),
     "recipe-structured-after-quant": (
         b"stages:\n  - stage: rtn\n    format: q8_0\n  - stage: structured\n    num_layers: 1\n",
         "must come before",

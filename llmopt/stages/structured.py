@@ -34,6 +34,15 @@ class StructuredStage(Stage):
         check_supported(model)  # before any slow work: a one-line error for other architectures
         return []
 
+    def check_inputs(self, ctx: RunContext) -> None:
+        earlier = [c.stage for c in (ctx.recipe.stages[: self.index] if ctx.recipe is not None else [])]
+        bad = [s for s in earlier if s not in ("structured", "distill")]
+        if bad:
+            raise LLMOptError(
+                f"the structured stage must come before pruning and quantization stages in the recipe "
+                f"(stage {self.index + 1} follows {bad[0]}): their masks and codes name the uncut Linears"
+            )
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> None:
         from llmopt.structured.layout import check_supported, sizes_of
         from llmopt.structured.plan import target_sizes
