@@ -2,7 +2,7 @@
 back, and what they buy in llama.cpp speed.
 
 Rows per shipped structured config (structured-mlp25, structured-depth20, minitron-75 = the structured
-entry of minitron-75-distill): the cut alone ("before"), the cut + a distill stage with the shipped
+entry of minitron-75-distill, minitron-60 = that of minitron-60-distill-q4_0): the cut alone ("before"), the cut + a distill stage with the shipped
 distill settings and ``--minutes`` of training ("after", the first stages of minitron-75-distill), and
 that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0 settings (= minitron-75-distill-q4_0's
 last stage, on the same calibration windows), each exported to GGUF (F32 and q4_0, q8_0 token embedding
@@ -11,7 +11,7 @@ it (no imatrix). Every file runs in llama.cpp on the same windows (second half o
 2048-token windows), KL against the dense F32 GGUF; speed: 512-token prompt, 128 greedy tokens.
 Writes eval/results/structured.md, .json and .png (perplexity vs decode tok/s).
 
-    python eval/bench_structured.py [--minutes 30] [--rows mlp25,depth20,minitron-75] [--windows 8]
+    python eval/bench_structured.py [--minutes 30] [--rows mlp25,depth20,minitron-75,minitron-60] [--windows 8]
     python eval/bench_structured.py --minutes 1 --max-tokens 4096 --rows minitron-75 --windows 2 --out /tmp/s
 """
 
@@ -55,6 +55,7 @@ ROWS = {
     "mlp25": ("MLP -25%", "structured-mlp25"),
     "depth20": ("depth -20%", "structured-depth20"),
     "minitron-75": ("Minitron 75% (width + depth)", "minitron-75-distill"),
+    "minitron-60": ("Minitron 60% (width + depth)", "minitron-60-distill-q4_0"),
 }
 
 
@@ -217,7 +218,8 @@ def write(args, records: list[dict]) -> None:
         "",
         markdown_table(header, rows),
         "",
-        f"Machine: {machine_note()}. Produced by `python eval/bench_structured.py --minutes {args.minutes:g}`.",
+        f"Machine: {machine_note()}. Produced by `python eval/bench_structured.py --minutes {args.minutes:g} "
+        f"--rows {args.rows}`.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"rows": records}, indent=1))

@@ -156,16 +156,29 @@ def _compress(a: argparse.Namespace) -> int:
             extra += f" {s['bits_per_weight']:.3f} bits/weight"
         print(f"  stage {key}: {s['linears']} Linears{extra}, kernels {s['seconds']:.1f} s")
     for key, d in r.get("model_stages", {}).items():
-        before, after = d["heldout_before"], d["heldout_after"]
-        print(
-            f"  stage {key}: {d['tokens']} tokens in {d['steps']} steps, {d['minutes']:.1f} min "
-            f"(stopped by {d['stopped_by']}), held-out KL {before['kl']:.4f} -> {after['kl']:.4f}"
-        )
+        print(f"  stage {key}: {_model_stage_summary(d)}")
     print(
         f"  compress {r['compress_seconds']:.1f} s, total {r['total_seconds']:.1f} s, "
         f"peak RSS {r['peak_rss_mib']:.0f} MiB"
     )
     return 0
+
+
+def _model_stage_summary(d: dict) -> str:
+    """One line for a whole-model stage's report (distill or structured), from the keys that stage writes."""
+    if "heldout_before" in d:  # distill
+        before, after = d["heldout_before"], d["heldout_after"]
+        return (
+            f"{d['tokens']} tokens in {d['steps']} steps, {d['minutes']:.1f} min "
+            f"(stopped by {d['stopped_by']}), held-out KL {before['kl']:.4f} -> {after['kl']:.4f}"
+        )
+    if "non_embedding_fraction" in d:  # structured
+        sizes = ", ".join(f"{k} {d['before'][k]} -> {v}" for k, v in d["after"].items() if v != d["before"].get(k))
+        return (
+            f"{sizes or 'no change'}; {d['params_after']:,} parameters, "
+            f"{100 * d['non_embedding_fraction']:.1f}% of the non-embedding ones kept"
+        )
+    return ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, int | float | str))
 
 
 def _export(a: argparse.Namespace) -> int:

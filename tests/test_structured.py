@@ -228,6 +228,24 @@ def test_saved_folder_reloads_with_the_same_logits(tmp_path, tiny_text_file, tin
 # ---- recipes, exports, errors --------------------------------------------------------------------------
 
 
+def test_cli_compress_with_a_structured_recipe_prints_its_summary(tmp_path, tiny_text_file, tiny_model_dir, capsys):
+    """The CLI's summary line reads each whole-model stage's own report (it once assumed every one was a distill)."""
+    import yaml
+
+    from llmopt.cli import main
+
+    recipe = tmp_path / "cut.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [{"stage": "structured", "intermediate_size": 64, "num_layers": 1}]}))
+    out = tmp_path / "cut"
+    argv = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--output", str(out)]
+    rc = main([*argv, "--calib", f"text:{tiny_text_file}", "--calib-samples", "4", "--calib-seq-len", "32"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    line = next(x for x in printed.splitlines() if "stage 0:structured" in x)
+    assert "layers 2 -> 1" in line and "intermediate" in line and "non-embedding ones kept" in line
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+
+
 def _cut(tmp_path, text_file, model_dir, stages: list[dict]):
     """compress the tiny Llama with ``stages``; returns the folder and 32 evaluation token ids."""
     from llmopt.compression import compress

@@ -1,0 +1,99 @@
+"""Whether llama.cpp's extra CPU buffer types (AMX, repacked weights) run on this machine.
+
+llama-cpp-python builds llama.cpp with ``-march=native``; on a CPU that reports AMX, llama.cpp repacks the
+weights into AMX buffers, and on some machines its AMX matmul then segfaults on the first decode
+(ggml-org/llama.cpp#20824, machine-dependent, not fixed upstream). A segfault kills the Python process, so
+it cannot be caught: when the library was built with AMX, one short child process loads the file and
+decodes two tokens first; if the child dies, the file is loaded without the extra buffer types (llama.cpp's
+``use_extra_bufts = false``, its ``--no-extra-bufts``): the same results, slower. Without AMX nothing is
+probed and llama.cpp runs as it always does.
+
+``LLMOPT_LLAMACPP_EXTRA_BUFFERS=0`` / ``=1`` skips the probe and forces the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV = "LLMOPT_LLAMACPP_EXTRA_BUFFERS"
+NO_AMX_BUILD = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON '
+    '-DGGML_AVX512_VNNI=ON" pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python'
+)
+# The child: what LlamaCppBackend does first (load, a short prompt, one decode step), nothing else.
+PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, n_threads=1, verbose=False)
+llm.eval([1, 2, 3, 4])
+llm.eval([5])
+"""
+_verdicts: dict[tuple[str, int, int], bool] = {}
+
+
+def amx_compiled() -> bool:
+    """True when the installed llama.cpp was built with AMX kernels (its system info says AMX_INT8 = 1)."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
+    """Whether llama.cpp may use its extra buffer types for the GGUF ``path`` (see the module docstring).
+
+    One probe per file (size and mtime) and process; only when AMX is compiled in."""
+    forced = os.environ.get(ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    if not amx_compiled():
+        return True
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _verdicts:
+        try:
+            r = subprocess.run(
+                [sys.executable, "-c", probe, str(path)], capture_output=True, timeout=300, stdin=subprocess.DEVNULL
+            )
+            ok = r.returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+        if not ok:
+            log.warning(
+                "llama.cpp's AMX kernels crash on this machine (ggml-org/llama.cpp#20824); loading %s without "
+                "its extra buffer types (same results, slower). For full speed build llama-cpp-python without "
+                "AMX: %s",
+                path.name,
+                NO_AMX_BUILD,
+            )
+        _verdicts[key] = ok
+    return _verdicts[key]
+
+
+@contextlib.contextmanager
+def model_params(use_extra_bufts: bool) -> Iterator[None]:
+    """While active, ``llama_cpp.Llama(...)`` builds its model parameters with ``use_extra_bufts`` as given
+    (llama-cpp-python does not expose the field; it reads ``llama_model_default_params()`` at construction)."""
+    import llama_cpp.llama_cpp as lib
+
+    if use_extra_bufts:
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def without_extra_bufts():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = without_extra_bufts
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default

@@ -1,0 +1,68 @@
+"""llama.cpp's extra buffer types (AMX / repacked weights): the crash probe and the fallback without them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llmopt.backends import llamacpp_probe as probe
+
+pytestmark = pytest.mark.llamacpp
+pytest.importorskip("llama_cpp")
+
+CRASH = "import ctypes; ctypes.string_at(0)"  # what a segfaulting AMX matmul does to the child
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_0(tiny_model_dir, tmp_path_factory):
+    from llmopt.exporters import export_gguf
+
+    out = tmp_path_factory.mktemp("probe") / "tiny-q4_0.gguf"
+    export_gguf(str(tiny_model_dir), str(out), type="q4_0")
+    return out
+
+
+def test_a_crashing_probe_means_no_extra_buffers_and_one_warning(tiny_q4_0, monkeypatch, caplog):
+    monkeypatch.delenv(probe.ENV, raising=False)
+    monkeypatch.setattr(probe, "amx_compiled", lambda: True)
+    monkeypatch.setattr(probe, "_verdicts", {})
+    with caplog.at_level(logging.WARNING, logger=probe.__name__):
+        assert probe.extra_buffers_work(tiny_q4_0, probe=CRASH) is False
+        assert probe.extra_buffers_work(tiny_q4_0, probe=CRASH) is False  # cached: probed once
+    warnings = [r for r in caplog.records if "AMX kernels crash" in r.getMessage()]
+    assert len(warnings) == 1 and "CMAKE_ARGS" in warnings[0].getMessage()
+    # the real probe on a machine where llama.cpp works passes
+    monkeypatch.setattr(probe, "_verdicts", {})
+    assert probe.extra_buffers_work(tiny_q4_0) is True
+
+
+def test_env_forces_the_choice_without_probing(tiny_q4_0, monkeypatch):
+    monkeypatch.setattr(probe, "amx_compiled", lambda: pytest.fail("probed although forced"))
+    monkeypatch.setenv(probe.ENV, "0")
+    assert probe.extra_buffers_work(tiny_q4_0) is False
+    monkeypatch.setenv(probe.ENV, "1")
+    assert probe.extra_buffers_work(tiny_q4_0) is True
+
+
+def test_without_extra_buffers_llama_cpp_gives_the_same_logits(tiny_q4_0, monkeypatch):
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+
+    ids = torch.arange(3, 35)
+    monkeypatch.setenv(probe.ENV, "1")
+    be = LlamaCppBackend(tiny_q4_0, threads=1)
+    assert be.extra_buffers and be.llm.model_params.use_extra_bufts
+    ref = be.logits(ids)
+    be.close()
+    monkeypatch.setenv(probe.ENV, "0")
+    be = LlamaCppBackend(tiny_q4_0, threads=1)
+    assert not be.extra_buffers and not be.llm.model_params.use_extra_bufts
+    got = be.logits(ids)
+    assert be.time_generation(ids, 2).new_tokens == 2
+    be.close()
+    import llama_cpp.llama_cpp as lib
+
+    assert lib.llama_model_default_params().use_extra_bufts  # the patch ends with the constructor
+    # repacked q4_0 kernels may sum in another order: equal within float32 accumulation error
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
