@@ -2,13 +2,14 @@
 back, and what they buy in llama.cpp speed.
 
 Rows per shipped structured config (structured-mlp25, structured-depth20, minitron-75 = the structured
-entry of minitron-75-distill, minitron-60 = that of minitron-60-distill-q4_0): the cut alone ("before"), the cut + a distill stage with the shipped
-distill settings and ``--minutes`` of training ("after", the first stages of minitron-75-distill), and
-that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0 settings (= minitron-75-distill-q4_0's
-last stage, on the same calibration windows), each exported to GGUF (F32 and q4_0, q8_0 token embedding
-as in the dense files). References: the dense model as F32 GGUF and llama.cpp's own Q4_0 and Q4_K_M of
-it (no imatrix). Every file runs in llama.cpp on the same windows (second half of WikiText-2 valid,
-2048-token windows), KL against the dense F32 GGUF; speed: 512-token prompt, 128 greedy tokens.
+entry of minitron-75-distill, minitron-60 = that of minitron-60-distill-q4_0): the cut alone ("before"),
+the cut + a distill stage with the shipped distill settings and ``--minutes`` of training ("after", the
+first stages of minitron-75-distill), and that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0
+settings (= minitron-75-distill-q4_0's last stage, on the same calibration windows), each exported to
+GGUF (F32 and q4_0, q8_0 token embedding as in the dense files). References: the dense model as F32
+GGUF and llama.cpp's own Q4_0 and Q4_K_M of it (no imatrix). Every file runs in llama.cpp on the same
+windows (second half of WikiText-2 valid, 2048-token windows), KL against the dense F32 GGUF; speed:
+512-token prompt, 128 greedy tokens.
 Writes eval/results/structured.md, .json and .png (perplexity vs decode tok/s).
 
     python eval/bench_structured.py [--minutes 30] [--rows mlp25,depth20,minitron-75,minitron-60] [--windows 8]
