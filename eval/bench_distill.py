@@ -89,6 +89,7 @@ def main() -> None:
         default="",
         help="comma-separated rows measured without their distill run (e.g. sparsegpt-70: the one-shot reference)",
     )
+    ap.add_argument("--lr", type=float, default=None, help="learning rate for every row (default: each row's own)")
     ap.add_argument("--windows", type=int, default=8, help="2048-token evaluation windows")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "distill"))
@@ -111,6 +112,8 @@ def main() -> None:
         for name in names:
             label, stages, over = ROWS[name]
             entry = distill(max_minutes=args.minutes, max_tokens=args.max_tokens, **over)
+            if args.lr is not None:
+                entry["lr"] = args.lr
             rep0 = run_compress(recipe(stages), work / f"{name}-0")
             r0 = evaluate_folder(str(work / f"{name}-0"), dense, args.seq_len, args.windows)
             cleanup(work / f"{name}-0")
@@ -203,7 +206,9 @@ def _write(args, dense_r, records: list[dict], rows: list[list[str]]) -> None:
         f"Dense perplexity **{dense_r.perplexity:.3f}** on {dense_r.windows} windows x {args.seq_len} tokens of the "
         "second half of `valid.nounk.txt`. Training: 512-token windows of the first half (teacher = the dense "
         f"model, top-64 logits cached once), budget **{args.minutes:g} min** or {args.max_tokens:,} tokens per row, "
-        "whichever comes first (forward KL, AdamW lr 1e-4, 5e-5 for QAT, cosine, 2048 tokens per step).",
+        "whichever comes first (forward KL, AdamW lr "
+        + (f"{args.lr:g}" if args.lr is not None else "1e-4, 5e-5 for QAT")
+        + ", cosine, 2048 tokens per step).",
         "`gap recovered` = share of the log-perplexity gap to dense that distillation closed. `train min` = the "
         "training loop (steps, held-out losses, checkpoints); `total min` = the whole `llmopt compress` with "
         "distillation (one-shot stages, teacher cache on the first row, saving); peak RSS of that process.",
@@ -211,7 +216,9 @@ def _write(args, dense_r, records: list[dict], rows: list[list[str]]) -> None:
         markdown_table(header, rows),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_distill.py --minutes {args.minutes:g} "
-        f"--rows {args.rows}" + (f" --before-only {args.before_only}`." if args.before_only else "`."),
+        f"--rows {args.rows}"
+        + (f" --lr {args.lr:g}" if args.lr is not None else "")
+        + (f" --before-only {args.before_only}`." if args.before_only else "`."),
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"dense_ppl": dense_r.perplexity, "rows": records}, indent=1))
