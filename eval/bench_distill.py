@@ -69,7 +69,7 @@ ROWS = {
     "sparsegpt-2of4": ("SparseGPT 2:4", [sgpt(pattern="2:4")], {}),
     "sparsegpt-50": ("SparseGPT 50%", [sgpt(sparsity=0.5)], {}),
     "gptq-w3g64": ("GPTQ int3 g64 (QAT)", [W3G64], {"lr": 5e-5}),
-    "gptq-q4_0": ("GPTQ q4_0 (QAT)", [Q4_0], {"lr": 5e-5}),
+    "gptq-q4_0": ("GPTQ q4_0 (QAT)", [Q4_0], {"lr": 1e-4}),  # 1e-4 beat 5e-5: distill-qat-lr1e-4.md
     "sparsegpt-70": ("SparseGPT 70% one-shot", [sgpt(sparsity=0.7)], {}),
     "gradual-70": ("gradual 50% → 70%", [sgpt(sparsity=0.5)], {"gradual": GRADUAL}),
 }
