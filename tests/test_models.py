@@ -410,8 +410,10 @@ def test_cached_folder_is_reused(bundled: LoadedModel, monkeypatch: pytest.Monke
 
 
 def _llama_cpp_logits(gguf: str, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=gguf, logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    pytest.importorskip("llama_cpp")
+    from llmopt.backends.llamacpp_probe import open_llama
+
+    llm = open_llama(gguf, logits_all=True, n_ctx=256, n_threads=1, verbose=False)  # no AMX crash
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)  # (L, V)

@@ -76,25 +76,22 @@ class LlamaCppBackend(Backend):
         return cls(gguf_file_of(spec), spec, threads=threads, n_ctx=n_ctx, kv_type=kv_type)
 
     def _load(self, n_ctx: int) -> None:
-        import llama_cpp
-
-        from llmopt.backends.llamacpp_probe import extra_buffers_work, model_params
+        from llmopt.backends.llamacpp_probe import extra_buffers_work, open_llama
 
         self.close()
         self.extra_buffers = extra_buffers_work(self.path)  # False where llama.cpp's AMX kernels crash
         try:
-            with model_params(use_extra_bufts=self.extra_buffers):
-                self.llm = llama_cpp.Llama(
-                    model_path=str(self.path),
-                    n_ctx=n_ctx,
-                    n_batch=min(n_ctx, 512),
-                    logits_all=True,
-                    type_k=KV_TYPES[self.kv_type],
-                    type_v=KV_TYPES[self.kv_type],
-                    n_threads=self._threads,
-                    n_threads_batch=self._threads,
-                    verbose=False,
-                )
+            self.llm = open_llama(
+                self.path,
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                logits_all=True,
+                type_k=KV_TYPES[self.kv_type],
+                type_v=KV_TYPES[self.kv_type],
+                n_threads=self._threads,
+                n_threads_batch=self._threads,
+                verbose=False,
+            )
         except (ValueError, RuntimeError) as e:  # "Failed to load model from file: ..."
             raise LLMOptError(
                 f"llama.cpp cannot load {self.path} ({str(e).splitlines()[0][:120]}): "

@@ -97,3 +97,14 @@ def model_params(use_extra_bufts: bool) -> Iterator[None]:
         yield
     finally:
         lib.llama_model_default_params = default
+
+
+def open_llama(path: str | Path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, without the extra buffer types where they crash.
+
+    Everything that decodes with llama.cpp in-process (the backend, tests, scripts) opens files through
+    this, so a machine where AMX crashes falls back instead of killing the process."""
+    import llama_cpp
+
+    with model_params(use_extra_bufts=extra_buffers_work(Path(path))):
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
