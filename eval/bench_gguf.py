@@ -7,7 +7,11 @@ same windows for both). Every file has a q8_0 token embedding (tied with the out
 differ only by how the Linears are stored. Torch F32 eager speed is measured in the same run.
 Writes eval/results/gguf.md, gguf.json and gguf.png (perplexity against file size).
 
-    python eval/bench_gguf.py [--windows 8] [--quick]
+    python eval/bench_gguf.py [--windows 8 | --windows 0 (every window)] [--quick] [--paired A,B]
+
+Perplexities carry llama-perplexity's ± (per-token standard error). ``--paired A,B`` adds, for two row
+labels (substrings), the per-window difference of their mean NLL on every text, with windows as the unit
+(a t-interval over windows; tokens within a window are not independent, so this is the honest one).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -85,7 +90,7 @@ def torch_speed(threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=8, help="windows per text; 0 = every window of each text")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="2 windows of 512, 8x256 calibration: a smoke run")
@@ -95,6 +100,7 @@ def main() -> None:
     ap.add_argument(
         "--eval", action="append", help="NAME=DATA_SPEC extra evaluation text (repeatable); 'lee' = Lee news"
     )
+    ap.add_argument("--paired", default=None, help="A,B: two row-label substrings compared window by window")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out + ".json").read_text())["rows"], args.out + ".png")
@@ -102,7 +108,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     require_text()
     extra = ["--calib-samples", "8", "--calib-seq-len", "256"] if args.quick else []
-    windows, seq_len = (2, 512) if args.quick else (args.windows, args.seq_len)
+    windows, seq_len = (2, 512) if args.quick else (args.windows or None, args.seq_len)
     imatrix_n, imatrix_len = (8, 256) if args.quick else (32, 512)
     extra_texts = eval_texts(args.eval) if args.eval else {}
 
@@ -178,8 +184,19 @@ def main() -> None:
                 decode_tok_s=r.speed.decode_tok_s,
                 threads=r.speed.threads,
                 quantize_seconds=seconds,
+                ppl_stderr=r.perplexity_stderr,
+                windows=r.windows,
+                window_nll=r.window_nll,
                 texts={
-                    n: dict(ppl=o.perplexity, kl_mean=o.kl.mean, top1=o.kl.top1_agreement) for n, o in others.items()
+                    n: dict(
+                        ppl=o.perplexity,
+                        ppl_stderr=o.perplexity_stderr,
+                        kl_mean=o.kl.mean,
+                        top1=o.kl.top1_agreement,
+                        windows=o.windows,
+                        window_nll=o.window_nll,
+                    )
+                    for n, o in others.items()
                 },
             )
             records.append(rec)
@@ -188,10 +205,14 @@ def main() -> None:
                     label,
                     fmt(rec["file_mib"], 1),
                     fmt(rec["bpw"], 2),
-                    fmt(r.perplexity, 3),
+                    f"{r.perplexity:.3f} ± {r.perplexity_stderr:.3f}",
                     fmt(r.kl.mean, 4),
                     f"{100 * r.kl.top1_agreement:.1f}%",
-                    *[c for o in others.values() for c in (fmt(o.perplexity, 3), fmt(o.kl.mean, 4))],
+                    *[
+                        c
+                        for o in others.values()
+                        for c in (f"{o.perplexity:.3f} ± {o.perplexity_stderr:.3f}", fmt(o.kl.mean, 4))
+                    ],
                     fmt(r.speed.prefill_tok_s, 0),
                     fmt(r.speed.decode_tok_s, 1),
                     fmt(seconds, 1),
@@ -216,11 +237,15 @@ def main() -> None:
         "decode tok/s",
         "quantize s",
     ]
+    n_windows = f"{records[0]['windows']}" if records else "?"
+    if extra_texts and records:
+        n_windows += " (" + ", ".join(f"{n}: {records[0]['texts'][n]['windows']}" for n in extra_texts) + ")"
     md = [
         "# GGUF: llama.cpp quantizer vs llmopt exports, SmolLM2-135M-Instruct (bundled), run by llama.cpp",
         "",
-        f"Perplexity on {windows} windows x {seq_len} tokens of the second half of `valid.nounk.txt` (GPTQ "
-        "protocol) through llama-cpp-python; KL against the F32 GGUF on the same windows. Calibration and "
+        f"Perplexity (± per-token standard error) on {n_windows} windows x {seq_len} tokens of the second "
+        "half of `valid.nounk.txt` (GPTQ protocol) through llama-cpp-python; KL against the F32 GGUF on the "
+        "same windows. Calibration and "
         f"imatrix: the same {imatrix_n} x {imatrix_len}-token windows (seed 0) of the first half. Token "
         f"embedding (tied output) is {EMB} in every quantized file. Speed: 512-token prompt, 128 greedy "
         f"tokens, {args.threads} threads, llama.cpp's perf counters. `quantize s`: llama.cpp's quantizer (imatrix "
@@ -232,6 +257,7 @@ def main() -> None:
         "",
         f"Torch F32 eager on the same machine, same run: prefill {ts['prefill_tok_s']:.0f} tok/s, decode "
         f"{ts['decode_tok_s']:.1f} tok/s ({ts['threads']} threads).",
+        *(paired_section(records, args.paired, ["wiki2-2nd-half", *extra_texts]) if args.paired else []),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_gguf.py`.",
     ]
@@ -240,6 +266,37 @@ def main() -> None:
     plot(records, args.out + ".png")
     Path(args.out + ".partial.json").unlink(missing_ok=True)
     print("\n".join(md))
+
+
+def paired_section(records: list[dict], spec: str, names: list[str]) -> list[str]:
+    """Row A minus row B, window by window, on every text: mean ΔNLL with a 95% t-interval over windows
+    (exp of it: the perplexity ratio A/B), and in how many windows A is lower."""
+    from scipy import stats
+
+    a_key, b_key = spec.split(",")
+    a = next(r for r in records if a_key in r["label"])
+    b = next(r for r in records if b_key in r["label"])
+    out = [
+        "",
+        f"Paired, window by window: **{a['label']}** minus **{b['label']}** (mean NLL per window; "
+        "negative = A better; 95% t-interval with windows as the unit):",
+        "",
+        "| text | windows | mean ΔNLL | 95% interval | ppl ratio A/B | windows where A is lower |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        wa = a["window_nll"] if name == names[0] else a["texts"][name]["window_nll"]
+        wb = b["window_nll"] if name == names[0] else b["texts"][name]["window_nll"]
+        d = [x - y for x, y in zip(wa, wb, strict=True)]
+        n = len(d)
+        mean = sum(d) / n
+        se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+        half = stats.t.ppf(0.975, n - 1) * se if n > 1 else float("nan")
+        out.append(
+            f"| {name} | {n} | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] | "
+            f"{math.exp(mean):.4f} | {sum(x < 0 for x in d)} of {n} |"
+        )
+    return out
 
 
 def plot(records: list[dict], path: str) -> None:

@@ -124,7 +124,7 @@ def main() -> None:
             be = make_backend("gguf", str(path), threads=threads)
         if kind == "torch":
             rec["file_mib"] = sum(p.numel() * 4 for p in be.model.parameters()) / 2**20
-        nll, n_scored, kl = score_windows(be, windows, base=base, progress=False)
+        nll, n_scored, kl, *_ = score_windows(be, windows, base=base, progress=False)
         rec.update(ppl=float(torch.tensor(nll).exp()), tokens_scored=n_scored)
         if kl is not None:
             rec.update(kl_mean=kl["mean"], kl_p99=kl["p99"], top1=kl["top1_agreement"])

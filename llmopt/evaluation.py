@@ -63,7 +63,7 @@ def evaluate(
         # the base runs with the evaluated backend's thread count, so both are timed/run alike
         base_threads = threads if threads is not None else be.threads
         base_be = make_backend("auto", base, threads=base_threads) if isinstance(base, str) else base
-    mean_nll, n_scored, kl = score_windows(be, windows, base=base_be, progress=progress)
+    mean_nll, n_scored, kl, nll_stderr, window_nll = score_windows(be, windows, base=base_be, progress=progress)
     result = EvalResult(
         model=spec,
         backend=be.name,
@@ -74,6 +74,8 @@ def evaluate(
         perplexity=math.exp(mean_nll),
         nll=mean_nll,
         kl=KLStats(**kl) if kl is not None else None,
+        perplexity_stderr=math.exp(mean_nll) * nll_stderr,
+        window_nll=window_nll,
     )
     if speed:
         prompt = tokens[:speed_prompt_tokens]
@@ -115,13 +117,14 @@ def format_result(r: EvalResult) -> str:
         ("backend", r.backend),
         ("data", r.data),
         ("windows x seq_len", f"{r.windows} x {r.seq_len} ({r.tokens_scored} tokens scored)"),
-        ("perplexity", f"{r.perplexity:.4f}"),
+        ("perplexity", f"{r.perplexity:.4f} ± {r.perplexity_stderr:.4f}"),
     ]
     if r.kl is not None:
         k = r.kl
         rows += [
             ("base perplexity", f"{k.base_perplexity:.4f}  (ratio {k.ppl_ratio:.4f})"),
-            ("KL mean", f"{k.mean:.6f}"),
+            ("ln(ppl / base ppl)", f"{math.log(k.ppl_ratio):+.5f} ± {k.ln_ppl_ratio_stderr:.5f}"),
+            ("KL mean", f"{k.mean:.6f} ± {k.mean_stderr:.6f}"),
             ("KL median", f"{k.median:.6f}"),
             ("KL p99 / p99.9", f"{k.p99:.6f} / {k.p999:.6f}"),
             ("KL max", f"{k.max:.6f}"),

@@ -12,6 +12,11 @@ KL(p_base ‖ p_model) over the full vocabulary, summarised by mean, median, p90
 fraction of tokens where both models' top-1 tokens agree ("same top p"); the mean change of the
 probability of the correct token (Δp); and the perplexity ratio.
 
+Uncertainties are llama-perplexity's: the standard error of the mean over scored tokens (perplexity:
+``ppl · stderr(nll)``; the ratio: of the per-token ``nll_model − nll_base``, paired on the same tokens;
+KL: of the per-token KL). Tokens of one window are not independent, so these are lower bounds; the
+per-window mean NLLs are kept (``window_nll``) for comparisons with windows as the unit.
+
 Speed follows llama-bench: the same thread count on every backend (physical cores by default), one
 untimed warm-up of exactly the timed shape, then ``repeats`` timed runs summarised by median, min, max.
 """
@@ -22,6 +27,7 @@ import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +68,8 @@ class KLStats:
     mean_delta_p: float  # mean of p_model(correct) − p_base(correct)
     ppl_ratio: float  # ppl(model) / ppl(base)
     base_perplexity: float
+    mean_stderr: float = float("nan")  # standard error of the per-token KL mean
+    ln_ppl_ratio_stderr: float = float("nan")  # of mean(nll_model − nll_base) over the same tokens
 
 
 @dataclass
@@ -76,6 +84,8 @@ class EvalResult:
     nll: float
     kl: KLStats | None = None
     speed: SpeedResult | None = None
+    perplexity_stderr: float = float("nan")  # ppl · per-token standard error of the NLL (llama-perplexity's ±)
+    window_nll: list[float] | None = None  # mean NLL of each window, in order
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,13 +101,29 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
 
 
+class WindowScores(NamedTuple):
+    nll: float  # mean NLL over windows (GPTQ protocol)
+    tokens: int  # tokens scored
+    kl: dict | None  # KLStats fields, with a base
+    nll_stderr: float  # per-token standard error of ``nll``
+    window_nll: list[float]  # each window's mean NLL
+
+
+def _stderr(total: float, total_sq: float, n: int) -> float:
+    """Standard error of a mean from the sum and the sum of squares of ``n`` values."""
+    if n < 2:
+        return float("nan")
+    mean = total / n
+    return math.sqrt(max(total_sq / n - mean * mean, 0.0) / (n - 1))
+
+
 def score_windows(
     backend: Backend,
     windows: torch.Tensor,
     base: Backend | None = None,
     progress: bool = True,
-) -> tuple[float, int, dict | None]:
-    """Mean NLL over windows (GPTQ protocol) and, with ``base``, per-token KL statistics.
+) -> WindowScores:
+    """Mean NLL over windows (GPTQ protocol), its uncertainty and, with ``base``, per-token KL statistics.
 
     windows: (W, L). Row t of each window's logits predicts token t+1, so L−1 tokens are scored per window.
     """
@@ -106,16 +132,23 @@ def score_windows(
     kls: list[torch.Tensor] = []
     top1_same = 0
     delta_p = 0.0
+    sums = dict(nll=0.0, nll2=0.0, d=0.0, d2=0.0)  # per-token sums for the standard errors
     for w in tqdm(windows, desc="scoring windows", disable=not progress, leave=False):
         target = w[1:]  # (L−1,)
         logp = F.log_softmax(backend.logits(w)[:-1].float(), dim=-1)  # (L−1, V)
-        nll = -logp.gather(1, target[:, None]).squeeze(1)  # (L−1,)
-        window_nll.append(float(nll.double().mean()))
+        nll = -logp.gather(1, target[:, None]).squeeze(1).double()  # (L−1,)
+        window_nll.append(float(nll.mean()))
+        sums["nll"] += float(nll.sum())
+        sums["nll2"] += float((nll * nll).sum())
         if base is not None:
             logq = F.log_softmax(base.logits(w)[:-1].float(), dim=-1)  # base model: (L−1, V)
             if logq.shape != logp.shape:
                 raise LLMOptError(f"--base has vocabulary {logq.shape[-1]} but the model has {logp.shape[-1]}")
-            base_nll.append(float(-logq.gather(1, target[:, None]).double().mean()))
+            bnll = -logq.gather(1, target[:, None]).squeeze(1).double()
+            base_nll.append(float(bnll.mean()))
+            d = nll - bnll  # paired on the same tokens: ln(ppl ratio) per token
+            sums["d"] += float(d.sum())
+            sums["d2"] += float((d * d).sum())
             # KL(base ‖ model) = Σ_v q_v (log q_v − log p_v), per token
             kls.append((logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0))
             top1_same += int((logq.argmax(-1) == logp.argmax(-1)).sum())
@@ -125,10 +158,10 @@ def score_windows(
     n_scored = windows.shape[0] * (windows.shape[1] - 1)
     kl = None
     if base is not None:
-        allk = torch.cat(kls)
+        allk = torch.cat(kls).double()
         base_ppl = math.exp(sum(base_nll) / len(base_nll))
         kl = dict(
-            mean=float(allk.double().mean()),
+            mean=float(allk.mean()),
             median=_quantile(allk, 0.5),
             p90=_quantile(allk, 0.90),
             p99=_quantile(allk, 0.99),
@@ -138,8 +171,10 @@ def score_windows(
             mean_delta_p=delta_p / n_scored,
             ppl_ratio=math.exp(mean_nll) / base_ppl,
             base_perplexity=base_ppl,
+            mean_stderr=float(allk.std() / math.sqrt(allk.numel())) if allk.numel() > 1 else float("nan"),
+            ln_ppl_ratio_stderr=_stderr(sums["d"], sums["d2"], n_scored),
         )
-    return mean_nll, n_scored, kl
+    return WindowScores(mean_nll, n_scored, kl, _stderr(sums["nll"], sums["nll2"], n_scored), window_nll)
 
 
 def measure_speed(

@@ -97,7 +97,7 @@ def test_c4_evaluation_defaults_to_256_windows(hub_recorder, monkeypatch, tiny_m
 
     def fake_score(backend, windows, base=None, progress=True):  # the windows' shape is what matters here
         scored.append(tuple(windows.shape))
-        return 1.0, windows.shape[0] * (windows.shape[1] - 1), None
+        return 1.0, windows.shape[0] * (windows.shape[1] - 1), None, 0.0, [1.0] * windows.shape[0]
 
     monkeypatch.setattr(ev, "score_windows", fake_score)
     d = str(tiny_model_dir)

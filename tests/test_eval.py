@@ -55,6 +55,43 @@ def test_kl_against_itself_is_zero(tiny_model_dir, tiny_text_file):
     assert r.kl.top1_agreement == 1.0 and r.kl.ppl_ratio == pytest.approx(1.0, abs=1e-6)
 
 
+class _FixedLogits:
+    """A backend whose logits are given per window (by the window's first token)."""
+
+    def __init__(self, table: dict[int, torch.Tensor]):
+        self.table = table
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[int(ids[0])]
+
+
+def test_uncertainties_are_per_token_standard_errors():
+    from llmopt.metrics import score_windows
+
+    g = torch.Generator().manual_seed(0)
+    windows = torch.tensor([[0, 3, 1, 4, 1, 5], [1, 2, 6, 5, 3, 5]])
+    model = _FixedLogits({int(w[0]): torch.randn(6, 8, generator=g) for w in windows})
+    base = _FixedLogits({int(w[0]): torch.randn(6, 8, generator=g) for w in windows})
+    s = score_windows(model, windows, base=base, progress=False)
+
+    def token_nll(be):  # the same numbers, computed the plain way
+        return torch.cat(
+            [-torch.log_softmax(be.logits(w)[:-1].double(), -1).gather(1, w[1:, None]).squeeze(1) for w in windows]
+        )
+
+    nll, bnll = token_nll(model), token_nll(base)
+    n = nll.numel()
+    assert s.tokens == n == 10 and s.nll == pytest.approx(float(nll.mean()), rel=1e-6)
+    assert s.window_nll == pytest.approx([float(nll[:5].mean()), float(nll[5:].mean())], rel=1e-6)
+    assert s.nll_stderr == pytest.approx(float(nll.std() / math.sqrt(n)), rel=1e-5)
+    d = nll - bnll  # paired: the same tokens under both models
+    assert s.kl["ln_ppl_ratio_stderr"] == pytest.approx(float(d.std() / math.sqrt(n)), rel=1e-5)
+    assert math.log(s.kl["ppl_ratio"]) == pytest.approx(float(d.mean()), rel=1e-5)
+    # against itself: no difference at all, so no uncertainty in the ratio
+    same = score_windows(model, windows, base=model, progress=False)
+    assert same.kl["ln_ppl_ratio_stderr"] == 0.0 and same.kl["mean_stderr"] < 1e-6
+
+
 def test_cli_json_and_speed(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(
