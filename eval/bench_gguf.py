@@ -7,11 +7,13 @@ same windows for both). Every file has a q8_0 token embedding (tied with the out
 differ only by how the Linears are stored. Torch F32 eager speed is measured in the same run.
 Writes eval/results/gguf.md, gguf.json and gguf.png (perplexity against file size).
 
-    python eval/bench_gguf.py [--windows 8 | --windows 0 (every window)] [--quick] [--paired A,B]
+    python eval/bench_gguf.py [--windows 8] [--quick] [--paired A,B]
 
 Perplexities carry llama-perplexity's ± (per-token standard error). ``--paired A,B`` adds, for two row
 labels (substrings), the per-window difference of their mean NLL on every text, with windows as the unit
 (a t-interval over windows; tokens within a window are not independent, so this is the honest one).
+The F32 reference keeps every window's logits in memory (~200 MB each): for whole texts use
+``bench_gguf_paired.py``, which runs all files window by window instead.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def torch_speed(threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8, help="windows per text; 0 = every window of each text")
+    ap.add_argument("--windows", type=int, default=8, help="windows per text (the F32 logits of each are cached)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="2 windows of 512, 8x256 calibration: a smoke run")
@@ -108,7 +110,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     require_text()
     extra = ["--calib-samples", "8", "--calib-seq-len", "256"] if args.quick else []
-    windows, seq_len = (2, 512) if args.quick else (args.windows or None, args.seq_len)
+    windows, seq_len = (2, 512) if args.quick else (args.windows, args.seq_len)
     imatrix_n, imatrix_len = (8, 256) if args.quick else (32, 512)
     extra_texts = eval_texts(args.eval) if args.eval else {}
 
