@@ -18,11 +18,9 @@ The F32 reference keeps every window's logits in memory (~200 MB each): for whol
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -41,8 +39,10 @@ from common import (  # noqa: E402
     fmt,
     machine_note,
     markdown_table,
+    mean_se,
     require_text,
     run_compress,
+    text_bench_args,
 )
 
 EMB = "q8_0"  # token embedding (= output head, tied) type in every file
@@ -91,17 +91,9 @@ def torch_speed(threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8, help="windows per text (the F32 logits of each are cached)")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap = text_bench_args(__doc__.splitlines()[0], 8, "windows per text (the F32 logits of each are cached)", "gguf")
     ap.add_argument("--quick", action="store_true", help="2 windows of 512, 8x256 calibration: a smoke run")
     ap.add_argument("--only", default=None, help="comma-separated substrings of row labels to run")
-    ap.add_argument("--out", default=str(REPO / "eval" / "results" / "gguf"))
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing <out>.json")
-    ap.add_argument(
-        "--eval", action="append", help="NAME=DATA_SPEC extra evaluation text (repeatable); 'lee' = Lee news"
-    )
     ap.add_argument("--paired", default=None, help="A,B: two row-label substrings compared window by window")
     args = ap.parse_args()
     if args.plot_only:
@@ -291,8 +283,7 @@ def paired_section(records: list[dict], spec: str, names: list[str]) -> list[str
         wb = b["window_nll"] if name == names[0] else b["texts"][name]["window_nll"]
         d = [x - y for x, y in zip(wa, wb, strict=True)]
         n = len(d)
-        mean = sum(d) / n
-        se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+        mean, se = mean_se(d)
         half = stats.t.ppf(0.975, n - 1) * se if n > 1 else float("nan")
         out.append(
             f"| {name} | {n} | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] | "

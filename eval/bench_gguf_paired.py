@@ -13,11 +13,9 @@ two quantized files (a 95% t-interval with windows as the unit). Calibration and
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -39,8 +37,10 @@ from common import (  # noqa: E402,E501
     eval_texts,
     machine_note,
     markdown_table,
+    mean_se,
     require_text,
     run_compress,
+    text_bench_args,
 )
 
 ROWS = ["llama.cpp Q4_0 + imatrix", "llmopt GPTQ q4_0 (shipped gptq-q4_0)"]
@@ -83,23 +83,15 @@ def score(backends: dict, windows: torch.Tensor, name: str) -> dict[str, dict]:
             del logp
     n_tok = windows.shape[0] * (windows.shape[1] - 1)
     for o in out.values():
-        nll = o["window_nll"]
-        n = len(nll)
-        mean = sum(nll) / n
-        se = math.sqrt(sum((x - mean) ** 2 for x in nll) / (n - 1) / n) if n > 1 else float("nan")
+        n = len(o["window_nll"])
+        mean, se = mean_se(o["window_nll"])
         o.update(ppl=math.exp(mean), ppl_se=math.exp(mean) * se, kl_mean=sum(o["window_kl"]) / n,
                  top1=o["top1"] / n_tok, windows=n)  # fmt: skip
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=32, help="windows per text; 0 = every window")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--eval", action="append", help="NAME=DATA_SPEC extra evaluation text; 'lee' = Lee news")
-    ap.add_argument("--out", default=str(REPO / "eval" / "results" / "gguf-q4_0-paired"))
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing <out>.json")
+    ap = text_bench_args(__doc__.splitlines()[0], 32, "windows per text; 0 = every window", "gguf-q4_0-paired")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out + ".json").read_text())["rows"], args.out + ".png")

@@ -3,6 +3,7 @@ one's peak RSS is its own), evaluation on the same windows with cached dense log
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -108,6 +109,28 @@ def eval_texts(specs: list[str] | None) -> dict[str, str]:
         name, _, spec = item.partition("=")
         out[name] = spec
     return out or {"wiki2-valid-2nd-half": EVAL}
+
+
+def text_bench_args(description: str, windows: int, windows_help: str, out: str) -> argparse.ArgumentParser:
+    """The options every llama.cpp text benchmark shares: windows, seq-len, threads, extra texts, output."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--windows", type=int, default=windows, help=windows_help)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--eval", action="append", help="NAME=DATA_SPEC extra evaluation text (repeatable); 'lee' = Lee news"
+    )
+    ap.add_argument("--out", default=str(REPO / "eval" / "results" / out))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing <out>.json")
+    return ap
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for fewer than two values)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
+    return mean, se
 
 
 def fmt(x: float, nd: int = 3) -> str:

@@ -76,10 +76,9 @@ class LlamaCppBackend(Backend):
         return cls(gguf_file_of(spec), spec, threads=threads, n_ctx=n_ctx, kv_type=kv_type)
 
     def _load(self, n_ctx: int) -> None:
-        from llmopt.backends.llamacpp_probe import extra_buffers_work, open_llama
+        from llmopt.backends.llamacpp_probe import open_llama
 
         self.close()
-        self.extra_buffers = extra_buffers_work(self.path)  # False where llama.cpp's AMX kernels crash
         try:
             self.llm = open_llama(
                 self.path,
@@ -97,6 +96,7 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp cannot load {self.path} ({str(e).splitlines()[0][:120]}): "
                 "is it a complete GGUF of a supported architecture?"
             ) from e
+        self.extra_buffers = bool(self.llm.model_params.use_extra_bufts)  # off where AMX kernels crash
         self._n_ctx = n_ctx
         _OPEN.add(self)
 
