@@ -262,6 +262,11 @@ class QuantFormat(ABC):
         vals = self._dq(_split_groups(codes, qp.n_groups), qp.grouped())
         return vals.reshape(*vals.shape[:-2], -1)
 
+    def levels(self, codes: Tensor, qp: QParams) -> Tensor | None:
+        """l with value = scale·l for every weight (rows, cols), or None where the value also has an offset
+        of its own (q4_1/q5_1's min): what a refit of the scales for fixed codes needs."""
+        return self.dequantize(codes, replace(qp.on_grid(), scale=torch.ones_like(qp.scale)))
+
     def fake_quantize(self, W: Tensor, qp: QParams) -> Tensor:
         """dequantize(quantize(W)): W: (rows, cols) → the float32 grid values W rounds to."""
         return self.dequantize(self.quantize(W, qp), qp)
@@ -288,9 +293,10 @@ class QuantFormat(ABC):
         mse_grid > 0: the scale search of the module docstring: the reference, the range shrunk by
         1 − i/mse_grid for 0 < i < MSE_MAX_SHRINK·mse_grid, and the format's least-squares refits
         (:meth:`_refit_candidates`, which may also widen the range); per group the candidate with the
-        smallest Σ_j weight_j (w_j − ŵ_j)² wins (weight: (cols,) column importance, e.g. diag(H);
-        None = plain MSE). The result rounds to the nearest grid point (:meth:`QParams.on_grid`) and is
-        never worse than the reference under that error (the reference is candidate 0, ties keep it).
+        smallest Σ_j weight_j (w_j − ŵ_j)² wins (weight: (cols,) column importance, e.g. diag(H), or
+        (rows, cols) per-weight importance; None = plain MSE). The result rounds to the nearest grid point
+        (:meth:`QParams.on_grid`) and is never worse than the reference under that error (the reference is
+        candidate 0, ties keep it).
         """
         rows, cols = W.shape
         self.check_width(cols)
@@ -301,14 +307,21 @@ class QuantFormat(ABC):
             n_cands = math.ceil(MSE_MAX_SHRINK * mse_grid) + len(REFIT_STEPS)
             step = max(1, SEARCH_CHUNK // (cols * n_cands))
             if step < rows:
-                return QParams.cat_rows([self.qparams(W[r : r + step], mse_grid, weight) for r in range(0, rows, step)])
+                per_row = weight is not None and weight.dim() == 2  # element weights are sliced with their rows
+                return QParams.cat_rows([
+                    self.qparams(W[r : r + step], mse_grid, weight[r : r + step] if per_row else weight)
+                    for r in range(0, rows, step)
+                ])  # fmt: skip
         g = self.group_size or cols
         Wg = W.reshape(rows, cols // g, g)  # (rows, n_groups, g)
         qp = self._range_params(Wg, 1.0)
         if mse_grid <= 0:
             return qp
-        imp = torch.ones(cols) if weight is None else weight.detach().to(torch.float32).reshape(cols)
-        imp = imp.to(W.device).reshape(1, cols // g, g)
+        if weight is not None and weight.dim() == 2:  # per-element weights (rows, cols)
+            imp = weight.detach().to(device=W.device, dtype=torch.float32).reshape(rows, cols // g, g)
+        else:
+            imp = torch.ones(cols) if weight is None else weight.detach().to(torch.float32).reshape(cols)
+            imp = imp.to(W.device).reshape(1, cols // g, g)
         n_shrink = max(1, math.ceil(MSE_MAX_SHRINK * mse_grid))
         factors = 1 - torch.arange(n_shrink, dtype=torch.float32, device=W.device) / mse_grid  # 1.0 first
         cands = self._range_params(Wg, factors.view(-1, 1, 1)).on_grid()  # (C, rows, n_groups)
@@ -616,6 +629,9 @@ class _MinBlock(_GGUFBlockFormat):
         else:
             q = torch.round(_safe_div(Wg - qp.zero, qp.scale))
         return q.clamp(0, 2**self.bits - 1).to(torch.uint8)
+
+    def levels(self, codes: Tensor, qp: QParams) -> None:
+        return None  # d·q + m: the min is a second parameter per block
 
     def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
         return qp.scale * codes.to(torch.float32) + qp.zero  # d·q + m

@@ -220,6 +220,33 @@ def test_search_in_row_slices_equals_one_pass(fmt, monkeypatch):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fmt", [IntFormat(4, 64, False), *map(make_format, GGUF_NAMES)], ids=str)
+def test_per_weight_search_weights(fmt, monkeypatch):
+    """The search takes (rows, cols) per-weight importances (llama.cpp's imatrix · sqrt(σ² + w²)): a column
+    importance broadcast to every row gives the column search's parameters bit for bit, row slices of
+    per-weight importances equal one pass, and per group no candidate beats the chosen one under them."""
+    import llmopt.formats as F
+
+    W = realistic_weights(rows=300, cols=512)
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(3)) + 0.1
+    per_weight = imp[None, :] * (W.square().mean(1, keepdim=True) + W.square()).sqrt()
+    same = fmt.qparams(W, mse_grid=20, weight=imp.expand(300, 512))
+    assert torch.equal(same.scale, fmt.qparams(W, mse_grid=20, weight=imp).scale)
+    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 14)
+    sliced = fmt.qparams(W, mse_grid=20, weight=per_weight)
+    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 40)
+    whole = fmt.qparams(W, mse_grid=20, weight=per_weight)
+    for a, b in zip(sliced._fields(), whole._fields()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    g = fmt.group_size
+
+    def group_err(qp):
+        return ((W - fmt.fake_quantize(W, qp)) ** 2 * per_weight).reshape(300, 512 // g, g).sum(-1)
+
+    assert torch.all(group_err(whole) <= group_err(fmt.qparams(W).on_grid()) * (1 + 1e-6))
+    assert not torch.equal(whole.scale, fmt.qparams(W, mse_grid=20, weight=imp).scale)
+
+
 @pytest.mark.parametrize(
     "fmt", [IntFormat(4, 64, False), IntFormat(3, 64, True), *map(make_format, GGUF_NAMES)], ids=str
 )

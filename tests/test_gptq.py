@@ -177,3 +177,59 @@ def test_bad_input(layer):
         GPTQConfig(block_size=0)
     with pytest.raises(LLMOptError, match="damp"):
         GPTQConfig(damp=0.0)
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(mse_grid=20, search_weight="imatrix"),
+                                 GPTQConfig(act_order=True, static_groups=True, mse_grid=20, search_weight="imatrix")],
+                         ids=["dynamic", "act_order"])  # fmt: skip
+def test_imatrix_search_weights(layer, cfg):
+    """search_weight="imatrix" (diag H · sqrt(σ² + w²), llama.cpp's weighting) changes the scales the search
+    picks, stays on the stored grid, and still beats RTN on the layer objective; unknown kinds are refused."""
+    W, H = layer
+    fmt = make_format("q4_0")
+    res = gptq_quantize(W, H, fmt, cfg)
+    hess = gptq_quantize(W, H, fmt, GPTQConfig(**{**cfg.__dict__, "search_weight": "hessian"}))
+    assert not torch.equal(res.qparams.scale, hess.qparams.scale)
+    assert torch.equal(fmt.quantize(res.weight, res.qparams), res.codes)
+    assert res.loss < rtn_quantize(W, fmt, H=H).loss
+    with pytest.raises(LLMOptError, match="search_weight is 'abs'; use one of hessian, imatrix"):
+        GPTQConfig(search_weight="abs")
+
+
+@pytest.mark.parametrize(
+    "fmt", [make_format("q4_0"), make_format("q8_0"), IntFormat(3, 64, True), IntFormat(4, 32, False)], ids=str
+)
+def test_refit_scales_solves_the_layer_objective(layer, fmt):
+    """refit: GPTQ's codes are kept, each row's scales become the least-squares solution of the layer objective
+    (checked against a dense solve of min_d ‖(w − A d) H^½‖² on one row) rounded to fp16, the objective does not
+    rise (lower here), and the result is still on the stored grid."""
+    from llmopt.kernels.gptq import refit_scales
+
+    W, H = layer
+    cfg = GPTQConfig(act_order=True, static_groups=True, mse_grid=20)
+    plain = gptq_quantize(W, H, fmt, cfg)
+    res = gptq_quantize(W, H, fmt, GPTQConfig(**{**cfg.__dict__, "refit": True}))
+    assert torch.equal(res.codes, plain.codes)
+    assert res.loss < plain.loss
+    assert torch.equal(fmt.quantize(res.weight, res.qparams), res.codes)
+    assert torch.equal(res.qparams.scale, res.qparams.scale.half().float())
+    qp, _ = refit_scales(W, H, plain.codes, plain.qparams, fmt)
+    assert torch.equal(qp.scale, res.qparams.scale)
+    r, L = 3, fmt.levels(plain.codes, plain.qparams).double()
+    nb = plain.qparams.n_groups
+    A = torch.zeros(W.shape[1], nb, dtype=torch.float64)  # column b: the levels of group b, 0 elsewhere
+    g = W.shape[1] // nb
+    for b in range(nb):
+        A[b * g : (b + 1) * g, b] = L[r, b * g : (b + 1) * g]
+    S = torch.linalg.cholesky(H.double() + 1e-9 * torch.eye(H.shape[0], dtype=torch.float64)).T  # H = Sᵀ S
+    d = torch.linalg.lstsq(S @ A, S @ W[r].double()).solution
+    assert torch.allclose(res.qparams.scale[r].double(), d, rtol=2e-3, atol=1e-6)
+
+
+def test_refit_leaves_q4_1_alone(layer):
+    """q4_1's value d·q + m has a second parameter per block: refit returns the walk's result unchanged."""
+    W, H = layer
+    fmt = make_format("q4_1")
+    a = gptq_quantize(W, H, fmt, GPTQConfig(mse_grid=20))
+    b = gptq_quantize(W, H, fmt, GPTQConfig(mse_grid=20, refit=True))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.qparams.scale, b.qparams.scale)

@@ -22,6 +22,11 @@ Scale search. ``mse_grid`` > 0 asks the format for searched group parameters (cl
 least-squares refits, scored per group by Σ_j diag(H)_j (w_j − ŵ_j)², :meth:`QuantFormat.qparams`):
 once on the original W for static groups, or per group from the weights as updated so far. The
 search is batched over candidates and groups, a small fraction of the column walk's cost.
+``search_weight="imatrix"`` weighs each weight's error by diag(H)_j · sqrt(σ²_row + w²) instead, as
+llama.cpp's importance-matrix quantization does. ``refit`` re-solves every group's scale for the codes
+the walk chose, under the full layer objective (:func:`refit_scales`). Both are off by default: on the
+embedded model neither beat the default on a text outside the calibration domain
+(eval/results/gguf-q4_0-variants.md).
 
 Damping. λ = damp · mean(diag H) is added to diag H (§4); if H + λI is still not positive definite the
 Cholesky is retried with 10× the damping (:func:`inverse_hessian_cholesky`). The damping actually used
@@ -49,6 +54,23 @@ from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_e
 log = logging.getLogger(__name__)
 
 
+SEARCH_WEIGHTS = ("hessian", "imatrix")
+
+
+def search_weights(W: torch.Tensor, importance: torch.Tensor, kind: str, sigma2: torch.Tensor | None = None):
+    """Weights of the scale search's error Σ_j weight_j (w_j − ŵ_j)² for the weights W: (rows, g).
+
+    "hessian": the column importance diag(H)_j, (g,). "imatrix": diag(H)_j · sqrt(σ² + w_ij²) per weight,
+    (rows, g), σ² = the row's mean squared weight (``sigma2``: (rows, 1), default from W), as llama.cpp's
+    importance-matrix quantization weighs its block-scale fits (ggml-quants.c ``quantize_row_q4_0_impl``).
+    """
+    if kind == "hessian":
+        return importance
+    if sigma2 is None:
+        sigma2 = W.square().mean(1, keepdim=True)
+    return importance[None, :] * (sigma2 + W.square()).sqrt()
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """The kernel's settings. The gptq stage builds it from its validated recipe entry
@@ -59,6 +81,12 @@ class GPTQConfig:
     act_order: bool = False  # walk columns by decreasing diag(H); grouped formats need static_groups
     static_groups: bool = False  # all group parameters from the original W, before any update
     mse_grid: int = 0  # > 0: Hessian-weighted scale search for group parameters (QuantFormat.qparams)
+    # what the search weighs each weight's error by: "hessian" = diag(H)_j; "imatrix" = diag(H)_j ·
+    # sqrt(σ²_row + w_ij²), llama.cpp's importance-matrix weighting (quantize_row_q4_0_impl)
+    search_weight: str = "hessian"
+    # after the walk, refit every group's scale for the codes GPTQ chose, minimising the layer objective
+    # tr((W − Ŵ) H (W − Ŵ)ᵀ) with all groups of a row coupled through H (:func:`refit_scales`)
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -67,6 +95,8 @@ class GPTQConfig:
             raise LLMOptError(f"GPTQ damp is {self.damp}; use a small positive fraction, e.g. 0.01")
         if self.mse_grid < 0:
             raise LLMOptError(f"GPTQ mse_grid is {self.mse_grid}; use 0 (off) or a grid size such as 100")
+        if self.search_weight not in SEARCH_WEIGHTS:
+            raise LLMOptError(f"GPTQ search_weight is {self.search_weight!r}; use one of {', '.join(SEARCH_WEIGHTS)}")
 
 
 def gptq_quantize(
@@ -106,7 +136,10 @@ def gptq_quantize(
         W = W * keep  # pruned weights start (and will end) at 0
     importance = torch.diag(H)  # (in,) column weights for the optional clipping search
 
-    qp_static = fmt.qparams(W, cfg.mse_grid, importance).on_grid() if static else None
+    sigma2 = W.square().mean(1, keepdim=True)  # (out, 1) for the "imatrix" search weights
+    qp_static = None
+    if static:
+        qp_static = fmt.qparams(W, cfg.mse_grid, search_weights(W, importance, cfg.search_weight, sigma2)).on_grid()
     col = torch.arange(cols, device=W.device)  # original index of the j-th column walked
     if cfg.act_order:
         col = torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -135,7 +168,8 @@ def gptq_quantize(
                 Wg = _updated_columns(W, W1, Err1, U, i1, i, j + g)  # (out, g)
                 if keep is not None:
                     Wg = Wg * keep[:, j : j + g]
-                qp = fmt.qparams(Wg, cfg.mse_grid, importance[j : j + g]).on_grid()
+                weight = search_weights(Wg, importance[j : j + g], cfg.search_weight, sigma2)
+                qp = fmt.qparams(Wg, cfg.mse_grid, weight).on_grid()
                 dynamic.append(qp)
             w = W1[:, i]  # (out,)
             target = w if keep is None else w * keep[:, j]  # pruned → 0 (SparseGPT §3.5)
@@ -150,6 +184,8 @@ def gptq_quantize(
         inv = torch.argsort(col)
         Q, codes = Q[:, inv], codes[:, inv]
     qparams = qp_static if qp_static is not None else QParams.cat(dynamic)
+    if cfg.refit:
+        qparams, Q = refit_scales(W_orig, H_orig, codes, qparams, fmt)
     pruned_nonzero = 0 if keep_mask is None else int(((Q != 0) & ~keep_mask.to(torch.bool)).sum())
     loss = weighted_error(W_orig, Q, H_orig)
     log.debug("GPTQ %s %s %dx%d: loss %.4g, damp %g", name or "", fmt, rows, cols, loss, damp)
@@ -171,3 +207,55 @@ def _updated_columns(
         return inside
     beyond = W[:, i2:end] - Err1[:, :i] @ U[i1:j, i2:end]
     return torch.cat([inside, beyond], dim=1)
+
+
+def refit_scales(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    codes: torch.Tensor,
+    qp: QParams,
+    fmt: QuantFormat,
+    row_chunk_elems: int = 1 << 24,
+) -> tuple[QParams, torch.Tensor]:
+    """Best scales for fixed codes under the layer objective: per row r, with Ŵ_r = Σ_b d_rb · l_rb (l: the
+    codes' levels, :meth:`QuantFormat.levels`, zero outside group b), minimise (w_r − Ŵ_r) H (w_r − Ŵ_r)ᵀ:
+    the normal equations M_r d_r = v_r, M_r[b, c] = l_rbᵀ H_bc l_rc, v_r[b] = l_rbᵀ (H w_rᵀ)_b, an
+    (n_groups × n_groups) solve per row. Scales are rounded to fp16 as stored; a row keeps its old scales
+    unless the new ones lower its objective, so the layer objective never rises. Formats whose values
+    have an offset besides the scale (q4_1/q5_1) are returned unchanged. Returns (params, Ŵ).
+    """
+    W = W.to(torch.float32)
+    H = H.to(torch.float32)
+    Q = fmt.dequantize(codes, qp)
+    L = fmt.levels(codes, qp)
+    if L is None:
+        return qp, Q
+    rows, cols = W.shape
+    nb = qp.n_groups
+    g = cols // nb
+    Hb = H.reshape(cols, nb, g)  # H[i, (c, j)]
+    WH = W @ H  # (rows, cols): (H w_rᵀ)ᵀ per row
+    new_scale = torch.empty_like(qp.scale)
+    step = max(1, row_chunk_elems // (cols * nb))
+    for r0 in range(0, rows, step):
+        Lg = L[r0 : r0 + step].reshape(-1, nb, g)  # (R, nb, g)
+        Z = torch.einsum("icj,rcj->ric", Hb, Lg)  # (R, cols, nb): Σ_{j in c} H_ij l_rj
+        M = torch.einsum("rbi,rbic->rbc", Lg, Z.reshape(-1, nb, g, nb))  # (R, nb, nb)
+        v = (Lg * WH[r0 : r0 + step].reshape(-1, nb, g)).sum(-1)  # (R, nb)
+        ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (R,): all-zero groups stay solvable
+        M.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+        d0 = qp.scale[r0 : r0 + step]
+        new_scale[r0 : r0 + step] = torch.linalg.solve(M, v + ridge[:, None] * d0)
+    new_scale = new_scale.to(torch.float16).to(torch.float32)
+    new_scale = torch.where(torch.isfinite(new_scale), new_scale, qp.scale)
+    cand = QParams(new_scale, qp.zero)
+    Q_new = fmt.dequantize(codes, cand)
+
+    def row_loss(Wh: torch.Tensor) -> torch.Tensor:
+        E = W - Wh
+        return ((E @ H) * E).sum(1)
+
+    better = row_loss(Q_new) < row_loss(Q)  # (rows,)
+    scale = torch.where(better[:, None], new_scale, qp.scale)
+    out = QParams(scale, qp.zero)
+    return out, torch.where(better[:, None], Q_new, Q)

@@ -119,6 +119,10 @@ class GPTQStageConfig(QuantConfig):
     act_order: bool = True
     static_groups: bool = True
     mse_grid: int = Field(20, ge=0)
+    # the search's error weights: "hessian" (diag H) or "imatrix" (diag H · sqrt(σ² + w²), llama.cpp's)
+    search_weight: Literal["hessian", "imatrix"] = "hessian"
+    # refit every group's scale for GPTQ's codes under the full layer objective (kernels.gptq.refit_scales)
+    refit: bool = False
 
     @model_validator(mode="after")
     def _act_order(self):
