@@ -39,7 +39,7 @@ from common import (  # noqa: E402
     fmt,
     machine_note,
     markdown_table,
-    mean_se,
+    paired_diff,
     require_text,
     run_compress,
     text_bench_args,
@@ -265,8 +265,6 @@ def main() -> None:
 def paired_section(records: list[dict], spec: str, names: list[str]) -> list[str]:
     """Row A minus row B, window by window, on every text: mean ΔNLL with a 95% t-interval over windows
     (exp of it: the perplexity ratio A/B), and in how many windows A is lower."""
-    from scipy import stats
-
     a_key, b_key = spec.split(",")
     a = next(r for r in records if a_key in r["label"])
     b = next(r for r in records if b_key in r["label"])
@@ -281,14 +279,10 @@ def paired_section(records: list[dict], spec: str, names: list[str]) -> list[str
     for name in names:
         wa = a["window_nll"] if name == names[0] else a["texts"][name]["window_nll"]
         wb = b["window_nll"] if name == names[0] else b["texts"][name]["window_nll"]
-        d = [x - y for x, y in zip(wa, wb, strict=True)]
-        n = len(d)
-        mean, se = mean_se(d)
-        half = stats.t.ppf(0.975, n - 1) * se if n > 1 else float("nan")
-        out.append(
-            f"| {name} | {n} | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] | "
-            f"{math.exp(mean):.4f} | {sum(x < 0 for x in d)} of {n} |"
-        )
+        if len(wa) != len(wb):
+            raise ValueError(f"{name}: {len(wa)} windows against {len(wb)}")
+        mean, lo, hi, lower, n = paired_diff(wa, wb)
+        out.append(f"| {name} | {n} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {math.exp(mean):.4f} | {lower} of {n} |")
     return out
 
 

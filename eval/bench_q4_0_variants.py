@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gguf import EMB  # noqa: E402
-from common import CALIB, EVAL, LEE, MODEL, REPO, cleanup, machine_note, markdown_table, mean_se, run_compress  # noqa: E402
+from common import CALIB, EVAL, LEE, MODEL, REPO, cleanup, machine_note, markdown_table, paired_diff, run_compress  # noqa: E402
 
 SHIPPED = {"act_order": True, "static_groups": True, "mse_grid": 20}
 # name: (description, gptq stage overrides, calibration (samples, seq_len, true_sequential))
@@ -146,12 +146,8 @@ def confidence(work: Path, names: list[str], texts: dict[str, tuple[str, int]], 
 
 
 def paired(a: list[float], b: list[float]) -> str:
-    from scipy import stats
-
-    d = [x - y for x, y in zip(a, b, strict=False)]
-    mean, se = mean_se(d)
-    half = stats.t.ppf(0.975, len(d) - 1) * se
-    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}], {sum(x < 0 for x in d)}/{len(d)}"
+    mean, lo, hi, lower, n = paired_diff(a, b)
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}], {lower}/{n}"
 
 
 def main() -> None:

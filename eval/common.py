@@ -133,6 +133,18 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return mean, se
 
 
+def paired_diff(a: list[float], b: list[float]) -> tuple[float, float, float, int, int]:
+    """Per-window a − b (the first min(len) windows): mean, 95% t-interval (lo, hi) with windows as the unit,
+    the number of windows where a is lower, and the number of windows."""
+    from scipy import stats
+
+    d = [x - y for x, y in zip(a, b, strict=False)]
+    n = len(d)
+    mean, se = mean_se(d)
+    half = stats.t.ppf(0.975, n - 1) * se if n > 1 else float("nan")
+    return mean, mean - half, mean + half, sum(x < 0 for x in d), n
+
+
 def fmt(x: float, nd: int = 3) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 

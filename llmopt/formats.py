@@ -301,15 +301,15 @@ class QuantFormat(ABC):
         rows, cols = W.shape
         self.check_width(cols)
         W = W.detach().to(torch.float32)
+        per_weight = weight is not None and weight.dim() == 2  # (rows, cols) importances, not one per column
         if mse_grid > 0:
             # Rows are independent: score them in slices, so no (candidates, rows, cols) temporary of the
             # search exceeds SEARCH_CHUNK elements (one 1536-wide Linear would take ~80 MiB at once).
             n_cands = math.ceil(MSE_MAX_SHRINK * mse_grid) + len(REFIT_STEPS)
             step = max(1, SEARCH_CHUNK // (cols * n_cands))
             if step < rows:
-                per_row = weight is not None and weight.dim() == 2  # element weights are sliced with their rows
                 return QParams.cat_rows([
-                    self.qparams(W[r : r + step], mse_grid, weight[r : r + step] if per_row else weight)
+                    self.qparams(W[r : r + step], mse_grid, weight[r : r + step] if per_weight else weight)
                     for r in range(0, rows, step)
                 ])  # fmt: skip
         g = self.group_size or cols
@@ -317,7 +317,7 @@ class QuantFormat(ABC):
         qp = self._range_params(Wg, 1.0)
         if mse_grid <= 0:
             return qp
-        if weight is not None and weight.dim() == 2:  # per-element weights (rows, cols)
+        if per_weight:
             imp = weight.detach().to(device=W.device, dtype=torch.float32).reshape(rows, cols // g, g)
         else:
             imp = torch.ones(cols) if weight is None else weight.detach().to(torch.float32).reshape(cols)

@@ -136,7 +136,8 @@ def gptq_quantize(
         W = W * keep  # pruned weights start (and will end) at 0
     importance = torch.diag(H)  # (in,) column weights for the optional clipping search
 
-    sigma2 = W.square().mean(1, keepdim=True)  # (out, 1) for the "imatrix" search weights
+    # (out, 1) row mean of w² for the "imatrix" search weights, from the whole row also for dynamic groups
+    sigma2 = W.square().mean(1, keepdim=True) if cfg.search_weight == "imatrix" else None
     qp_static = None
     if static:
         qp_static = fmt.qparams(W, cfg.mse_grid, search_weights(W, importance, cfg.search_weight, sigma2)).on_grid()
