@@ -204,8 +204,14 @@ class StatsAccumulator:
     down_proj's matmul, is not needed for statistics.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], statistic: str):
+    def __init__(
+        self, linears: dict[str, nn.Module], statistic: str, first_token_weight: dict[str, float] | None = None
+    ):
         self.statistic = statistic
+        # Linear name → weight of each window's first token in its statistic, as a fraction of the window's
+        # token count (at least 1: the plain statistic); accumulated on its own, not shared with the Linears
+        # that read the same tensor. See GPTQStageConfig.sink_weight.
+        self._first = {n: w for n, w in (first_token_weight or {}).items() if w > 0}
         self.stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
@@ -219,7 +225,11 @@ class StatsAccumulator:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            if self._last is not None and self._last[0] is x:
+            if name in self._first and x.dim() == 3:  # (windows, tokens, in)
+                x = x.detach().to(torch.float32).clone()
+                x[:, 0] *= max(1.0, self._first[name] * x.shape[1]) ** 0.5
+                self._add(name, x.reshape(-1, x.shape[-1]))
+            elif self._last is not None and self._last[0] is x:
                 self._alias[name] = self._last[1]  # q/k/v (gate/up) read the very same tensor
             else:
                 self._last = (x, name)
@@ -383,7 +393,8 @@ def run_layerwise(
             for group in groups:
                 acc = None
                 if stage.statistic != "none":
-                    acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic)
+                    weights = {n: stage.first_token_weight(n) for n in group}
+                    acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic, weights)
                     with memory.phase("statistics"):
                         _run_all(layer, batches, acc, i)
                     acc.remove()

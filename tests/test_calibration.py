@@ -66,6 +66,41 @@ def test_hessians_match_direct_forward(tiny):
         torch.testing.assert_close(st.seen[n], ref[n], rtol=1e-4, atol=1e-5)
 
 
+class SinkStage(RecordingStage):
+    def first_token_weight(self, name):
+        return 0.5 if name.endswith("v_proj") else 0.0
+
+
+def test_first_token_weight_scales_only_that_linears_hessian(tiny):
+    """GPTQ's sink_weight: the first token of each window weighs 0.5 x 32 = 16 tokens in v_proj's Hessian
+    (H = 2/N Σ w_t x_tᵀx_t, N the plain token count); q_proj / k_proj, reading the same tensor, keep theirs."""
+    model, windows = tiny
+    xs: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: xs.setdefault(n, []).append(a[0].double()))
+        for n, m in model.named_modules()
+        if n.endswith("v_proj")
+    ]
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    ref, plain = direct_hessians(model, windows), RecordingStage()
+    st = SinkStage()
+    run_layerwise(model, windows, [st], CompressionState(), batch_size=4)
+    run_layerwise(model, windows, [plain], CompressionState(), batch_size=4)
+    for n in ref:
+        if not n.endswith("v_proj"):
+            torch.testing.assert_close(st.seen[n], plain.seen[n], rtol=0, atol=0)
+            continue
+        x = torch.cat(xs[n])  # (windows, 32, in)
+        w = torch.ones(x.shape[:2], dtype=torch.float64)
+        w[:, 0] = 16.0
+        h = 2 * torch.einsum("bt,bti,btj->ij", w, x, x) / w.numel()
+        torch.testing.assert_close(st.seen[n], h.float(), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(st.seen[n], ref[n], rtol=1e-2)
+
+
 def test_statistics_do_not_depend_on_window_order_or_batching(tiny):
     model, windows = tiny
     a, b = RecordingStage(), RecordingStage()

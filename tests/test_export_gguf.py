@@ -219,6 +219,60 @@ def test_llama_cpp_quantizer_with_imatrix(tiny_model_dir, tiny_text_file, tiny_f
         assert np.array_equal(np.asarray(b[name].data), np.asarray(c[name].data)), name
 
 
+def test_gptq_q4_0_has_llama_cpps_tensor_types_and_file_size(tiny_text_file, tmp_path):
+    """GPTQ q4_0 (mixture llama.cpp, the default) writes the first n_layer/8 ffn_down Linears as q4_1, as
+    llama.cpp's Q4_0 with an importance matrix does: the same type for every tensor, the same tensor bytes.
+    `mixture: none`, RTN (data-free, as llama.cpp without an imatrix) and a pruned model keep every Linear in
+    q4_0."""
+    from llmopt.compression import compress
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+    d = tmp_path / "tiny16"
+    tok = make_tiny_tokenizer(tiny_text_file.read_text())
+    make_tiny_llama(len(tok), layers=16, hidden=32).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    data = f"text:{tiny_text_file}"
+    ref = tmp_path / "llama-q4_0-imatrix.gguf"
+    export_gguf(str(d), str(ref), type="q4_0", embedding_type="q8_0", imatrix=data, imatrix_samples=4,
+                imatrix_seq_len=64)  # fmt: skip
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ref).tensors}
+
+    def tensor_bytes(path):
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+    assert {n for n, t in types.items() if t == "Q4_1"} == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
+
+    calib = {"data": data, "samples": 4, "seq_len": 64}
+    sparse = {"stage": "sparsegpt", "sparsity": 0.5}  # pruned Linears keep q4_0, whose grid has an exact 0
+    cases = [([{"stage": "gptq"}], False), ([{"stage": "gptq", "mixture": "none"}], True),
+             ([{"stage": "rtn"}], True), ([sparse, {"stage": "gptq"}], True)]  # fmt: skip
+    for i, (stages, uniform) in enumerate(cases):
+        stages[-1]["format"] = "q4_0"
+        folder, out = tmp_path / f"case{i}", tmp_path / f"case{i}.gguf"
+        compress(str(d), {"calibration": calib, "stages": stages}, folder)
+        index = json.loads((folder / "quantization.json").read_text())
+        guarded = {n for n, e in index.items() if e["format"] == "q4_1"}
+        assert guarded == (set() if uniform else {f"model.layers.{j}.mlp.down_proj" for j in (0, 1)})
+        export_gguf(str(folder), str(out), type="auto", embedding_type="q8_0")
+        got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+        if uniform:
+            assert set(got.values()) == {"F32", "Q4_0", "Q8_0"}
+        else:
+            assert got == types  # same types, shapes: the same tensor bytes (metadata differs a little)
+            assert tensor_bytes(out) == tensor_bytes(ref)
+
+
+def test_ffn_down_names_follow_gguf_py():
+    from llmopt.stages.quantization import ffn_down_layer
+
+    assert ffn_down_layer("model.layers.3.mlp.down_proj") == 3
+    assert ffn_down_layer("model.layers.12.mlp.experts.7.down_proj") == 12
+    assert ffn_down_layer("model.layers.2.mlp.shared_expert.down_proj") == 2
+    assert ffn_down_layer("transformer.h.5.mlp.c_proj") == 5  # GPT-2
+    for other in ("model.layers.3.mlp.up_proj", "transformer.h.5.attn.c_proj", "lm_head", "model.layers.3.mlp"):
+        assert ffn_down_layer(other) is None, other
+
+
 def test_qwen2_export_matches_torch(tiny_model_dir, tmp_path):
     """Qwen2: NEOX rotary (no Q/K permutation) and q/k/v biases."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

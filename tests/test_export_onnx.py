@@ -161,6 +161,37 @@ def test_auto_writes_stored_codes_bit_exact(tiny_model_dir, tiny_text_file, tmp_
     assert float((got - _torch_logits(folder, ids)).abs().max()) <= LOGIT_ATOL
 
 
+def test_auto_keeps_q4_1_guard_linears_float(tiny_text_file, tmp_path):
+    """GPTQ q4_0 with llama.cpp's mixture (the default): the early ffn_down Linears are q4_1, which
+    MatMulNBits cannot hold exactly; they stay float32 MatMuls with their exact saved weights, every other
+    Linear becomes a MatMulNBits from its codes, and ONNX Runtime's logits equal torch's."""
+    from llmopt.compression import compress
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+    d = tmp_path / "tiny8"
+    tok = make_tiny_tokenizer(tiny_text_file.read_text())
+    make_tiny_llama(len(tok), layers=8, hidden=32).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    calib = {"data": f"text:{tiny_text_file}", "samples": 4, "seq_len": 64}
+    folder = tmp_path / "gptq-q4_0"
+    compress(str(d), {"calibration": calib, "stages": [{"stage": "gptq", "format": "q4_0"}]}, folder)
+    index = json.loads((folder / "quantization.json").read_text())
+    assert {n for n, e in index.items() if e["format"] == "q4_1"} == {"model.layers.0.mlp.down_proj"}
+    out = tmp_path / "onnx"
+    report = export_onnx(str(folder), str(out), quant="auto")
+    assert report["linears_float"] == ["model.layers.0.mlp.down_proj"]
+    assert report["matmul_nbits"] == report["linears_exact"] == 8 * 7 - 1
+    model = onnx.load(str(out / "model.onnx"))
+    assert {n.doc_string for n in model.graph.node if n.op_type == "MatMulNBits"} == set(index) - {
+        "model.layers.0.mlp.down_proj"
+    }
+    from llmopt.backends.onnx_backend import OnnxBackend
+
+    ids = _ids()
+    got = OnnxBackend(out, threads=1).logits(ids)
+    assert float((got - _torch_logits(folder, ids)).abs().max()) <= LOGIT_ATOL
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "phi3", "gpt2", "opt"])
 def test_auto_on_other_architectures(arch, tiny_text_file, tmp_path):
     """Biases (qwen2), fused qkv / gate_up (phi3), Conv1D as Gemm + bias (gpt2), Gemm with transB (opt):

@@ -185,6 +185,11 @@ class Stage:
         """Calibration windows are needed: for the kernel, or to plan OWL layer sparsities."""
         return self.needs_calibration or getattr(self.cfg, "owl", None) is not None
 
+    def first_token_weight(self, name: str) -> float:
+        """Weight of each calibration window's first token in Linear ``name``'s statistic, as a fraction of the
+        window's token count (0 = the plain statistic: the first token counts as any other)."""
+        return 0.0
+
     def check(self, name: str, linear: nn.Linear) -> None:
         """Raise LLMOptError when this Linear cannot be handled (width, group size, N:M)."""
 

@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import re
+from functools import cache
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from llmopt.errors import LLMOptError
-from llmopt.linears import in_features
+from llmopt.linears import in_features, is_linear
 from llmopt.recipe import StageConfig
 from llmopt.stages.base import LinearOutcome, Stage
 
 FORMAT_NAMES = ("int", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type), given an importance matrix, writes the
+# ffn_down tensors of the first n_layer/8 layers of a Q4_0 / Q5_0 file as Q4_1 / Q5_1 ("guard against
+# craziness in the first few ffn_down layers"). `mixture: llama.cpp` picks the same types, so a GGUF export
+# has the tensor types and file size of llama.cpp's own file of that type.
+LLAMA_FFN_DOWN_GUARD = {"q4_0": "q4_1", "q5_0": "q5_1"}
+
+
+@cache
+def _gguf_patterns(kinds: tuple[str, ...]) -> re.Pattern:
+    """Module names gguf-py maps to these GGUF tensor kinds (any architecture), with the decoder layer
+    index as a group."""
+    import gguf
+
+    cfg = gguf.TensorNameMap.block_mappings_cfg
+    esc = re.escape("{bid}")
+    alts = sorted({re.escape(p).replace(esc, r"(\d+)") for k in kinds for p in cfg.get(gguf.MODEL_TENSOR[k], ())})
+    return re.compile("|".join(f"(?:{a})" for a in alts))
+
+
+def gguf_layer(name: str, kinds: tuple[str, ...]) -> int | None:
+    """The decoder layer index when module ``name`` is one of gguf-py's tensor ``kinds`` (per-expert Linears
+    ``...experts.<j>.down_proj`` count as the merged expert tensor), else None."""
+    m = _gguf_patterns(kinds).fullmatch(re.sub(r"\.experts\.\d+\.", ".experts.", name))
+    return None if m is None else int(next(g for g in m.groups() if g is not None))
+
+
+def ffn_down_layer(name: str) -> int | None:
+    """Layer index of an MLP down projection as llama.cpp names them (ffn_down, _exps, _shexp), else None."""
+    return gguf_layer(name, ("FFN_DOWN", "FFN_DOWN_EXP", "FFN_DOWN_SHEXP"))
 
 
 class QuantConfig(StageConfig):
@@ -23,6 +54,12 @@ class QuantConfig(StageConfig):
     # > 0: per-group scale search (shrunk ranges on this grid + least-squares refits; GPTQ weights the
     # error by diag H, RTN by nothing), for every format (llmopt.formats.QuantFormat.qparams)
     mse_grid: int = Field(0, ge=0)
+    # "llama.cpp": the tensor types llama.cpp picks for this format's file type with an importance matrix
+    # (q4_0 / q5_0: the first n_layer/8 ffn_down Linears in q4_1 / q5_1; other formats: unchanged);
+    # "none": every target in `format`. Linears pruned by an earlier stage keep `format` (q4_1/q5_1 have
+    # no exact 0). GPTQ defaults to llama.cpp's mixture, RTN (data-free, as llama.cpp without an importance
+    # matrix) to none.
+    mixture: Literal["llama.cpp", "none"] = "none"
 
     @field_validator("format")
     @classmethod
@@ -58,14 +95,38 @@ class QuantStage(Stage):
     def __init__(self, cfg, index: int = 0):
         super().__init__(cfg, index)
         self.fmt = cfg.make_format()
+        self._guard = None  # (format, number of layers with an ffn_down) of llama.cpp's mixture, set by targets
+        if cfg.mixture == "llama.cpp" and cfg.format in LLAMA_FFN_DOWN_GUARD:
+            self._guard = (cfg.model_copy(update={"format": LLAMA_FFN_DOWN_GUARD[cfg.format]}).make_format(), None)
+
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        found = super().targets(model)
+        if self._guard is not None:  # llama.cpp counts the layers over the whole model, targets or not
+            layers = {ffn_down_layer(n) for n, m in model.named_modules() if is_linear(m)} - {None}
+            self._guard = (self._guard[0], len(layers))
+        return found
+
+    def format_for(self, name: str, state):
+        """The format of Linear ``name``: the stage's, or llama.cpp's guard format for an early ffn_down. A
+        pruned Linear keeps the stage's format: the guard formats (q4_1, q5_1) have no exact 0."""
+        if self._guard is None or state.masks.get(name) is not None:
+            return self.fmt
+        fmt, n_layer = self._guard
+        if n_layer is None:
+            raise LLMOptError(f"internal: stage '{self.name}' quantized {name} before its targets were listed")
+        i = ffn_down_layer(name)
+        return fmt if i is not None and i < n_layer // 8 else self.fmt
 
     def check(self, name: str, linear: nn.Linear) -> None:
         self.fmt.check_width(in_features(linear), name)
+        if self._guard is not None:
+            self._guard[0].check_width(in_features(linear), name)
 
-    def _outcome(self, name, res, state) -> LinearOutcome:
+    def _outcome(self, name, res, state, fmt=None) -> LinearOutcome:
+        fmt = fmt or self.fmt
         report = {
-            "format": self.fmt.name,
-            "bits_per_weight": self.fmt.bits_per_weight(res.weight.shape[1]),
+            "format": fmt.name,
+            "bits_per_weight": fmt.bits_per_weight(res.weight.shape[1]),
             "loss": res.loss,
         }
         if res.damp is not None:
@@ -76,7 +137,7 @@ class QuantStage(Stage):
             report["sparsity"] = float((res.weight == 0).float().mean())
             # formats whose grid has no exact 0 (q4_1, q5_1) take the nearest code: say how many
             report["pruned_nonzero"] = int((res.weight[pruned] != 0).sum())
-        return LinearOutcome(weight=res.weight, quant=res, fmt=self.fmt, report=report)
+        return LinearOutcome(weight=res.weight, quant=res, fmt=fmt, report=report)
 
     def compress_uncalibrated(self, name, W, state, layer_index) -> LinearOutcome:
         """No activations seen (unrouted expert): round-to-nearest onto the same format, pruned weights
@@ -84,7 +145,8 @@ class QuantStage(Stage):
         from llmopt.formats import rtn_quantize
 
         mask = state.masks.get(name)
-        out = self._outcome(name, rtn_quantize(W if mask is None else W * mask, self.fmt), state)
+        fmt = self.format_for(name, state)
+        out = self._outcome(name, rtn_quantize(W if mask is None else W * mask, fmt), state, fmt)
         out.report["fallback"] = "rtn"
         return out
 
@@ -105,8 +167,8 @@ class RTNStage(QuantStage):
 
         # Pruned weights are already 0 in W; every grid with an exact 0 (int, q8_0, q4_0, q5_0) keeps
         # them at 0, and the report counts those that moved (q4_1/q5_1).
-        res = rtn_quantize(W, self.fmt, mse_grid=self.cfg.mse_grid)
-        return self._outcome(name, res, state)
+        fmt = self.format_for(name, state)
+        return self._outcome(name, rtn_quantize(W, fmt, mse_grid=self.cfg.mse_grid), state, fmt)
 
 
 class GPTQStageConfig(QuantConfig):
@@ -123,6 +185,13 @@ class GPTQStageConfig(QuantConfig):
     search_weight: Literal["hessian", "imatrix"] = "hessian"
     # refit every group's scale for GPTQ's codes under the full layer objective (kernels.gptq.refit_scales)
     refit: bool = False
+    mixture: Literal["llama.cpp", "none"] = "llama.cpp"
+    # Weight of each calibration window's first token in the value projection's Hessian, as a fraction
+    # of the window's tokens (1.0: as much as all the others together). That token is the attention
+    # sink: most queries put much of their attention on it, so an error in its value reaches nearly
+    # every output, while the plain Hessian counts it once per window (eval/results/gptq-defaults.md 3b).
+    # 0 = the plain Hessian.
+    sink_weight: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="after")
     def _act_order(self):
@@ -156,8 +225,12 @@ class GPTQStage(QuantStage):
         super().__init__(cfg, index)
         self.kernel_cfg = cfg.kernel_config()
 
+    def first_token_weight(self, name: str) -> float:
+        return self.cfg.sink_weight if gguf_layer(name, ("ATTN_V",)) is not None else 0.0
+
     def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
         from llmopt.kernels.gptq import gptq_quantize
 
-        res = gptq_quantize(W, stats.hessian, self.fmt, self.kernel_cfg, keep_mask=state.masks.get(name), name=name)
-        return self._outcome(name, res, state)
+        fmt = self.format_for(name, state)
+        res = gptq_quantize(W, stats.hessian, fmt, self.kernel_cfg, keep_mask=state.masks.get(name), name=name)
+        return self._outcome(name, res, state, fmt)

@@ -14,8 +14,10 @@ and ``present.{i}.key/value``. The folder (``model.onnx``, ``config.json``, toke
 ``auto``
     On an llmopt quantized output folder: every quantized Linear's stored codes and scales become the
     initializers of a ``MatMulNBits`` (:mod:`.nbits`), checked bit for bit against the format's
-    dequantization, so ONNX Runtime computes with GPTQ's exact weights. Formats ``MatMulNBits`` cannot hold
-    exactly are refused before any weight is loaded.
+    dequantization, so ONNX Runtime computes with GPTQ's exact weights. A Linear whose format ``MatMulNBits``
+    cannot hold exactly (q4_1's d·q + m blocks: the early ffn_down Linears of llama.cpp's q4_0 mixture) keeps
+    a float32 MatMul with its exact saved weight, named in the report's ``linears_float``; when no stored
+    Linear maps, the export is refused before any weight is loaded.
 
 The output head stays float32 in every mode (llmopt's recipes leave ``lm_head`` unquantized; a tied head
 is a Transpose of the embedding, which no quantizer touches). The folder is written to a temporary
@@ -69,7 +71,8 @@ def export_onnx(
         opset: ONNX opset for the exporter (None: optimum's default for the architecture).
     Returns:
         {"output", "quant", "block_size", "accuracy_level", "architecture", "file_bytes", "matmul_nbits",
-        "linears_exact" (Linears written from stored codes), "seconds"}.
+        "linears_exact" (Linears written from stored codes), "linears_float" (stored Linears kept float32
+        because MatMulNBits cannot hold their format), "seconds"}.
     """
     t0 = time.perf_counter()
     if quant not in ONNX_QUANTS:
@@ -87,13 +90,14 @@ def export_onnx(
 
     folder = _local_folder(model_spec)
     index: dict = {}
+    kept_float: list[str] = []
     if folder is not None:  # everything decidable without the weights, before loading them
         from llmopt.checkpoint import read_config
 
         check_architecture(read_config(folder).get("model_type"))
         index = read_index(folder)
     if quant == "auto":
-        index = _precheck_auto(model_spec, index, block_size)
+        index, kept_float = _precheck_auto(model_spec, index, block_size)
 
     from llmopt.models import load_model
 
@@ -101,6 +105,7 @@ def export_onnx(
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = check_architecture(model.config.model_type)
     stored = load_stored(folder) if quant == "auto" and folder is not None else {}
+    stored = {n: s for n, s in stored.items() if n not in kept_float}
 
     with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
         from llmopt.exporters.onnx import graph, ortquant
@@ -127,6 +132,7 @@ def export_onnx(
             accuracy_level=accuracy_level,
             architecture=arch,
             linears_exact=len(exact),
+            linears_float=kept_float,
             source=model_spec,
             seconds=round(time.perf_counter() - t0, 2),
         )
@@ -157,8 +163,10 @@ def check_architecture(model_type: str | None) -> str:
     return str(model_type)
 
 
-def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> dict:
-    """``--quant auto`` needs stored codes that all map exactly; refused before loading weights."""
+def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> tuple[dict, list[str]]:
+    """``--quant auto`` needs stored codes that map exactly; decided before loading weights. Returns the
+    Linears written as MatMulNBits and those kept float32 (formats MatMulNBits cannot hold); refused when
+    none maps, or when ``block_size`` differs from the stored blocks."""
     from llmopt.exporters.gguf.codes import _format
     from llmopt.exporters.onnx.nbits import block_of
 
@@ -167,14 +175,30 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> dict
             f"--quant auto writes the stored codes of an llmopt quantized output, and {model_spec} has none "
             "(no quantization.json): compress it with a gptq/rtn recipe first, or use --quant int4-rtn / int4-hqq"
         )
+    mapped, refused = {}, {}
     for linear, entry in index.items():
-        bs = block_of(linear, _format(entry))
+        try:
+            bs = block_of(linear, _format(entry))
+        except LLMOptError as e:
+            refused[linear] = e
+            continue
         if block_size is not None and bs and bs != block_size:
             raise LLMOptError(
                 f"--block-size {block_size} differs from the stored blocks of {bs} columns ({linear}); "
                 "--quant auto keeps the stored blocks: omit --block-size"
             )
-    return index
+        mapped[linear] = entry
+    if not mapped:
+        raise next(iter(refused.values()))
+    if refused:
+        log.warning(
+            "%d of %d quantized Linears stay float32 in the ONNX graph (exact weights; MatMulNBits cannot hold "
+            "their format): %s",
+            len(refused),
+            len(index),
+            ", ".join(f"{n} ({_format(index[n])})" for n in refused),
+        )
+    return mapped, list(refused)
 
 
 def _export_float(model: torch.nn.Module, folder: Path, opset: int | None) -> None:
