@@ -50,18 +50,28 @@ from common import (  # noqa: E402
 
 # llm-compressor method → the shipped llmopt config run next to it in the same process, same calibration ids
 _CAL = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}
-# plain GPTQ spelled out (the gptq stage defaults to act-order + static groups + search)
+# plain GPTQ spelled out (the gptq stage defaults to act-order + static groups + search + sink weight)
 _INT = {"stage": "gptq", "format": "int", "group_size": 64, "symmetric": True, "act_order": False,
-        "static_groups": False, "mse_grid": 0}  # fmt: skip
+        "static_groups": False, "mse_grid": 0, "sink_weight": 0.0}  # fmt: skip
+# the shipped int setting with the plain Hessian (no extra weight on each window's first token in v_proj)
+_SHIPPED_NO_SINK = {"act_order": True, "static_groups": True, "mse_grid": 20}
 # --with-variants: other llmopt settings run in the same process (evidence for the shipped choice)
 LLMOPT_VARIANTS = {
     "gptq-w3g64": [
         ("llmopt int3, dynamic groups + search", {"calibration": _CAL, "stages": [_INT | {"bits": 3, "mse_grid": 20}]}),
+        (
+            "llmopt int3, shipped but sink_weight 0",
+            {"calibration": _CAL, "stages": [_INT | _SHIPPED_NO_SINK | {"bits": 3}]},
+        ),
     ],
     "gptq-w4g64": [
         (
             "llmopt int4, act-order + static groups, no search",
             {"calibration": _CAL, "stages": [_INT | {"bits": 4, "act_order": True, "static_groups": True}]},
+        ),
+        (
+            "llmopt int4, shipped but sink_weight 0",
+            {"calibration": _CAL, "stages": [_INT | _SHIPPED_NO_SINK | {"bits": 4}]},
         ),
     ],
 }

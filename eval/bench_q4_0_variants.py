@@ -29,10 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gguf import EMB  # noqa: E402
 from common import CALIB, EVAL, LEE, MODEL, REPO, cleanup, machine_note, markdown_table, paired_diff, run_compress  # noqa: E402
 
-SHIPPED = {"act_order": True, "static_groups": True, "mse_grid": 20}
+# The gptq-q4_0 setting the seeded `shipped` row was made with (before `mixture` and `sink_weight` existed):
+# every variant starts from it, so each row changes one thing.
+SHIPPED = {"act_order": True, "static_groups": True, "mse_grid": 20, "mixture": "none", "sink_weight": 0.0}
 # name: (description, gptq stage overrides, calibration (samples, seq_len, true_sequential))
 VARIANTS = {
-    "shipped": ("shipped gptq-q4_0 (act-order, static groups, Hessian-weighted search)", {}, (32, 512, False)),
+    "shipped": ("gptq-q4_0 as shipped before `mixture` / `sink_weight` (act-order, static groups, search)", {},
+                (32, 512, False)),
     "nosearch": ("no scale search (mse_grid 0)", {"mse_grid": 0}, (32, 512, False)),
     "imw": ("search weighted as llama.cpp's imatrix: diag H · sqrt(σ² + w²)", {"search_weight": "imatrix"},
             (32, 512, False)),
@@ -41,6 +44,16 @@ VARIANTS = {
     "refit": ("refit scales for GPTQ's codes under the full layer objective", {"refit": True}, (32, 512, False)),
     "s2048": ("calibration 8 x 2048 (same tokens, 4x fewer windows)", {}, (8, 2048, False)),
     "c128": ("calibration 128 x 512 (4x the windows)", {}, (128, 512, False)),
+    "mix": ("llama.cpp's tensor types: first n_layer/8 ffn_down in q4_1 (`mixture: llama.cpp`)",
+            {"mixture": "llama.cpp"}, (32, 512, False)),
+    "sink": ("first token of each window weighted 1.0 in v_proj's Hessian (`sink_weight: 1.0`)",
+             {"sink_weight": 1.0}, (32, 512, False)),
+    "mixsink": ("`mixture: llama.cpp` + `sink_weight: 1.0`", {"mixture": "llama.cpp", "sink_weight": 1.0},
+                (32, 512, False)),
+    "mixsink05": ("`mixture: llama.cpp` + `sink_weight: 0.5`", {"mixture": "llama.cpp", "sink_weight": 0.5},
+                  (32, 512, False)),
+    "mixsink2": ("`mixture: llama.cpp` + `sink_weight: 2.0`", {"mixture": "llama.cpp", "sink_weight": 2.0},
+                 (32, 512, False)),
 }  # fmt: skip
 SEEDED = {"shipped": "llmopt GPTQ q4_0 (shipped gptq-q4_0)", "imatrix": "llama.cpp Q4_0 + imatrix"}
 
@@ -145,6 +158,23 @@ def confidence(work: Path, names: list[str], texts: dict[str, tuple[str, int]], 
     return out
 
 
+def sink_attention(tok, windows: int = 4, seq_len: int = 512, skip: int = 64) -> list[float]:
+    """Per decoder layer of the F32 model: the mean attention weight that queries past position ``skip`` put on
+    their window's first token (calibration windows, no BOS). Near 1/position for an ordinary token; the
+    attention sink takes a large share: the evidence behind ``sink_weight``."""
+    import torch
+
+    from llmopt.data import calibration_windows
+    from llmopt.models import load_model
+
+    model = load_model(MODEL, dtype=torch.float32).model
+    model.config._attn_implementation = "eager"  # returns the attention weights
+    ids = calibration_windows(CALIB, tok, windows, seq_len, seed=0)
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+    return [float(a[..., skip:, 0].mean()) for a in att]  # a: (windows, heads, queries, keys)
+
+
 def paired(a: list[float], b: list[float]) -> str:
     mean, lo, hi, lower, n = paired_diff(a, b)
     return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}], {lower}/{n}"
@@ -176,6 +206,7 @@ def main() -> None:
                 seeded = {t: rows[label]["texts"][t]["window_nll"] for t in texts}
                 (work / f"{name}.json").write_text(json.dumps(seeded))
                 (work / f"{name}.seconds").write_text(str(rows[label]["quantize_seconds"]))
+                (work / f"{name}.mib").write_text(str(rows[label]["file_mib"]))
 
     from llmopt.models import load_tokenizer
 
@@ -188,20 +219,25 @@ def main() -> None:
     def ppl(x: list[float]) -> str:
         return f"{math.exp(sum(x) / len(x)):.3f}"
 
-    header = ["variant", "calibration", "compress s"] + [
+    def mib(name: str) -> str:
+        """The GGUF file's size: built here, or as recorded with the seeded row."""
+        f, seeded = work / f"{name}.gguf", work / f"{name}.mib"
+        return f"{(f.stat().st_size if f.exists() else float(seeded.read_text()) * 2**20) / 2**20:.2f}"
+
+    header = ["variant", "calibration", "file MiB", "compress s"] + [
         c for t in texts for c in (f"ppl {t}", f"{t}: ΔNLL vs imatrix, same calibration [95%], windows lower",
                                    f"{t}: ΔNLL vs shipped")
     ]  # fmt: skip
     rows = []
     for r in refs:
-        rows.append([f"llama.cpp Q4_0 + {r}", r.replace("imatrix-", "").replace("imatrix", "32x512"), "—"]
+        rows.append([f"llama.cpp Q4_0 + {r}", r.replace("imatrix-", "").replace("imatrix", "32x512"), mib(r), "—"]
                     + [c for t in texts for c in (ppl(cut[r][t]), "—", "—")])  # fmt: skip
     for n in names:
         desc, _, calib = VARIANTS[n]
         secs = work / f"{n}.seconds"
         ref = imatrix_name(calib)
         vs_shipped = {t: "—" if n == "shipped" else paired(cut[n][t], cut["shipped"][t]) for t in texts}
-        rows.append([f"`{n}`: {desc}", f"{calib[0]}x{calib[1]}" + (" true-seq" if calib[2] else ""),
+        rows.append([f"`{n}`: {desc}", f"{calib[0]}x{calib[1]}" + (" true-seq" if calib[2] else ""), mib(n),
                      f"{float(secs.read_text()):.0f}" if secs.exists() else "?"]
                     + [c for t in texts for c in (ppl(cut[n][t]), paired(cut[n][t], cut[ref][t]),
                                                   vs_shipped[t])])  # fmt: skip
@@ -222,6 +258,16 @@ def main() -> None:
                  + [f"{v[f'nll_T{T}']:.4f}" for T in TEMPS] for t, per in conf.items() for k, v in per.items()],
             ),
         ]  # fmt: skip
+    sink = sink_attention(tok)
+    sink_md = [
+        "",
+        "## Attention on each window's first token (F32, 4 calibration windows of 512 tokens)",
+        "",
+        "Mean attention weight that queries past position 64 put on their window's first token, per decoder "
+        "layer (an ordinary token would get about 1/300):",
+        "",
+        markdown_table([f"{i}" for i in range(len(sink))], [[f"{x:.2f}" for x in sink]]),
+    ]
     md = [
         "# GPTQ q4_0 variants vs llama.cpp Q4_0 + imatrix (screening, run by llama.cpp)",
         "",
@@ -240,17 +286,20 @@ def main() -> None:
         ),
         "",
         markdown_table(header, rows),
+        *sink_md,
         *conf_md,
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_q4_0_variants.py --lee {args.lee} --wiki "
         f"{args.wiki}"
-        + (f" --confidence {args.confidence}" if args.confidence else "")
-        + (f" --seed-from {args.seed_from}" if args.seed_from else "")
+        + (f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else "")
+        + (f" --confidence {args.confidence}" if args.confidence else " --confidence ''")
+        + (" --seed-from OLD_PAIRED (see gptq-defaults.md, Reproduce)" if args.seed_from else "")
+        + (f" --out {Path(args.out).relative_to(REPO)}" if Path(args.out).is_relative_to(REPO) else "")
         + "`.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(
-        json.dumps({"texts": {t: n for t, (_, n) in texts.items()}, "nll": nll, "confidence": conf})
+        json.dumps({"texts": {t: n for t, (_, n) in texts.items()}, "nll": nll, "confidence": conf, "sink": sink})
     )
     print("\n".join(md))
 

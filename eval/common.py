@@ -28,6 +28,39 @@ MODEL = "bundled:smollm2"
 #   unzip -o gensim-*.whl gensim/test/test_data/lee_background.cor && \
 #   mkdir -p /tmp/text && cp gensim/test/test_data/lee_background.cor /tmp/text/lee_background.txt
 LEE = Path(os.environ.get("LLMOPT_LEE_TEXT", "/tmp/text/lee_background.txt"))
+# A third text, held out from every choice of defaults: Usenet posts (200 messages of the 20 Newsgroups
+# corpus, headers removed) pickled inside the same gensim wheel as gensim/test/test_data/mini_newsgroup
+# (zlib-compressed pickle of a scikit-learn Bunch). `python eval/common.py newsgroups` writes it, after the
+# wheel is unpacked as above (unzip ... 'gensim/test/test_data/mini_newsgroup').
+NEWSGROUPS = Path(os.environ.get("LLMOPT_NEWSGROUPS_TEXT", "/tmp/text/newsgroups.txt"))
+
+
+def write_newsgroups(pickled: Path, out: Path = NEWSGROUPS) -> None:
+    """gensim's mini_newsgroup pickle → plain text: each message's body (after its header block), in order,
+    separated by blank lines. Unpickles only the Bunch (as a dict), builtins and numpy arrays, nothing else."""
+    import io
+    import pickle
+    import zlib
+
+    class Bunch(dict):
+        def __setstate__(self, state):
+            self.update(state)
+
+    SAFE = {("copy_reg", "_reconstructor"), ("__builtin__", "object"), ("__builtin__", "dict"),
+            ("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}  # fmt: skip
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name == "Bunch":
+                return Bunch
+            if (module, name) in SAFE:
+                return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+    data = Unpickler(io.BytesIO(zlib.decompress(pickled.read_bytes())), encoding="latin1").load()
+    bodies = [m.split("\n\n", 1)[1].strip() if "\n\n" in m else m.strip() for m in data["data"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(bodies))
 
 
 def require_text() -> None:
@@ -98,13 +131,19 @@ def evaluate_folder(spec, base, seq_len: int, max_windows: int, data: str = EVAL
 def eval_texts(specs: list[str] | None) -> dict[str, str]:
     """``--eval NAME=SPEC`` options → {name: data spec}; none given: {"wiki2-valid-2nd-half": EVAL}.
 
-    "lee" alone means the Lee news text (``LEE``, see above); it must exist."""
+    "lee" alone means the Lee news text (``LEE``, see above), "newsgroups" the Usenet text (``NEWSGROUPS``);
+    they must exist."""
     out = {}
     for item in specs or []:
         if item == "lee":
             if not LEE.is_file():
                 sys.exit(f"{LEE} not found; see LEE in eval/common.py for how to extract it (not committed)")
             out["lee-news"] = f"text:{LEE}"
+            continue
+        if item == "newsgroups":
+            if not NEWSGROUPS.is_file():
+                sys.exit(f"{NEWSGROUPS} not found; see NEWSGROUPS in eval/common.py for how to make it (not committed)")
+            out["newsgroups"] = f"text:{NEWSGROUPS}"
             continue
         name, _, spec = item.partition("=")
         out[name] = spec
@@ -118,7 +157,9 @@ def text_bench_args(description: str, windows: int, windows_help: str, out: str)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument(
-        "--eval", action="append", help="NAME=DATA_SPEC extra evaluation text (repeatable); 'lee' = Lee news"
+        "--eval",
+        action="append",
+        help="NAME=DATA_SPEC extra evaluation text (repeatable); 'lee' = Lee news, 'newsgroups' = 20 Newsgroups",
     )
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / out))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing <out>.json")
@@ -166,3 +207,8 @@ def machine_note() -> str:
 
 def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["newsgroups"]:
+    write_newsgroups(Path(sys.argv[2]) if len(sys.argv) > 2 else Path("gensim/test/test_data/mini_newsgroup"))
+    print(NEWSGROUPS)

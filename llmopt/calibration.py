@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -208,10 +208,12 @@ class StatsAccumulator:
         self, linears: dict[str, nn.Module], statistic: str, first_token_weight: dict[str, float] | None = None
     ):
         self.statistic = statistic
-        # Linear name → weight of each window's first token in its statistic, as a fraction of the window's
-        # token count (at least 1: the plain statistic); accumulated on its own, not shared with the Linears
-        # that read the same tensor. See GPTQStageConfig.sink_weight.
+        # Linear name → weight of each window's first token in its Hessian, as a fraction of the window's
+        # token count (see GPTQStageConfig.sink_weight). Such a Linear shares the plain accumulation with
+        # the Linears that read the same tensor and adds a low-rank term of its own: with the first token
+        # counted s² times, H' = H + 2/N (s² − 1) Σ_windows x₀ᵀx₀ (`_extra`, the raw sum, N = H's tokens).
         self._first = {n: w for n, w in (first_token_weight or {}).items() if w > 0}
+        self._extra: dict[str, torch.Tensor] = {}
         self.stats: dict[str, LinearStats] = {}
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
@@ -225,15 +227,16 @@ class StatsAccumulator:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            if name in self._first and x.dim() == 3:  # (windows, tokens, in)
-                x = x.detach().to(torch.float32).clone()
-                x[:, 0] *= max(1.0, self._first[name] * x.shape[1]) ** 0.5
-                self._add(name, x.reshape(-1, x.shape[-1]))
-            elif self._last is not None and self._last[0] is x:
+            if self._last is not None and self._last[0] is x:
                 self._alias[name] = self._last[1]  # q/k/v (gate/up) read the very same tensor
             else:
                 self._last = (x, name)
                 self._add(name, x.detach().reshape(-1, x.shape[-1]))
+            if name in self._first and x.dim() == 3 and self.statistic == "hessian":  # x: (windows, tokens, in)
+                x0 = x.detach()[:, 0].to(torch.float32)  # (windows, in)
+                s2 = max(1.0, self._first[name] * x.shape[1])
+                e = self._extra.setdefault(name, torch.zeros(x.shape[-1], x.shape[-1], device=x0.device))
+                e.addmm_(x0.t(), x0, alpha=s2 - 1.0)
             self._seen.add(name)
             if len(self._seen) == self._n:
                 raise _StopForward
@@ -261,7 +264,10 @@ class StatsAccumulator:
         self._seen.clear()
 
     def get(self, name: str) -> LinearStats:
-        return self.stats[self._alias.get(name, name)]
+        st = self.stats[self._alias.get(name, name)]
+        if name not in self._extra:
+            return st
+        return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens))
 
     def has(self, name: str) -> bool:
         """False for a Linear that never ran (no statistics)."""

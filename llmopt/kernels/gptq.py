@@ -147,7 +147,9 @@ def gptq_quantize(
         W, H = W[:, col], H[col[:, None], col]
         keep = None if keep is None else keep[:, col]
         importance = importance[col]
-    group_of = torch.zeros_like(col) if g is None else col // g  # (in,) group of the j-th column
+    group_of = [0] * cols if g is None else (col // g).tolist()  # group of the j-th column walked
+    # static groups: each group's (rows, 1) parameters sliced once, not once per column
+    per_group = None if qp_static is None else [qp_static.select(k) for k in range(qp_static.n_groups)]
 
     U, damp = inverse_hessian_cholesky(H, cfg.damp, name=name)  # (in, in) upper Cholesky of (H + λI)⁻¹
     del H  # only U is needed from here on
@@ -163,8 +165,8 @@ def gptq_quantize(
         Err1 = torch.zeros_like(W1)  # (out, B) errors (w − q) / U_jj
         for i in range(i2 - i1):
             j = i1 + i
-            if qp_static is not None:
-                qp = qp_static.select(int(group_of[j]))  # (out, 1)
+            if per_group is not None:
+                qp = per_group[group_of[j]]  # (out, 1)
             elif j % g == 0:  # first column of a group: params from the weights updated so far
                 Wg = _updated_columns(W, W1, Err1, U, i1, i, j + g)  # (out, g)
                 if keep is not None:

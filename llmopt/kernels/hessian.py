@@ -80,5 +80,6 @@ def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W−Ŵ) H (W−Ŵ)ᵀ): the layer's output reconstruction error under calibration inputs."""
-    D = (W - W_hat).to(torch.float64)
-    return float(torch.einsum("ij,jk,ik->", D, H.to(torch.float64), D))
+    D = (W - W_hat).to(torch.float32)  # (out, in)
+    # one float32 matmul (float64 on CPU took ~13% of a GPTQ call), the sum of its products in float64
+    return float(((D @ H.to(torch.float32)) * D).sum(dtype=torch.float64))
