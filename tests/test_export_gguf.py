@@ -273,6 +273,16 @@ def test_ffn_down_names_follow_gguf_py():
         assert ffn_down_layer(other) is None, other
 
 
+def test_sink_weight_applies_to_value_projections_only():
+    from llmopt.recipe import parse_recipe
+    from llmopt.stages import build_stages
+
+    stage = build_stages(parse_recipe({"stages": [{"stage": "gptq", "format": "q4_0"}]}))[0]
+    assert stage.first_token_weight("model.layers.7.self_attn.v_proj") == 1.0
+    for other in ("model.layers.7.self_attn.k_proj", "model.layers.7.self_attn.o_proj", "transformer.h.1.attn.c_attn"):
+        assert stage.first_token_weight(other) == 0.0, other
+
+
 def test_qwen2_export_matches_torch(tiny_model_dir, tmp_path):
     """Qwen2: NEOX rotary (no Q/K permutation) and q/k/v biases."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

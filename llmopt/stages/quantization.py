@@ -190,7 +190,8 @@ class GPTQStageConfig(QuantConfig):
     # of the window's tokens (1.0: as much as all the others together). That token is the attention
     # sink: most queries put much of their attention on it, so an error in its value reaches nearly
     # every output, while the plain Hessian counts it once per window (eval/results/gptq-defaults.md 3b).
-    # 0 = the plain Hessian.
+    # Applies to a separate value projection (gguf-py's attn_v: Llama, Qwen, Mistral, Gemma, ...; not
+    # the fused qkv of GPT-2 or Phi-3). 0 = the plain Hessian.
     sink_weight: float = Field(1.0, ge=0.0)
 
     @model_validator(mode="after")
