@@ -122,8 +122,7 @@ class QuantStage(Stage):
         if self._guard is not None:
             self._guard[0].check_width(in_features(linear), name)
 
-    def _outcome(self, name, res, state, fmt=None) -> LinearOutcome:
-        fmt = fmt or self.fmt
+    def _outcome(self, name, res, state, fmt) -> LinearOutcome:
         report = {
             "format": fmt.name,
             "bits_per_weight": fmt.bits_per_weight(res.weight.shape[1]),

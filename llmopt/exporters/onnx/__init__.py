@@ -97,7 +97,7 @@ def export_onnx(
         check_architecture(read_config(folder).get("model_type"))
         index = read_index(folder)
     if quant == "auto":
-        index, kept_float = _precheck_auto(model_spec, index, block_size)
+        kept_float = _precheck_auto(model_spec, index, block_size)
 
     from llmopt.models import load_model
 
@@ -163,10 +163,10 @@ def check_architecture(model_type: str | None) -> str:
     return str(model_type)
 
 
-def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> tuple[dict, list[str]]:
+def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> list[str]:
     """``--quant auto`` needs stored codes that map exactly; decided before loading weights. Returns the
-    Linears written as MatMulNBits and those kept float32 (formats MatMulNBits cannot hold); refused when
-    none maps, or when ``block_size`` differs from the stored blocks."""
+    Linears kept float32 (formats MatMulNBits cannot hold); refused when none maps, or when ``block_size``
+    differs from the stored blocks."""
     from llmopt.exporters.gguf.codes import _format
     from llmopt.exporters.onnx.nbits import block_of
 
@@ -175,7 +175,7 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> tupl
             f"--quant auto writes the stored codes of an llmopt quantized output, and {model_spec} has none "
             "(no quantization.json): compress it with a gptq/rtn recipe first, or use --quant int4-rtn / int4-hqq"
         )
-    mapped, refused = {}, {}
+    refused: dict[str, LLMOptError] = {}
     for linear, entry in index.items():
         try:
             bs = block_of(linear, _format(entry))
@@ -187,8 +187,7 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> tupl
                 f"--block-size {block_size} differs from the stored blocks of {bs} columns ({linear}); "
                 "--quant auto keeps the stored blocks: omit --block-size"
             )
-        mapped[linear] = entry
-    if not mapped:
+    if len(refused) == len(index):
         raise next(iter(refused.values()))
     if refused:
         log.warning(
@@ -198,7 +197,7 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> tupl
             len(index),
             ", ".join(f"{n} ({_format(index[n])})" for n in refused),
         )
-    return mapped, list(refused)
+    return list(refused)
 
 
 def _export_float(model: torch.nn.Module, folder: Path, opset: int | None) -> None:
