@@ -77,12 +77,16 @@ LLMOPT_VARIANTS = {
 }
 LLMOPT_CONFIG = {
     "gptq-w4g64": "configs/gptq-w4g64.yaml",
-    "gptq-w4g32": None,
+    "gptq-w4g32": "configs/gptq-w4g32.yaml",
     "gptq-w3g64": "configs/gptq-w3g64.yaml",
     "sparsegpt-50": "configs/sparsegpt-50.yaml",
     "sparsegpt-2of4": "configs/sparsegpt-2of4.yaml",
 }
 
+
+# --timing: shipped llmopt configs without a scheme of the same name in llm-compressor, timed beside the
+# nearest one (q4_0 = 4-bit symmetric blocks of 32 columns with an fp16 scale, llm-compressor's int4 g32 sym)
+TIMING_BASELINE = {"gptq-q4_0": "gptq-w4g32"}
 
 LAYERWISE_VARIANTS = {
     # label: GPTQConfig fields (int b g64 sym)
@@ -200,6 +204,10 @@ def layerwise(args) -> None:
     print("\n".join(md))
 
 
+def _timing_config(method: str) -> str:
+    return LLMOPT_CONFIG.get(method) or f"configs/{method}.yaml"
+
+
 def timing(args) -> None:
     """``--timing``: compression seconds only, llm-compressor and llmopt's shipped config alternating
     (llm-compressor, llmopt, llm-compressor, llmopt, ...) ``--repeats`` times per method on the same
@@ -217,22 +225,24 @@ def timing(args) -> None:
     for method in args.methods.split(","):
         t = times.setdefault(method, {"llm-compressor": [], "llmopt": []})
         for _ in range(args.repeats):
-            out = work / method
+            out, scheme = work / method, TIMING_BASELINE.get(method, method)
             cmd = [args.llmc_python, str(REPO / "eval" / "llmcompressor_baseline.py"), "--model-dir", model_dir,
-                   "--calib-ids", str(ids), "--method", method, "--output", str(out)]  # fmt: skip
+                   "--calib-ids", str(ids), "--method", scheme, "--output", str(out)]  # fmt: skip
             p = subprocess.run(cmd, capture_output=True, text=True, check=True)
             t["llm-compressor"].append(json.loads(p.stdout.strip().splitlines()[-1])["oneshot_seconds"])
             cleanup(out)
             folder = work / f"llmopt-{method}"
-            t["llmopt"].append(run_compress(str(REPO / LLMOPT_CONFIG[method]), folder)["compress_seconds"])
+            t["llmopt"].append(run_compress(str(REPO / _timing_config(method)), folder)["compress_seconds"])
             cleanup(folder)
             print(method, {k: v[-1] for k, v in t.items()}, flush=True)
-    header = ["method", "llm-compressor 0.14 `oneshot()` s", "llmopt shipped config s", "llmopt / llm-compressor"]
+    header = ["llmopt config", "llm-compressor 0.14 `oneshot()` s (scheme)", "llmopt shipped config s",
+              "llmopt / llm-compressor"]  # fmt: skip
     rows = []
     for method, t in times.items():
         a, b = statistics.median(t["llm-compressor"]), statistics.median(t["llmopt"])
         span = lambda v: f"{statistics.median(v):.1f} [{min(v):.1f}, {max(v):.1f}]"  # noqa: E731
-        rows.append([method, span(t["llm-compressor"]), f"{span(t['llmopt'])} (`{LLMOPT_CONFIG[method]}`)",
+        rows.append([method, f"{span(t['llm-compressor'])} ({TIMING_BASELINE.get(method, method)})",
+                     f"{span(t['llmopt'])} (`{_timing_config(method)}`)",
                      f"{b / a:.2f}x"])  # fmt: skip
     md = [
         "# Compression time: llmopt's shipped GPTQ configs vs llm-compressor 0.14, same run",

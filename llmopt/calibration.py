@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from llmopt import memory
 from llmopt.errors import LLMOptError
+from llmopt.kernels.hessian import add_gram_upper_, symmetrize_upper_
 from llmopt.linears import is_linear, is_transposed, weight_oi, write_weight
 from llmopt.memory import release_freed_memory
 from llmopt.stages.base import CompressionState, LinearStats, QuantizedLinear, Stage
@@ -164,7 +165,7 @@ def capture_layer_inputs(
             rest = tuple(None if isinstance(a, _CacheTypes) else a for a in args[1:])
             b = current[0]
             if i == 0:
-                b.hidden = hidden.detach()
+                b.hidden = hidden.detach().contiguous()  # overwritten in place by each layer's outputs
             b.layer_args.append((rest, _clean_kwargs(kwargs)))
             if i == len(layers) - 1:
                 raise _StopForward
@@ -215,6 +216,7 @@ class StatsAccumulator:
         self._first = {n: w for n, w in (first_token_weight or {}).items() if w > 0}
         self._extra: dict[str, torch.Tensor] = {}
         self.stats: dict[str, LinearStats] = {}
+        self._partial: set[str] = set()  # Hessians holding only their upper triangle so far (add_gram_upper_)
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
         self._n = len(linears)
@@ -252,7 +254,8 @@ class StatsAccumulator:
             if s.hessian is None:
                 s.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             s.hessian.mul_(s.tokens / (s.tokens + t))
-            s.hessian.addmm_(x.t(), x, alpha=2.0 / (s.tokens + t))
+            add_gram_upper_(s.hessian, x, alpha=2.0 / (s.tokens + t))  # the lower triangle is filled in get()
+            self._partial.add(name)
         elif self.statistic == "act_sq_norm":
             if s.act_sq_norm is None:
                 s.act_sq_norm = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
@@ -264,7 +267,11 @@ class StatsAccumulator:
         self._seen.clear()
 
     def get(self, name: str) -> LinearStats:
-        st = self.stats[self._alias.get(name, name)]
+        key = self._alias.get(name, name)
+        st = self.stats[key]
+        if key in self._partial:  # once, after the last window: the accumulation filled the upper triangle
+            symmetrize_upper_(st.hessian)
+            self._partial.discard(key)
         if name not in self._extra:
             return st
         return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens))
@@ -336,7 +343,10 @@ def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iter
         if i < n - 1:
             with torch.no_grad(), memory.phase("layer_outputs"):
                 for b in batches:
-                    b.hidden = _layer_forward(layer, b, i)
+                    # written over the batch's input (no longer needed), so the hidden states stay in the
+                    # buffers allocated once at capture and no long-lived block lands amid the layer's
+                    # temporaries on the heap
+                    b.hidden.copy_(_layer_forward(layer, b, i))
         source.release(i, layer)
         release_freed_memory()
 
@@ -404,6 +414,7 @@ def run_layerwise(
                     with memory.phase("statistics"):
                         _run_all(layer, batches, acc, i)
                     acc.remove()
+                    release_freed_memory()  # the forward's temporaries, kept by the heap for reuse, before the kernels
                 with memory.phase("kernels"):
                     _apply_group(stage, group, names, acc, state, i)
 
@@ -421,6 +432,7 @@ def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: Compre
             apply_to_linear(stage, name, names[name], None, state, i)
             continue
         apply_to_linear(stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i)
+        release_freed_memory()  # the kernel's work arrays (a few (in, in) matrices) before the next Linear's
 
 
 def apply_to_linear(

@@ -20,7 +20,7 @@ from llmopt.calibration import (
     run_layerwise,
 )
 from llmopt.errors import LLMOptError
-from llmopt.memory import PhaseSampler, compact_heap, peak_rss_mib, release_freed_memory, reset_peak_rss
+from llmopt.memory import PhaseSampler, peak_rss_mib, release_freed_memory, reset_peak_rss
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
 from llmopt.stages import build_stages
@@ -104,8 +104,7 @@ def compress_model(
         raise LLMOptError("this recipe has a data-driven stage: give calibration data (--calib)")
     batch = recipe.calibration.batch_size
     if needs_data:
-        with compact_heap():
-            _plan_owl(model, windows, stages, state, batch)
+        _plan_owl(model, windows, stages, state, batch)
     # Data-driven stages go through the layer-wise engine together (one capture, per layer in recipe
     # order); data-free stages apply directly; a whole-model stage (distill) runs on the model as the
     # stages before it left it. Order between the groups follows the recipe.
@@ -118,15 +117,14 @@ def compress_model(
             j = i
             while j < len(stages) and stages[j].needs_calibration:
                 j += 1
-            with compact_heap():
-                run_layerwise(
-                    model,
-                    windows,
-                    stages[i:j],
-                    state,
-                    batch_size=batch,
-                    true_sequential=recipe.calibration.true_sequential,
-                )
+            run_layerwise(
+                model,
+                windows,
+                stages[i:j],
+                state,
+                batch_size=batch,
+                true_sequential=recipe.calibration.true_sequential,
+            )
             i = j
         elif stages[i].whole_model:
             st = stages[i]

@@ -53,7 +53,7 @@ Tensor = torch.Tensor
 GGUF_BLOCK = 32  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 in ggml-common.h
 MSE_MAX_SHRINK = 0.5  # clipping search: range factors 1 − i/grid for 0 < i < 0.5·grid (never below half the range)
 REFIT_STEPS = (-6, -4, -2, -1, 0, 1, 2, 4, 6)  # refit sweep: inverse scales (r + k/10)/max, k in REFIT_STEPS
-SEARCH_CHUNK = 1 << 20  # elements of (candidates, rows, cols) scored at once (4 MiB per float32 temporary)
+SEARCH_CHUNK = 1 << 19  # elements of (candidates, rows, cols) scored at once (2 MiB per float32 temporary)
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,6 +261,13 @@ class QuantFormat(ABC):
         """Float32 values of codes: (..., rows, k·n_groups) → the same shape."""
         vals = self._dq(_split_groups(codes, qp.n_groups), qp.grouped())
         return vals.reshape(*vals.shape[:-2], -1)
+
+    def round_column(self, w: Tensor, qp: QParams) -> tuple[Tensor, Tensor]:
+        """Codes and values of one column w: (rows,) with its group's parameters already grouped (a (rows, 1)
+        selection's :meth:`QParams.grouped`, (rows, 1, 1)): what ``quantize`` and ``dequantize`` give for it,
+        without their per-call reshapes (GPTQ's column walk calls this once per column)."""
+        codes = self._q(w.view(-1, 1, 1), qp)
+        return codes.view(-1), self._dq(codes, qp).view(-1)
 
     def levels(self, codes: Tensor, qp: QParams) -> Tensor | None:
         """l with value = scale·l for every weight (rows, cols), or None where the value also has an offset

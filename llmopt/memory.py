@@ -56,17 +56,12 @@ def rss_mib() -> float | None:
         return None
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_MAX_DYNAMIC = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where its dynamic threshold ends up
-
-
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
+        return libc if hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc
         return None
 
@@ -74,37 +69,20 @@ def _libc():
 _LIBC = _libc()
 
 
-@contextmanager
-def compact_heap(threshold: int = 2**20):
-    """Blocks of ``threshold`` bytes or more come from mmap (and go back to the OS when freed) while inside.
-
-    glibc serves large blocks with mmap until one is freed, then raises its mmap threshold to that size
-    (up to 32 MiB), so the per-batch activations and kernel work arrays of a layer-wise pass (1-40 MiB
-    each) end up on the heap, where fragmentation keeps them resident: a fixed 1 MiB threshold cut the
-    embedded model's per-layer peak by ~165 MiB at the same speed (the work is compute-bound). Outside,
-    the threshold is left at 32 MiB, where glibc's own adjustment settles, so training loops keep
-    reusing heap blocks. A no-op off glibc."""
-    if _LIBC is None:
-        yield
-        return
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, threshold)
-    try:
-        yield
-    finally:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX_DYNAMIC)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_MAX_DYNAMIC)
-
-
 def release_freed_memory() -> None:
     """Hand memory freed by the last layer back to the OS (glibc ``malloc_trim``).
 
     A layer's temporaries (activations of each batch, Hessians, the kernels' work arrays: tens to
     hundreds of MiB) are freed when it is done, but glibc keeps freed heap pages for reuse, and after
-    it frees a large block it raises its mmap threshold, so later blocks of that size come from the
-    heap too; over 30 layers the resident size then grows by whatever fragmentation leaves behind.
-    Trimming once per layer costs milliseconds and kept the embedded model's gptq-q4_0 peak ~100 MiB
-    lower. A no-op off glibc."""
+    it frees a large block it raises its mmap threshold (up to 32 MiB), so later blocks of that size come
+    from the heap too; over 30 layers the resident size then grows by whatever fragmentation leaves
+    behind. The engine trims after each layer's statistics pass and after each layer: milliseconds each.
+
+    Not done: a fixed small mmap threshold (1 MiB, so every temporary goes back to the OS when freed).
+    It lowered the embedded model's gptq-q4_0 peak by ~100 MiB at 4 windows per forward, but every
+    temporary of 1 MiB or more was then page-faulted in afresh and unmapped again (a layer forward
+    allocates ~100 MiB of them): the engine ran ~22% slower (gptq-w3g64 102 s vs 80 s back to back).
+    Two windows per forward (the calibration default) keeps the transients small instead. A no-op off glibc."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 

@@ -77,9 +77,10 @@ class CalibrationConfig(StrictModel):
     samples: int = Field(32, ge=1)
     seq_len: int = Field(512, ge=2)
     seed: int = Field(0, ge=0, le=2**63 - 1)  # torch.Generator (self:N sampling) takes at most 64 bits
-    # windows per forward in the calibration engine: 4 x 512 tokens keeps a layer's activations ~90 MiB on
-    # the embedded model (8 took ~170 MiB) at the same speed on CPU
-    batch_size: int = Field(4, ge=1)
+    # windows per forward in the calibration engine: 2 x 512 tokens keeps a layer's transients ~45 MiB on
+    # the embedded model (4: ~90, 8: ~170) at the same speed on CPU; glibc reuses them on its heap between
+    # batches (llmopt.memory.release_freed_memory says why no small mmap threshold)
+    batch_size: int = Field(2, ge=1)
     # calibrate a layer's Linears group by group in the order its forward calls them (q/k/v, o, gate/up,
     # down for Llama), each group on the outputs of the already compressed earlier ones (GPTQ code)
     true_sequential: bool = False

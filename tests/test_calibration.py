@@ -66,6 +66,24 @@ def test_hessians_match_direct_forward(tiny):
         torch.testing.assert_close(st.seen[n], ref[n], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [200, 256, 600])
+def test_block_triangular_gram_is_the_full_product(width):
+    """The accumulator computes only the upper block triangle of xᵀx (blocks of 256 columns, a partial last
+    block for 600) and mirrors it once: the result is the full running average 2/N Σ xᵀx."""
+    from llmopt.kernels.hessian import add_gram_upper_, symmetrize_upper_
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, width, generator=g) for n in (100, 37, 64)]
+    H, tokens = torch.zeros(width, width), 0
+    for x in xs:
+        H.mul_(tokens / (tokens + x.shape[0]))
+        add_gram_upper_(H, x, alpha=2.0 / (tokens + x.shape[0]))
+        tokens += x.shape[0]
+    X = torch.cat(xs)
+    torch.testing.assert_close(symmetrize_upper_(H), 2 * X.t() @ X / tokens, rtol=1e-5, atol=1e-5)
+    assert torch.equal(H, H.t())
+
+
 class SinkStage(RecordingStage):
     def first_token_weight(self, name):
         return 0.5 if name.endswith("v_proj") else 0.0

@@ -148,40 +148,12 @@ def gptq_quantize(
         keep = None if keep is None else keep[:, col]
         importance = importance[col]
     group_of = [0] * cols if g is None else (col // g).tolist()  # group of the j-th column walked
-    # static groups: each group's (rows, 1) parameters sliced once, not once per column
-    per_group = None if qp_static is None else [qp_static.select(k) for k in range(qp_static.n_groups)]
+    # static groups: each group's (out, 1, 1) parameters grouped once, not once per column
+    per_group = None if qp_static is None else [qp_static.select(k).grouped() for k in range(qp_static.n_groups)]
 
     U, damp = inverse_hessian_cholesky(H, cfg.damp, name=name)  # (in, in) upper Cholesky of (H + λI)⁻¹
     del H  # only U is needed from here on
-    Q = torch.zeros_like(W)  # (out, in) dequantized weights, walk order
-    codes = torch.zeros(rows, cols, dtype=fmt.code_dtype, device=W.device)
-    dynamic: list[QParams] = []  # group params chosen during the walk (not static)
-    B = cfg.block_size
-
-    for i1 in range(0, cols, B):
-        i2 = min(i1 + B, cols)
-        W1 = W[:, i1:i2].clone()  # (out, B) block being quantized
-        U1 = U[i1:i2, i1:i2]  # (B, B)
-        Err1 = torch.zeros_like(W1)  # (out, B) errors (w − q) / U_jj
-        for i in range(i2 - i1):
-            j = i1 + i
-            if per_group is not None:
-                qp = per_group[group_of[j]]  # (out, 1)
-            elif j % g == 0:  # first column of a group: params from the weights updated so far
-                Wg = _updated_columns(W, W1, Err1, U, i1, i, j + g)  # (out, g)
-                if keep is not None:
-                    Wg = Wg * keep[:, j : j + g]
-                weight = search_weights(Wg, importance[j : j + g], cfg.search_weight, sigma2)
-                qp = fmt.qparams(Wg, cfg.mse_grid, weight).on_grid()
-                dynamic.append(qp)
-            w = W1[:, i]  # (out,)
-            target = w if keep is None else w * keep[:, j]  # pruned → 0 (SparseGPT §3.5)
-            c = fmt.quantize(target[:, None], qp)  # (out, 1)
-            q = fmt.dequantize(c, qp)[:, 0]  # (out,)
-            err = (w - q) / U1[i, i]  # (out,)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBS update of the rest of the block
-            Q[:, j], codes[:, j], Err1[:, i] = q, c[:, 0], err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of all later columns: (out, B) @ (B, in − i2)
+    Q, codes, dynamic = _walk(W.t().contiguous(), U, fmt, cfg, group_of, per_group, keep, importance, sigma2)
 
     if cfg.act_order:
         inv = torch.argsort(col)
@@ -195,21 +167,69 @@ def gptq_quantize(
     return QuantResult(codes=codes, qparams=qparams, weight=Q, loss=loss, pruned_nonzero=pruned_nonzero, damp=damp)
 
 
-def _updated_columns(
-    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, i1: int, i: int, end: int
-) -> torch.Tensor:
-    """Columns j = i1 + i .. end − 1 of W with every update so far applied: (out, end − j).
+SUB_BLOCK = 16  # columns whose updates inside a block are rank-1; the rest of the block gets them as one product
 
-    Inside the current block they live in W1; beyond it (a group straddling the block end) W still
-    lacks this block's lazy update from the i columns already quantized, Err1[:, :i] @ U[i1:j, i2:end].
+
+def _walk(
+    WT: torch.Tensor,
+    U: torch.Tensor,
+    fmt: QuantFormat,
+    cfg: GPTQConfig,
+    group_of: list[int],
+    per_group: list[QParams] | None,
+    keep: torch.Tensor | None,
+    importance: torch.Tensor,
+    sigma2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[QParams]]:
+    """The column walk of Algorithm 1 on WT = Wᵀ: (in, out), columns in walk order, updated in place.
+
+    Wᵀ makes each column a contiguous row, so the per-column work (round, error, rank-1 update) runs on
+    contiguous memory. The lazy batch updates are applied at two levels: within a sub-block of
+    ``SUB_BLOCK`` columns after each column (rank-1), to the rest of the block of ``block_size`` columns
+    after each sub-block, and to all later columns after each block (one matrix product each). This is
+    the same arithmetic as the paper's single level, reordered; it cuts the rank-1 traffic, which
+    dominated the walk. With dynamic groups every group also starts a block, so when a group's
+    parameters are chosen all of its columns hold every update from the columns before it.
+    Returns (Q, codes, dynamic params), Q and codes (out, in) in walk order.
     """
-    i2 = i1 + W1.shape[1]
-    j = i1 + i
-    inside = W1[:, i : min(end, i2) - i1]
-    if end <= i2:
-        return inside
-    beyond = W[:, i2:end] - Err1[:, :i] @ U[i1:j, i2:end]
-    return torch.cat([inside, beyond], dim=1)
+    cols, rows = WT.shape
+    g = fmt.group_size
+    starts = set(range(0, cols, cfg.block_size))
+    if per_group is None:  # dynamic groups (always with a group size: per-channel parameters are static)
+        starts |= set(range(0, cols, g))
+    bounds = sorted(starts) + [cols]
+    d = U.diagonal()
+    QT = torch.empty_like(WT)
+    CT = torch.empty(cols, rows, dtype=fmt.code_dtype, device=WT.device)
+    ErrT = torch.empty_like(WT)  # (in, out) errors (w − q) / U_jj
+    keepT = None if keep is None else keep.t().contiguous()
+    dynamic: list[QParams] = []
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        for k1 in range(i1, i2, SUB_BLOCK):
+            k2 = min(k1 + SUB_BLOCK, i2)
+            for j in range(k1, k2):
+                if per_group is not None:
+                    qp = per_group[group_of[j]]  # (out, 1, 1)
+                elif j % g == 0:  # a group's first column: parameters from the weights as updated so far
+                    Wg = WT[j : j + g].t().contiguous()  # (out, g): every earlier column's update is applied
+                    if keepT is not None:
+                        Wg = Wg * keepT[j : j + g].t()
+                    imp = importance[j : j + g]
+                    chosen = fmt.qparams(Wg, cfg.mse_grid, search_weights(Wg, imp, cfg.search_weight, sigma2)).on_grid()
+                    dynamic.append(chosen)
+                    qp = chosen.grouped()
+                w = WT[j]  # (out,)
+                target = w if keepT is None else w * keepT[j]  # pruned → 0 (SparseGPT §3.5)
+                c, q = fmt.round_column(target, qp)
+                err = (w - q).div_(d[j])
+                if j + 1 < k2:  # OBS update of the rest of the sub-block
+                    WT[j + 1 : k2].addr_(U[j, j + 1 : k2], err, alpha=-1)
+                QT[j], CT[j], ErrT[j] = q, c, err
+            if k2 < i2:  # the sub-block's update of the rest of the block
+                WT[k2:i2].addmm_(U[k1:k2, k2:i2].t(), ErrT[k1:k2], alpha=-1)
+        if i2 < cols:  # lazy update of all later columns
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), ErrT[i1:i2], alpha=-1)
+    return QT.t().contiguous(), CT.t().contiguous(), dynamic
 
 
 def refit_scales(

@@ -14,6 +14,29 @@ import torch
 log = logging.getLogger(__name__)
 
 
+GRAM_BLOCK = 256  # columns per block of the block-triangular Gram update
+
+
+def add_gram_upper_(H: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """H += alpha · xᵀx on H's upper block triangle only, in place: x: (T, in), H: (in, in) float32.
+
+    xᵀx is symmetric, so only the blocks on and above the diagonal (blocks of ``GRAM_BLOCK`` columns) are
+    computed: about (k + 1)/(2k) of the full product for k blocks (0.58 for a 1536-wide input), the
+    saving a BLAS ``syrk`` makes, with torch's own matmul on any device. Blocks below the diagonal are
+    left as they are (zero when H started at zero); :func:`symmetrize_upper_` fills them once at the end.
+    """
+    n = H.shape[0]
+    for a in range(0, n, GRAM_BLOCK):
+        b = min(a + GRAM_BLOCK, n)
+        H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=alpha)
+    return H
+
+
+def symmetrize_upper_(H: torch.Tensor) -> torch.Tensor:
+    """Copy the strict upper triangle of H onto the lower one, in place (completes :func:`add_gram_upper_`)."""
+    return H.copy_(H.triu() + H.triu(1).t())
+
+
 def dead_columns(H: torch.Tensor) -> torch.Tensor:
     """Input columns that never fired in calibration (diag H == 0): (in,) bool.
 
