@@ -78,6 +78,7 @@ LLMOPT_VARIANTS = {
 LLMOPT_CONFIG = {
     "gptq-w4g64": "configs/gptq-w4g64.yaml",
     "gptq-w4g32": "configs/gptq-w4g32.yaml",
+    "gptq-w8": "configs/gptq-w8.yaml",
     "gptq-w3g64": "configs/gptq-w3g64.yaml",
     "sparsegpt-50": "configs/sparsegpt-50.yaml",
     "sparsegpt-2of4": "configs/sparsegpt-2of4.yaml",
@@ -86,7 +87,8 @@ LLMOPT_CONFIG = {
 
 # --timing: shipped llmopt configs without a scheme of the same name in llm-compressor, timed beside the
 # nearest one (q4_0 = 4-bit symmetric blocks of 32 columns with an fp16 scale, llm-compressor's int4 g32 sym)
-TIMING_BASELINE = {"gptq-q4_0": "gptq-w4g32"}
+# (q8_0: 8-bit symmetric blocks of 32; q4_1: 4-bit blocks of 32 with a min, llm-compressor's asymmetric int4 g32)
+TIMING_BASELINE = {"gptq-q4_0": "gptq-w4g32", "gptq-q8_0": "gptq-w8g32", "gptq-q4_1": "gptq-w4g32-asym"}
 
 LAYERWISE_VARIANTS = {
     # label: GPTQConfig fields (int b g64 sym)

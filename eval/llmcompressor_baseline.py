@@ -21,7 +21,7 @@ Usage (32 x 512 calibration windows written by llmopt as an (N, L) int64 tensor)
     MODEL=$(ls -d ~/.cache/llmopt/gguf/SmolLM2-135M-Instruct.Q4_1-*/)
     /work/llmc-venv/bin/python eval/llmcompressor_baseline.py --model-dir "$MODEL" \
         --calib-ids calib_32x512.pt --method gptq-w4g64 --output out/llmc-gptq-w4g64
-    # --method: gptq-w4g64 | gptq-w4g32 | gptq-w3g64 | sparsegpt-50 | sparsegpt-2of4
+    # --method: gptq-w4g64 | gptq-w4g32 | gptq-w3g64 | gptq-w8g32 | gptq-w4g32-asym | gptq-w8 | sparsegpt-50 | ...
 
 Layer-by-layer mode (no model, no pipeline): ``--hessians FILE.pt`` holds {name: {"W": (out, in),
 "H": (in, in)}} saved by ``bench_llmcompressor.py --layerwise``; each Linear is quantized by
@@ -95,9 +95,14 @@ METHODS = {
     "gptq-w4g64": ("gptq", 4, 64),
     "gptq-w4g32": ("gptq", 4, 32),
     "gptq-w3g64": ("gptq", 3, 64),
+    # the nearest schemes to llmopt's GGUF and per-channel configs, for --timing (bench_llmcompressor.py)
+    "gptq-w8g32": ("gptq", 8, 32),  # q8_0: 8-bit symmetric blocks of 32
+    "gptq-w4g32-asym": ("gptq", 4, 32),  # q4_1: 4-bit blocks of 32 with a min (see ASYMMETRIC)
+    "gptq-w8": ("gptq", 8, None),  # int8 per output channel (group None)
     "sparsegpt-50": ("sparsegpt", "0:0", None),
     "sparsegpt-2of4": ("sparsegpt", "2:4", None),
 }
+ASYMMETRIC = {"gptq-w4g32-asym"}  # methods with a zero-point; all others symmetric
 DAMP = 0.01  # llm-compressor 0.14 default for both GPTQModifier and SparseGPTModifier
 BLOCK = 128
 SKIP_FILES = {"llmopt_gguf.json", "model.safetensors.index.json"}
@@ -124,7 +129,12 @@ def build_recipe(method: str, actorder: str):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         weights = QuantizationArgs(
-            num_bits=a, type="int", symmetric=True, strategy="group", group_size=b, dynamic=False
+            num_bits=a,
+            type="int",
+            symmetric=method not in ASYMMETRIC,
+            strategy="group" if b else "channel",
+            group_size=b,
+            dynamic=False,
         )
         scheme = QuantizationScheme(
             targets=["Linear"], weights=weights, input_activations=None, output_activations=None
@@ -152,17 +162,19 @@ def distinct_per_group(W: torch.Tensor, g: int) -> int:
     return int(((s[:, 1:] != s[:, :-1]).sum(1) + 1).max())
 
 
-def check_gptq(model, out_sd: dict, bits: int, g: int) -> dict:
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+def check_gptq(model, out_sd: dict, bits: int, g: int | None, symmetric: bool = True) -> dict:
+    # symmetric: codes W / scale in [−2ᵇ⁻¹, 2ᵇ⁻¹ − 1]; with a zero-point W / scale = q − z, anywhere in ±(2ᵇ − 1)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (-(2**bits - 1), 2**bits - 1)
     max_distinct, max_off, code_min, code_max, n = 0, 0.0, 0, 0, 0
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or name == "lm_head":
             continue
         W = out_sd[name + ".weight"].float()
-        max_distinct = max(max_distinct, distinct_per_group(W, g))
+        width = g or W.shape[1]  # per channel: one group per row
+        max_distinct = max(max_distinct, distinct_per_group(W, width))
         scale = getattr(mod, "weight_scale", None)
         if scale is not None:
-            s = scale.detach().float().repeat_interleave(g, dim=1)
+            s = scale.detach().float().repeat_interleave(width, dim=1)
             q = W / s
             max_off = max(max_off, float((q - q.round()).abs().max()))
             code_min, code_max = min(code_min, int(q.round().min())), max(code_max, int(q.round().max()))
@@ -334,7 +346,10 @@ def main() -> None:
             shutil.copy2(p, os.path.join(args.output, fn))
 
     kind, a, b = METHODS[args.method]
-    check = check_gptq(model, out_sd, a, b) if kind == "gptq" else check_sparse(model, out_sd, a, src_st)
+    if kind == "gptq":
+        check = check_gptq(model, out_sd, a, b, symmetric=args.method not in ASYMMETRIC)
+    else:
+        check = check_sparse(model, out_sd, a, src_st)
     log(f"[llmc-baseline] check: {json.dumps(check)}")
     with open(os.path.join(args.output, "llmcompressor_baseline.json"), "w") as f:
         json.dump(
