@@ -422,16 +422,19 @@ def run_layerwise(
 def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: CompressionState, i: int) -> None:
     """One group's Linears through the stage's kernel (the data-free one for a Linear the data never reached)."""
     for name in group:
-        if acc is not None and not acc.has(name):
+        if acc is None:
+            stats = LinearStats()
+        elif acc.has(name):
+            stats = acc.get(name)
+        else:
             log.warning(
                 "%s never ran on the calibration data (unrouted expert or unused branch): "
                 "stage %s uses its data-free kernel for it",
                 name,
                 stage.name,
             )
-            apply_to_linear(stage, name, names[name], None, state, i)
-            continue
-        apply_to_linear(stage, name, names[name], acc.get(name) if acc else LinearStats(), state, i)
+            stats = None  # apply_to_linear: the stage's data-free kernel
+        apply_to_linear(stage, name, names[name], stats, state, i)
         release_freed_memory()  # the kernel's work arrays (a few (in, in) matrices) before the next Linear's
 
 
