@@ -90,6 +90,8 @@ LLMOPT_CONFIG = {
 # (q8_0: 8-bit symmetric blocks of 32; q4_1: 4-bit blocks of 32 with a min, llm-compressor's asymmetric int4 g32)
 TIMING_BASELINE = {"gptq-q4_0": "gptq-w4g32", "gptq-q8_0": "gptq-w8g32", "gptq-q4_1": "gptq-w4g32-asym"}
 
+# GPTQConfig's shipped defaults are act-order + static groups + search; the variants below start from the paper's
+PAPER = dict(act_order=False, static_groups=False, mse_grid=0)
 LAYERWISE_VARIANTS = {
     # label: GPTQConfig fields (int b g64 sym)
     "llmopt, llm-compressor's setting (act-order + static groups)": dict(act_order=True, static_groups=True),
@@ -169,7 +171,7 @@ def layerwise(args) -> None:
     for label, kw in LAYERWISE_VARIANTS.items():
         t0 = time.perf_counter()
         results[label] = {
-            n: gptq_quantize(d["W"], d["H"], fmt_, GPTQConfig(**kw), name=n).loss for n, d in pairs.items()
+            n: gptq_quantize(d["W"], d["H"], fmt_, GPTQConfig(**{**PAPER, **kw}), name=n).loss for n, d in pairs.items()
         }
         seconds[label] = time.perf_counter() - t0
     # per Linear type (q/k/v/o/gate/up/down) and overall: geometric mean of loss / RTN loss

@@ -19,12 +19,13 @@ from llmopt.calibration import (
     layer_statistics,
     run_layerwise,
 )
+from llmopt.core.stage import Stage
+from llmopt.core.state import CompressionState, LinearStats, RunContext
 from llmopt.errors import LLMOptError
 from llmopt.memory import PhaseSampler, peak_rss_mib, release_freed_memory, reset_peak_rss
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
 from llmopt.stages import build_stages
-from llmopt.stages.base import CompressionState, LinearStats, RunContext, Stage
 
 log = logging.getLogger(__name__)
 

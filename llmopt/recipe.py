@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
+from llmopt.core.config import StrictModel
 from llmopt.errors import LLMOptError, read_text
+from llmopt.stages import REGISTRY
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -64,10 +66,6 @@ def resolve_recipe_name(name: str) -> Path:
             "(`llmopt recipes` describes them)"
         )
     return recipes[stem]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class CalibrationConfig(StrictModel):
@@ -111,18 +109,8 @@ class EvaluationConfig(StrictModel):
         return v
 
 
-class StageConfig(StrictModel):
-    """Fields every stage has: which nn.Linear modules it touches (fnmatch patterns on module names)."""
-
-    stage: str
-    targets: list[str] = ["*"]
-    ignore: list[str] = ["lm_head"]
-
-
 @cache
 def _recipe_model() -> type[BaseModel]:
-    from llmopt.stages import REGISTRY
-
     configs = tuple(cls.Config for cls in REGISTRY.values())
     StageUnion = Annotated[typing.Union[configs], Field(discriminator="stage")]  # noqa: UP007
 
@@ -149,8 +137,6 @@ def _nested_model(model: Any, field: str) -> Any:
 
 def _one_line(err: ValidationError, raw: dict) -> str:
     """Turn pydantic's multi-line report into one actionable line (first error only)."""
-    from llmopt.stages import REGISTRY
-
     # A misspelt key also makes the intended one "missing"; report the misspelling, it is the cause.
     priority = {"extra_forbidden": 0, "union_tag_invalid": 1, "union_tag_not_found": 1}
     e = min(err.errors(), key=lambda x: priority.get(x["type"], 2))

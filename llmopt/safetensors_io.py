@@ -2,7 +2,7 @@
 
 ``safetensors.torch.save_file`` takes every tensor at once and copies each to ``bytes`` before writing,
 so saving N bytes of tensors needs them all in memory plus a copy. The compression state holds codes
-compactly (:class:`llmopt.stages.base.QuantizedLinear`) and unpacks them only to save; unpacking all
+compactly (:class:`llmopt.core.state.QuantizedLinear`) and unpacks them only to save; unpacking all
 of them at once would add ~2 bytes per weight to the peak memory of every quantization run. This
 writer takes the header (names, dtypes, shapes) first and then asks for each tensor's data in turn, so
 only one tensor is unpacked at a time. The file is an ordinary safetensors file (8-byte little-endian

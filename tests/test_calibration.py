@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from llmopt.calibration import find_decoder_layers, run_layerwise
+from llmopt.core.config import StageConfig
+from llmopt.core.stage import Stage
+from llmopt.core.state import CompressionState, LinearOutcome
 from llmopt.errors import LLMOptError
-from llmopt.recipe import StageConfig
-from llmopt.stages.base import CompressionState, LinearOutcome, Stage
 from tests.conftest import make_tiny_llama
 
 

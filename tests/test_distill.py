@@ -110,9 +110,9 @@ def test_squarehead_is_normalised_per_layer():
 
 
 def test_fake_quant_is_the_formats_grid_with_a_straight_through_gradient():
+    from llmopt.core.state import QuantizedLinear
     from llmopt.distill.fakequant import FakeQuant
     from llmopt.formats import make_format, rtn_quantize
-    from llmopt.stages.base import QuantizedLinear
 
     W = torch.randn(8, 64)
     for fmt in (make_format("int", bits=4, group_size=32), make_format("q4_0"), make_format("q4_1")):

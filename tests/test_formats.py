@@ -253,7 +253,7 @@ def test_per_weight_search_weights(fmt, monkeypatch):
 def test_quantized_linear_holds_codes_compactly_and_exactly(fmt):
     """The compression state keeps ≤ 4-bit codes two to a byte and float16-exact params in float16,
     and gives back exactly the codes and params it was handed."""
-    from llmopt.stages.base import QuantizedLinear
+    from llmopt.core.state import QuantizedLinear
 
     W = realistic_weights()
     qp = fmt.qparams(W, mse_grid=20).on_grid()

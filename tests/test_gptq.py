@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from llmopt.errors import LLMOptError
 from llmopt.formats import IntFormat, QuantFormat, make_format, rtn_quantize
@@ -18,7 +19,15 @@ FORMATS: list[QuantFormat] = [
     *(IntFormat(b, g, s) for b in (2, 3, 4, 8) for g in (None, 32, 64) for s in (True, False)),
     *(make_format(n) for n in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")),
 ]
-ACT_ORDER = GPTQConfig(act_order=True, static_groups=True)
+
+
+def plain(**kw) -> GPTQConfig:
+    """The paper's GPTQ (columns in order, groups chosen on the fly, no scale search) with ``kw`` changed; the
+    shipped defaults (act-order, static groups, scale search) are ``GPTQConfig()``."""
+    return GPTQConfig(**{"act_order": False, "static_groups": False, "mse_grid": 0, **kw})
+
+
+ACT_ORDER = plain(act_order=True, static_groups=True)
 
 
 def make_layer(out: int = 64, cols: int = 256, tokens: int = 1024, dead: int = 0, seed: int = 0):
@@ -38,7 +47,7 @@ def layer():
     return make_layer()
 
 
-@pytest.mark.parametrize("cfg", [GPTQConfig(), ACT_ORDER], ids=["default", "act_order"])
+@pytest.mark.parametrize("cfg", [plain(), ACT_ORDER], ids=["default", "act_order"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_gptq_beats_rtn_and_stays_on_grid(layer, fmt, cfg):
     W, H = layer
@@ -62,7 +71,7 @@ def test_gptq_output_packs_to_gguf(layer, name):
 
     W, H = layer
     fmt = make_format(name)
-    res = gptq_quantize(W, H, fmt)
+    res = gptq_quantize(W, H, fmt, plain())
     deq = gguf_dequantize(fmt.to_gguf_blocks(res.codes, res.qparams), fmt.gguf_type)
     assert torch.equal(torch.from_numpy(deq), res.weight)
 
@@ -71,7 +80,7 @@ def test_gptq_output_packs_to_gguf(layer, name):
 def test_lazy_batches_do_not_change_the_result(layer, fmt):
     """Block size only reorders arithmetic (§3), also when groups straddle block ends (B = 48)."""
     W, H = layer
-    losses = [gptq_quantize(W, H, fmt, GPTQConfig(block_size=b)).loss for b in (1, 48, 128)]
+    losses = [gptq_quantize(W, H, fmt, plain(block_size=b)).loss for b in (1, 48, 128)]
     assert max(losses) - min(losses) < 1e-3 * min(losses)
 
 
@@ -105,7 +114,7 @@ def algorithm_1(W, H, fmt, cfg, keep=None):
 @pytest.mark.parametrize("fmt", [IntFormat(3, 32, True), make_format("q4_1"), IntFormat(4, 64, False)], ids=str)
 @pytest.mark.parametrize(
     "cfg",
-    [GPTQConfig(block_size=48), GPTQConfig(mse_grid=20), GPTQConfig(act_order=True, static_groups=True, mse_grid=20)],
+    [plain(block_size=48), plain(mse_grid=20), plain(act_order=True, static_groups=True, mse_grid=20)],
     ids=["dynamic-B48", "dynamic-search", "act_order-static-search"],
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "keep_mask"])
@@ -128,9 +137,9 @@ def test_walk_is_algorithm_1(layer, fmt, cfg, masked):
 def test_mse_grid(layer, fmt):
     """Clipping search (weighted by diag H) helps here; it is not guaranteed to (int3 per channel loses)."""
     W, H = layer
-    res = gptq_quantize(W, H, fmt, GPTQConfig(mse_grid=20))
+    res = gptq_quantize(W, H, fmt, plain(mse_grid=20))
     assert torch.equal(fmt.quantize(res.weight, res.qparams), res.codes)
-    assert res.loss < gptq_quantize(W, H, fmt).loss
+    assert res.loss < gptq_quantize(W, H, fmt, plain()).loss
 
 
 @pytest.mark.parametrize(
@@ -138,7 +147,7 @@ def test_mse_grid(layer, fmt):
     [make_format("q4_0"), IntFormat(4, 32, True), IntFormat(4, 64, False), make_format("q8_0")],
     ids=str,
 )
-@pytest.mark.parametrize("cfg", [GPTQConfig(), ACT_ORDER], ids=["default", "act_order"])
+@pytest.mark.parametrize("cfg", [plain(), ACT_ORDER], ids=["default", "act_order"])
 def test_keep_mask_zeros_stay_exact(layer, fmt, cfg):
     W, H = layer
     keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.5
@@ -152,7 +161,7 @@ def test_keep_mask_zeros_stay_exact(layer, fmt, cfg):
 def test_keep_mask_reports_inexact_zero_for_q4_1(layer):
     W, H = layer
     keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.5
-    res = gptq_quantize(W * keep, H, make_format("q4_1"), keep_mask=keep)
+    res = gptq_quantize(W * keep, H, make_format("q4_1"), plain(), keep_mask=keep)
     nonzero = int((res.weight[~keep] != 0).sum())
     assert res.pruned_nonzero == nonzero > 0
     # still the nearest grid point to 0: |ŵ| ≤ d/2 for every pruned weight
@@ -164,7 +173,7 @@ def test_dead_columns(layer):
     W, H = make_layer(dead=8)
     H[5, :], H[:, 5] = 0.0, 0.0  # a dead column in the middle too
     for fmt in (make_format("q4_0"), IntFormat(4, 64, False)):
-        for cfg in (GPTQConfig(), ACT_ORDER):
+        for cfg in (plain(), ACT_ORDER):
             res = gptq_quantize(W, H, fmt, cfg)
             assert torch.isfinite(res.weight).all() and math.isfinite(res.loss)
             assert torch.all(res.weight[:, -8:] == 0) and torch.all(res.weight[:, 5] == 0)
@@ -172,7 +181,7 @@ def test_dead_columns(layer):
 
 
 @pytest.mark.parametrize("fmt", [IntFormat(3, 64, True), IntFormat(4, 64, True), make_format("q4_0")], ids=str)
-@pytest.mark.parametrize("cfg", [GPTQConfig(mse_grid=20), GPTQConfig(act_order=True, static_groups=True, mse_grid=20)],
+@pytest.mark.parametrize("cfg", [plain(mse_grid=20), plain(act_order=True, static_groups=True, mse_grid=20)],
                          ids=["dynamic", "act_order"])  # fmt: skip
 def test_scale_search_stays_on_grid(layer, fmt, cfg):
     """With the Hessian-weighted scale search GPTQ's output is still a fixed point of the stored grid, and
@@ -186,7 +195,7 @@ def test_scale_search_stays_on_grid(layer, fmt, cfg):
     assert torch.equal(fmt.dequantize(res.codes, res.qparams), res.weight)
     assert res.loss < rtn_quantize(W, fmt, H=H).loss
     if not cfg.static_groups:
-        assert res.loss < gptq_quantize(W, H, fmt).loss
+        assert res.loss < gptq_quantize(W, H, fmt, plain()).loss
 
 
 def test_damping_raised_by_the_retry_is_reported_and_named(layer, caplog):
@@ -207,30 +216,36 @@ def test_damping_raised_by_the_retry_is_reported_and_named(layer, caplog):
 
 
 def test_stage_config_is_the_kernel_config():
-    """The recipe entry is validated once; the kernel gets the same values in its frozen config."""
-    from llmopt.stages.quantization import GPTQStageConfig
+    """One config object: the recipe entry is a GPTQConfig (validated once) and reaches the kernel as it is,
+    with GPTQConfig's shipped defaults; the kernel's bounds are the recipe's."""
+    from llmopt.stages.quantization import GPTQStage, GPTQStageConfig
 
-    c = GPTQStageConfig(stage="gptq", format="q4_0", act_order=True, static_groups=True, mse_grid=20, damp=0.02)
-    assert c.kernel_config() == GPTQConfig(block_size=128, damp=0.02, act_order=True, static_groups=True, mse_grid=20)
+    c = GPTQStageConfig(stage="gptq", format="q4_0", damp=0.02)
+    assert isinstance(c, GPTQConfig)
+    kernel_fields = set(GPTQConfig.model_fields)
+    assert c.model_dump(include=kernel_fields) == GPTQConfig(damp=0.02).model_dump()
+    assert GPTQStage(c).cfg is c
+    with pytest.raises(ValidationError, match="block_size"):
+        GPTQStageConfig(stage="gptq", format="q4_0", block_size=0)
 
 
 def test_bad_input(layer):
     W, H = layer
     with pytest.raises(LLMOptError, match="act_order with q4_0 .* needs static_groups=True"):
-        gptq_quantize(W, H, make_format("q4_0"), GPTQConfig(act_order=True))
+        gptq_quantize(W, H, make_format("q4_0"), plain(act_order=True))
     with pytest.raises(LLMOptError, match="needs static_groups=True"):
-        gptq_quantize(W, H, IntFormat(4, 32, True), GPTQConfig(act_order=True))
-    gptq_quantize(W, H, IntFormat(4, None, True), GPTQConfig(act_order=True))  # per channel: no groups
+        gptq_quantize(W, H, IntFormat(4, 32, True), plain(act_order=True))
+    gptq_quantize(W, H, IntFormat(4, None, True), plain(act_order=True))  # per channel: no groups
     with pytest.raises(LLMOptError, match="group size 128 does not divide in_features=192 of fc; use 64 or 32"):
         gptq_quantize(W[:, :192], H[:192, :192], IntFormat(4, 128, True), name="fc")
-    with pytest.raises(LLMOptError, match="block_size"):
+    with pytest.raises(ValidationError, match="block_size"):
         GPTQConfig(block_size=0)
-    with pytest.raises(LLMOptError, match="damp"):
+    with pytest.raises(ValidationError, match="damp"):
         GPTQConfig(damp=0.0)
 
 
-@pytest.mark.parametrize("cfg", [GPTQConfig(mse_grid=20, search_weight="imatrix"),
-                                 GPTQConfig(act_order=True, static_groups=True, mse_grid=20, search_weight="imatrix")],
+@pytest.mark.parametrize("cfg", [plain(mse_grid=20, search_weight="imatrix"),
+                                 plain(act_order=True, static_groups=True, mse_grid=20, search_weight="imatrix")],
                          ids=["dynamic", "act_order"])  # fmt: skip
 def test_imatrix_search_weights(layer, cfg):
     """search_weight="imatrix" (diag H · sqrt(σ² + w²), llama.cpp's weighting) changes the scales the search
@@ -238,11 +253,11 @@ def test_imatrix_search_weights(layer, cfg):
     W, H = layer
     fmt = make_format("q4_0")
     res = gptq_quantize(W, H, fmt, cfg)
-    hess = gptq_quantize(W, H, fmt, GPTQConfig(**{**cfg.__dict__, "search_weight": "hessian"}))
+    hess = gptq_quantize(W, H, fmt, plain(**{**cfg.__dict__, "search_weight": "hessian"}))
     assert not torch.equal(res.qparams.scale, hess.qparams.scale)
     assert torch.equal(fmt.quantize(res.weight, res.qparams), res.codes)
     assert res.loss < rtn_quantize(W, fmt, H=H).loss
-    with pytest.raises(LLMOptError, match="search_weight is 'abs'; use one of hessian, imatrix"):
+    with pytest.raises(ValidationError, match="search_weight"):
         GPTQConfig(search_weight="abs")
 
 
@@ -256,17 +271,17 @@ def test_refit_scales_solves_the_layer_objective(layer, fmt):
     from llmopt.kernels.gptq import refit_scales
 
     W, H = layer
-    cfg = GPTQConfig(act_order=True, static_groups=True, mse_grid=20)
-    plain = gptq_quantize(W, H, fmt, cfg)
+    cfg = GPTQConfig()  # shipped: act-order, static groups, search
+    base = gptq_quantize(W, H, fmt, cfg)
     res = gptq_quantize(W, H, fmt, GPTQConfig(**{**cfg.__dict__, "refit": True}))
-    assert torch.equal(res.codes, plain.codes)
-    assert res.loss < plain.loss
+    assert torch.equal(res.codes, base.codes)
+    assert res.loss < base.loss
     assert torch.equal(fmt.quantize(res.weight, res.qparams), res.codes)
     assert torch.equal(res.qparams.scale, res.qparams.scale.half().float())
-    qp, _ = refit_scales(W, H, plain.codes, plain.qparams, fmt)
+    qp, _ = refit_scales(W, H, base.codes, base.qparams, fmt)
     assert torch.equal(qp.scale, res.qparams.scale)
-    r, L = 3, fmt.levels(plain.codes, plain.qparams).double()
-    nb = plain.qparams.n_groups
+    r, L = 3, fmt.levels(base.codes, base.qparams).double()
+    nb = base.qparams.n_groups
     A = torch.zeros(W.shape[1], nb, dtype=torch.float64)  # column b: the levels of group b, 0 elsewhere
     g = W.shape[1] // nb
     for b in range(nb):
@@ -280,6 +295,6 @@ def test_refit_leaves_q4_1_alone(layer):
     """q4_1's value d·q + m has a second parameter per block: refit returns the walk's result unchanged."""
     W, H = layer
     fmt = make_format("q4_1")
-    a = gptq_quantize(W, H, fmt, GPTQConfig(mse_grid=20))
-    b = gptq_quantize(W, H, fmt, GPTQConfig(mse_grid=20, refit=True))
+    a = gptq_quantize(W, H, fmt, plain(mse_grid=20))
+    b = gptq_quantize(W, H, fmt, plain(mse_grid=20, refit=True))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.qparams.scale, b.qparams.scale)

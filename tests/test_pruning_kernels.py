@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from llmopt.errors import LLMOptError
 from llmopt.kernels.hessian import weighted_error
@@ -156,9 +157,9 @@ def test_bad_sparsegpt_config():
     W, _, H, _ = make_layer(cols=128)
     with pytest.raises(LLMOptError, match="multiple of M"):
         sparsegpt_prune(W, H, 0.5, (2, 4), SparseGPTConfig(block_size=6))
-    with pytest.raises(LLMOptError, match="block_size"):
+    with pytest.raises(ValidationError, match="block_size"):
         SparseGPTConfig(block_size=0)
-    with pytest.raises(LLMOptError, match="damp"):
+    with pytest.raises(ValidationError, match="damp"):
         SparseGPTConfig(damp=0.0)
     with pytest.raises(LLMOptError, match="OWL target"):
         owl_sparsities([0.1, 0.2], 1.0)

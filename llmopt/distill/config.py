@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmopt.recipe import StageConfig, StrictModel
+from llmopt.core.config import StageConfig, StrictModel
 
 
 class GradualConfig(StrictModel):

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from llmopt.core.state import QuantizedLinear
 from llmopt.formats import IntFormat, QParams, QuantFormat
 from llmopt.linears import is_transposed, write_weight
-from llmopt.stages.base import QuantizedLinear
 
 
 class FakeQuant(nn.Module):

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from llmopt.core.state import CompressionState
 from llmopt.distill import fakequant, resume
 from llmopt.distill.config import DistillConfig
 from llmopt.distill.data import DistillData, batch_windows
@@ -36,7 +37,6 @@ from llmopt.distill.sparsity import GradualPruner, MaskKeeper, student_masks
 from llmopt.distill.teacher import Targets, Teacher
 from llmopt.kernels.distill import divergence, logit_distill_loss, squarehead_loss, student_buckets, token_cross_entropy
 from llmopt.linears import write_weight
-from llmopt.stages.base import CompressionState
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmopt.core.state import RunContext
 from llmopt.distill.config import DistillConfig
 from llmopt.distill.data import DistillData, check_data, distill_windows, windows_needed
 from llmopt.distill.teacher import Teacher, TopKCache, model_fingerprint
 from llmopt.errors import LLMOptError
-from llmopt.stages.base import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -43,18 +43,17 @@ q8_0, q4_0, q5_0); q4_1/q5_1 round it to the nearest code and ``pruned_nonzero``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from llmopt.core.config import StrictModel
 from llmopt.errors import LLMOptError
 from llmopt.formats import QParams, QuantFormat, QuantResult
 from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_error
 
 log = logging.getLogger(__name__)
-
-
-SEARCH_WEIGHTS = ("hessian", "imatrix")
 
 
 def search_weights(W: torch.Tensor, importance: torch.Tensor, kind: str, sigma2: torch.Tensor | None = None):
@@ -71,32 +70,25 @@ def search_weights(W: torch.Tensor, importance: torch.Tensor, kind: str, sigma2:
     return importance[None, :] * (sigma2 + W.square()).sqrt()
 
 
-@dataclass(frozen=True)
-class GPTQConfig:
-    """The kernel's settings. The gptq stage builds it from its validated recipe entry
-    (:meth:`llmopt.stages.quantization.GPTQStageConfig.kernel_config`), field for field."""
+class GPTQConfig(StrictModel):
+    """GPTQ's settings, validated once. The recipe's ``gptq`` entry *is* this object (its stage config
+    subclasses it with the format and target fields), and the kernel receives it as it is.
 
-    block_size: int = 128  # B: columns updated lazily together (§3 "lazy batch updates")
-    damp: float = 0.01  # fraction of mean(diag H) added to diag H before inverting (§4 "dampening")
-    act_order: bool = False  # walk columns by decreasing diag(H); grouped formats need static_groups
-    static_groups: bool = False  # all group parameters from the original W, before any update
-    mse_grid: int = 0  # > 0: Hessian-weighted scale search for group parameters (QuantFormat.qparams)
+    The defaults are the shipped ones, the best measured (eval/results/gptq-defaults.md): act-order with
+    static (contiguous, exportable) groups and the Hessian-weighted scale search on a 20-point grid. The
+    paper's plain GPTQ is ``GPTQConfig(act_order=False, static_groups=False, mse_grid=0)``."""
+
+    block_size: PositiveInt = 128  # B: columns updated lazily together (§3 "lazy batch updates")
+    damp: PositiveFloat = 0.01  # fraction of mean(diag H) added to diag H before inverting (§4 "dampening")
+    act_order: bool = True  # walk columns by decreasing diag(H); grouped formats need static_groups
+    static_groups: bool = True  # all group parameters from the original W, before any update
+    mse_grid: NonNegativeInt = 20  # > 0: Hessian-weighted scale search for group parameters (QuantFormat.qparams)
     # what the search weighs each weight's error by: "hessian" = diag(H)_j; "imatrix" = diag(H)_j ·
     # sqrt(σ²_row + w_ij²), llama.cpp's importance-matrix weighting (quantize_row_q4_0_impl)
-    search_weight: str = "hessian"
+    search_weight: Literal["hessian", "imatrix"] = "hessian"
     # after the walk, refit every group's scale for the codes GPTQ chose, minimising the layer objective
     # tr((W − Ŵ) H (W − Ŵ)ᵀ) with all groups of a row coupled through H (:func:`refit_scales`)
     refit: bool = False
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise LLMOptError(f"GPTQ block_size is {self.block_size}; use a positive integer, e.g. 128")
-        if not self.damp > 0:
-            raise LLMOptError(f"GPTQ damp is {self.damp}; use a small positive fraction, e.g. 0.01")
-        if self.mse_grid < 0:
-            raise LLMOptError(f"GPTQ mse_grid is {self.mse_grid}; use 0 (off) or a grid size such as 100")
-        if self.search_weight not in SEARCH_WEIGHTS:
-            raise LLMOptError(f"GPTQ search_weight is {self.search_weight!r}; use one of {', '.join(SEARCH_WEIGHTS)}")
 
 
 def gptq_quantize(

@@ -9,10 +9,10 @@ not-yet-visited columns of the block, then over all later columns in one matrix 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic import PositiveFloat, PositiveInt
 
+from llmopt.core.config import StrictModel
 from llmopt.errors import LLMOptError
 from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_error
 from llmopt.kernels.pruning import (
@@ -25,16 +25,12 @@ from llmopt.kernels.pruning import (
 )
 
 
-@dataclass(frozen=True)
-class SparseGPTConfig:
-    block_size: int = 128  # B: columns whose mask is chosen and updated together (§3.3, Alg. 1)
-    damp: float = 0.01  # fraction of mean(diag H) added to diag H before inverting (§4 "dampening")
+class SparseGPTConfig(StrictModel):
+    """SparseGPT's settings, validated once: the recipe's ``sparsegpt`` entry is this object (its stage
+    config adds the sparsity, pattern and target fields) and the kernel receives it as it is."""
 
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise LLMOptError(f"SparseGPT block_size is {self.block_size}; use a positive integer, e.g. 128")
-        if not self.damp > 0:
-            raise LLMOptError(f"SparseGPT damp is {self.damp}; use a small positive fraction, e.g. 0.01")
+    block_size: PositiveInt = 128  # B: columns whose mask is chosen and updated together (§3.3, Alg. 1)
+    damp: PositiveFloat = 0.01  # fraction of mean(diag H) added to diag H before inverting (§4 "dampening")
 
 
 def sparsegpt_prune(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmopt.stages.base import Stage
+from llmopt.core.stage import Stage
 from llmopt.stages.distill import DistillStage
 from llmopt.stages.pruning import MagnitudeStage, SparseGPTStage, WandaStage
 from llmopt.stages.quantization import GPTQStage, RTNStage

@@ -9,9 +9,10 @@ from typing import ClassVar
 
 from torch import nn
 
+from llmopt.core.stage import Stage
+from llmopt.core.state import CompressionState, RunContext
 from llmopt.distill.config import DistillConfig
 from llmopt.errors import LLMOptError
-from llmopt.stages.base import CompressionState, RunContext, Stage
 
 
 class DistillStage(Stage):

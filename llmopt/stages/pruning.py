@@ -8,13 +8,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from llmopt.core.config import StageConfig, StrictModel
+from llmopt.core.stage import Stage, parse_pattern
+from llmopt.core.state import CompressionState, LinearOutcome, LinearStats
 from llmopt.kernels.magnitude import magnitude_prune
 from llmopt.kernels.pruning import PruneResult, validate_sparsity
 from llmopt.kernels.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from llmopt.kernels.wanda import wanda_prune
 from llmopt.linears import in_features
-from llmopt.recipe import StageConfig, StrictModel
-from llmopt.stages.base import CompressionState, LinearOutcome, LinearStats, Stage, parse_pattern
 
 
 class OWLConfig(StrictModel):
@@ -131,10 +132,11 @@ class WandaStage(PruningStage):
         return wanda_prune(W, stats.act_sq_norm, sparsity, self.n_m)
 
 
-class SparseGPTStageConfig(PruneConfig):
+class SparseGPTStageConfig(SparseGPTConfig, PruneConfig):
+    """A recipe's ``sparsegpt`` entry: sparsity and targets plus SparseGPT's own
+    :class:`~llmopt.kernels.sparsegpt.SparseGPTConfig`, which the kernel receives as it is."""
+
     stage: Literal["sparsegpt"]
-    block_size: int = Field(128, ge=1)
-    damp: float = Field(0.01, gt=0.0)
 
 
 class SparseGPTStage(PruningStage):
@@ -145,5 +147,4 @@ class SparseGPTStage(PruningStage):
     statistic = "hessian"
 
     def prune(self, W, stats, sparsity):
-        cfg = SparseGPTConfig(block_size=self.cfg.block_size, damp=self.cfg.damp)
-        return sparsegpt_prune(W, stats.hessian, sparsity, self.n_m, cfg)
+        return sparsegpt_prune(W, stats.hessian, sparsity, self.n_m, self.cfg)

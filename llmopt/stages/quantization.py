@@ -6,13 +6,15 @@ import re
 from functools import cache
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, field_validator, model_validator
 from torch import nn
 
+from llmopt.core.config import StageConfig
+from llmopt.core.stage import Stage
+from llmopt.core.state import LinearOutcome
 from llmopt.errors import LLMOptError
+from llmopt.kernels.gptq import GPTQConfig, gptq_quantize
 from llmopt.linears import in_features, is_linear
-from llmopt.recipe import StageConfig
-from llmopt.stages.base import LinearOutcome, Stage
 
 FORMAT_NAMES = ("int", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type), given an importance matrix, writes the
@@ -53,7 +55,7 @@ class QuantConfig(StageConfig):
     symmetric: bool = True
     # > 0: per-group scale search (shrunk ranges on this grid + least-squares refits; GPTQ weights the
     # error by diag H, RTN by nothing), for every format (llmopt.formats.QuantFormat.qparams)
-    mse_grid: int = Field(0, ge=0)
+    mse_grid: NonNegativeInt = 0
     # "llama.cpp": the tensor types llama.cpp picks for this format's file type with an importance matrix
     # (q4_0 / q5_0: the first n_layer/8 ffn_down Linears in q4_1 / q5_1; other formats: unchanged);
     # "none": every target in `format`. Linears pruned by an earlier stage keep `format` (q4_1/q5_1 have
@@ -170,20 +172,12 @@ class RTNStage(QuantStage):
         return self._outcome(name, rtn_quantize(W, fmt, mse_grid=self.cfg.mse_grid), state, fmt)
 
 
-class GPTQStageConfig(QuantConfig):
+class GPTQStageConfig(GPTQConfig, QuantConfig):
+    """A recipe's ``gptq`` entry: the format and target fields of :class:`QuantConfig` plus GPTQ's own
+    :class:`~llmopt.kernels.gptq.GPTQConfig` (its fields, bounds and shipped defaults are defined there once;
+    the kernel receives this object as it is), llama.cpp's tensor mixture and the attention-sink weight."""
+
     stage: Literal["gptq"]
-    block_size: int = Field(128, ge=1)
-    damp: float = Field(0.01, gt=0.0)
-    # Defaults = the best setting measured (eval/results/gptq-defaults.md): columns in act-order with
-    # static (contiguous, exportable) groups, and the Hessian-weighted scale search on a 20-point grid.
-    # `act_order: false, static_groups: false, mse_grid: 0` is the paper's plain GPTQ.
-    act_order: bool = True
-    static_groups: bool = True
-    mse_grid: int = Field(20, ge=0)
-    # the search's error weights: "hessian" (diag H) or "imatrix" (diag H · sqrt(σ² + w²), llama.cpp's)
-    search_weight: Literal["hessian", "imatrix"] = "hessian"
-    # refit every group's scale for GPTQ's codes under the full layer objective (kernels.gptq.refit_scales)
-    refit: bool = False
     mixture: Literal["llama.cpp", "none"] = "llama.cpp"
     # Weight of each calibration window's first token in the value projection's Hessian, as a fraction
     # of the window's tokens (1.0: as much as all the others together). That token is the attention
@@ -204,15 +198,6 @@ class GPTQStageConfig(QuantConfig):
             )
         return self
 
-    def kernel_config(self):
-        """The kernel's frozen :class:`~llmopt.kernels.gptq.GPTQConfig` with this entry's values: the recipe
-        is validated here once, and the kernel receives exactly these fields."""
-        from dataclasses import fields
-
-        from llmopt.kernels.gptq import GPTQConfig
-
-        return GPTQConfig(**{f.name: getattr(self, f.name) for f in fields(GPTQConfig)})
-
 
 class GPTQStage(QuantStage):
     """GPTQ (Frantar et al. 2022) on the format; keeps an earlier stage's sparsity mask."""
@@ -221,16 +206,10 @@ class GPTQStage(QuantStage):
     Config: ClassVar = GPTQStageConfig
     statistic = "hessian"
 
-    def __init__(self, cfg, index: int = 0):
-        super().__init__(cfg, index)
-        self.kernel_cfg = cfg.kernel_config()
-
     def first_token_weight(self, name: str) -> float:
         return self.cfg.sink_weight if gguf_layer(name, ("ATTN_V",)) is not None else 0.0
 
     def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
-        from llmopt.kernels.gptq import gptq_quantize
-
         fmt = self.format_for(name, state)
-        res = gptq_quantize(W, stats.hessian, fmt, self.kernel_cfg, keep_mask=state.masks.get(name), name=name)
+        res = gptq_quantize(W, stats.hessian, fmt, self.cfg, keep_mask=state.masks.get(name), name=name)
         return self._outcome(name, res, state, fmt)

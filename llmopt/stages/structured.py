@@ -12,8 +12,9 @@ from typing import ClassVar
 
 from torch import nn
 
+from llmopt.core.stage import Stage
+from llmopt.core.state import CompressionState, RunContext
 from llmopt.errors import LLMOptError
-from llmopt.stages.base import CompressionState, RunContext, Stage
 from llmopt.structured.config import StructuredConfig
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmopt.recipe import StageConfig
+from llmopt.core.config import StageConfig
 
 Axis = Literal["mlp", "heads", "hidden", "depth"]
 Size = int | float | None

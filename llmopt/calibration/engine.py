@@ -1,0 +1,209 @@
+"""The layer loop: statistics, kernels and the layer's outputs, layer after layer (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmopt import memory
+from llmopt.calibration.capture import Batch, StopForward, capture_layer_inputs, layer_forward
+from llmopt.calibration.layers import LayerSource, find_decoder_layers
+from llmopt.calibration.stats import StatsAccumulator
+from llmopt.core.stage import Stage
+from llmopt.core.state import CompressionState, LinearStats, QuantizedLinear
+from llmopt.linears import is_linear, is_transposed, weight_oi, write_weight
+from llmopt.memory import release_freed_memory
+
+log = logging.getLogger(__name__)
+
+
+def call_order_groups(layer: nn.Module, linears: dict[str, nn.Module], batch: Batch, i: int) -> list[list[str]]:
+    """``true_sequential`` groups of a layer's target Linears, from one forward on ``batch``: in the
+    order the forward first calls them, Linears called one after another on the very same input tensor
+    forming one group (q/k/v, gate/up; Phi-3's fused qkv_proj and gate_up_proj, GPT-2's c_attn are
+    groups of one). Linears that never run come last, as a group of their own."""
+    order: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def fn(module, args):
+            if name not in seen:
+                seen.add(name)
+                order.append((name, args[0]))
+                if len(seen) == len(linears):
+                    raise StopForward
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        layer_forward(layer, batch, i)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, x in order:
+        if groups and x is last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = x
+    missing = [n for n in linears if n not in seen]
+    return groups + ([missing] if missing else [])
+
+
+def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator, i: int) -> None:
+    """One statistics pass of layer ``i`` over all batches (outputs are not needed)."""
+    for b in batches:
+        acc.new_forward()
+        try:
+            layer_forward(layer, b, i)
+        except StopForward:
+            pass
+
+
+def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iterator[tuple[int, nn.Module]]:
+    """Yield (index, layer) and afterwards replace each batch's hidden state by the layer's output
+    (not after the last layer: nothing reads its outputs)."""
+    n = len(source)
+    for i in tqdm(range(n), desc=desc, unit="layer"):
+        layer = source.load(i)
+        yield i, layer
+        if i < n - 1:
+            with torch.no_grad(), memory.phase("layer_outputs"):
+                for b in batches:
+                    # written over the batch's input (no longer needed), so the hidden states stay in the
+                    # buffers allocated once at capture and no long-lived block lands amid the layer's
+                    # temporaries on the heap
+                    b.hidden.copy_(layer_forward(layer, b, i))
+        source.release(i, layer)
+        release_freed_memory()
+
+
+def _layer_linears(layer: nn.Module, prefix: str, i: int, stage: Stage | None = None) -> dict[str, nn.Module]:
+    """The Linears of decoder layer ``i`` by full module name (those ``stage`` targets, if given)."""
+    out = {}
+    for n, m in layer.named_modules():
+        full = f"{prefix}.{i}.{n}"
+        if is_linear(m) and (stage is None or stage.matches(full)):
+            out[full] = m
+    return out
+
+
+@torch.no_grad()
+def layer_statistics(
+    model: nn.Module, windows: torch.Tensor, statistic: str, batch_size: int = 8
+) -> list[dict[str, LinearStats]]:
+    """Statistics of every decoder layer's Linears on the *uncompressed* model (for planning, e.g. OWL)."""
+    prefix, layers = find_decoder_layers(model)
+    source = LayerSource(layers, prefix)
+    batches = capture_layer_inputs(model, layers, windows, batch_size)
+    out = []
+    for i, layer in iterate_layers(source, batches, "layer statistics"):
+        linears = _layer_linears(layer, prefix, i)
+        acc = StatsAccumulator(linears, statistic)
+        _run_all(layer, batches, acc, i)
+        acc.remove()
+        out.append({n: acc.get(n) for n in linears if acc.has(n)})
+    return out
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    windows: torch.Tensor,
+    stages: Sequence[Stage],
+    state: CompressionState,
+    batch_size: int = 8,
+    true_sequential: bool = False,
+) -> None:
+    """Apply ``stages`` (in order, per layer) to every target Linear of every decoder layer.
+
+    windows: (N, L) calibration token ids. Weights are replaced in place; per-Linear reports go to
+    ``state.reports``.
+    """
+    prefix, layers = find_decoder_layers(model)
+    source = LayerSource(layers, prefix)
+    with memory.phase("capture"):
+        batches = capture_layer_inputs(model, layers, windows, batch_size)
+    log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
+    for i, layer in iterate_layers(source, batches, "compressing"):
+        for stage in stages:
+            names = _layer_linears(layer, prefix, i, stage)
+            if not names:
+                continue
+            groups = [list(names)]
+            if true_sequential and stage.needs_calibration:
+                groups = call_order_groups(layer, names, batches[0], i)
+            for group in groups:
+                acc = None
+                if stage.statistic != "none":
+                    weights = {n: stage.first_token_weight(n) for n in group}
+                    acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic, weights)
+                    with memory.phase("statistics"):
+                        _run_all(layer, batches, acc, i)
+                    acc.remove()
+                    release_freed_memory()  # the forward's temporaries, kept by the heap for reuse, before the kernels
+                with memory.phase("kernels"):
+                    _apply_group(stage, group, names, acc, state, i)
+
+
+def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: CompressionState, i: int) -> None:
+    """One group's Linears through the stage's kernel (the data-free one for a Linear the data never reached)."""
+    for name in group:
+        if acc is None:
+            stats = LinearStats()
+        elif acc.has(name):
+            stats = acc.get(name)
+        else:
+            log.warning(
+                "%s never ran on the calibration data (unrouted expert or unused branch): "
+                "stage %s uses its data-free kernel for it",
+                name,
+                stage.name,
+            )
+            stats = None  # apply_to_linear: the stage's data-free kernel
+        apply_to_linear(stage, name, names[name], stats, state, i)
+        release_freed_memory()  # the kernel's work arrays (a few (in, in) matrices) before the next Linear's
+
+
+def apply_to_linear(
+    stage: Stage,
+    name: str,
+    linear: nn.Module,
+    stats: LinearStats | None,
+    state: CompressionState,
+    layer_index: int | None,
+) -> None:
+    """Call the stage's kernel on one Linear (``stats`` None: it never ran on the calibration data, use the
+    stage's data-free fallback), write the result back, and record the report."""
+    t0 = time.perf_counter()
+    W = weight_oi(linear)  # (out, in) view of the parameter
+    if stats is None:
+        outcome = stage.compress_uncalibrated(name, W.to(torch.float32), state, layer_index)
+        outcome.report.setdefault("fallback", "data-free")
+    else:
+        outcome = stage.compress_linear(name, W.to(torch.float32), stats, state, layer_index)
+    write_weight(linear, outcome.weight)
+    if outcome.quant is not None:
+        q = outcome.quant
+        state.quantized[name] = QuantizedLinear(q.codes, q.qparams, outcome.fmt, is_transposed(linear))
+    state.reports.append(
+        {
+            "stage": stage.name,
+            "stage_index": stage.index,
+            "linear": name,
+            "shape": list(W.shape),
+            "seconds": round(time.perf_counter() - t0, 4),
+            **({"calibration_tokens": stats.tokens} if stats is not None and stats.tokens else {}),
+            **outcome.report,
+        }
+    )

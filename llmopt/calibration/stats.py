@@ -1,0 +1,102 @@
+"""Calibration statistics of the Linears' inputs, accumulated by forward pre-hooks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from llmopt.calibration.capture import StopForward
+from llmopt.core.state import LinearStats
+from llmopt.kernels.hessian import add_gram_upper_, symmetrize_upper_
+
+
+class StatsAccumulator:
+    """Forward pre-hooks on Linears that accumulate the statistic a stage needs from their inputs.
+
+    Hessian as a running average in float32 (IST-DASLab ``add_batch``): after N tokens
+    H = 2/N Σ_n x_nᵀ x_n, so its scale does not depend on how many windows were used. Linears fed by
+    the same tensor (q/k/v, gate/up) share one accumulation. Once every hooked Linear has seen its
+    input, the layer's forward is cut short (:class:`StopForward`): the rest of the layer, e.g.
+    down_proj's matmul, is not needed for statistics.
+    """
+
+    def __init__(
+        self, linears: dict[str, nn.Module], statistic: str, first_token_weight: dict[str, float] | None = None
+    ):
+        self.statistic = statistic
+        # Linear name → weight of each window's first token in its Hessian, as a fraction of the window's
+        # token count (see GPTQStageConfig.sink_weight). Such a Linear shares the plain accumulation with
+        # the Linears that read the same tensor and adds a low-rank term of its own: with the first token
+        # counted s² times, H' = H + 2/N (s² − 1) Σ_windows x₀ᵀx₀ (`_extra`, the raw sum, N = H's tokens).
+        self._first = {n: w for n, w in (first_token_weight or {}).items() if w > 0}
+        self._extra: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, LinearStats] = {}
+        self._partial: set[str] = set()  # Hessians holding only their upper triangle so far (add_gram_upper_)
+        self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
+        self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
+        self._n = len(linears)
+        self._seen: set[str] = set()
+        # The previous hooked input and who accumulated it. Holding the tensor itself (not its address)
+        # matters: a freed activation's memory is reused by the next one of the same shape, so an
+        # address comparison would merge the statistics of unrelated Linears.
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self._alias[name] = self._last[1]  # q/k/v (gate/up) read the very same tensor
+            else:
+                self._last = (x, name)
+                self._add(name, x.detach().reshape(-1, x.shape[-1]))
+            if name in self._first and x.dim() == 3 and self.statistic == "hessian":  # x: (windows, tokens, in)
+                x0 = x.detach()[:, 0].to(torch.float32)  # (windows, in)
+                s2 = max(1.0, self._first[name] * x.shape[1])
+                e = self._extra.setdefault(name, torch.zeros(x.shape[-1], x.shape[-1], device=x0.device))
+                e.addmm_(x0.t(), x0, alpha=s2 - 1.0)
+            self._seen.add(name)
+            if len(self._seen) == self._n:
+                raise StopForward
+
+        return hook
+
+    @torch.no_grad()
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        x = x.to(torch.float32)  # (T, in)
+        s = self.stats.setdefault(name, LinearStats())
+        t = x.shape[0]
+        if self.statistic == "hessian":
+            if s.hessian is None:
+                s.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            s.hessian.mul_(s.tokens / (s.tokens + t))
+            add_gram_upper_(s.hessian, x, alpha=2.0 / (s.tokens + t))  # the lower triangle is filled in get()
+            self._partial.add(name)
+        elif self.statistic == "act_sq_norm":
+            if s.act_sq_norm is None:
+                s.act_sq_norm = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+            s.act_sq_norm.add_((x * x).sum(0))
+        s.tokens += t
+
+    def new_forward(self) -> None:
+        self._last = None
+        self._seen.clear()
+
+    def get(self, name: str) -> LinearStats:
+        key = self._alias.get(name, name)
+        st = self.stats[key]
+        if key in self._partial:  # once, after the last window: the accumulation filled the upper triangle
+            symmetrize_upper_(st.hessian)
+            self._partial.discard(key)
+        if name not in self._extra:
+            return st
+        return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens))
+
+    def has(self, name: str) -> bool:
+        """False for a Linear that never ran (no statistics)."""
+        return self._alias.get(name, name) in self.stats
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
