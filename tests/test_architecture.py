@@ -7,6 +7,7 @@ Run ``python tests/test_architecture.py`` to print the cycles and violations fou
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -124,6 +125,43 @@ def long_files(mods: dict[str, Path]) -> list[str]:
     return out
 
 
+def layer_table(path: Path = ROOT.parent / "ARCHITECTURE.md") -> dict[int, list[str]]:
+    """ARCHITECTURE.md's layer table: layer number → module patterns (```llmopt.x``` the module or package
+    itself, ```llmopt.x.*``` everything inside it)."""
+    table: dict[int, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\|\s*(\d+)\s*\|", line)
+        if m:
+            table[int(m.group(1))] = re.findall(r"`(llmopt[\w.*]*)`", line.split("|")[-2])
+    return table
+
+
+def layer_of(module: str, table: dict[int, list[str]]) -> int | None:
+    """The layer whose most specific pattern matches ``module``."""
+    best: tuple[int, int] | None = None  # (specificity, layer)
+    for layer, patterns in table.items():
+        for p in patterns:
+            hit = module.startswith(p[:-1]) if p.endswith(".*") else module == p
+            if hit and (best is None or len(p) > best[0]):
+                best = (len(p), layer)
+    return None if best is None else best[1]
+
+
+def test_imports_match_the_layer_table():
+    """Every module sits in one layer of ARCHITECTURE.md and imports only from its own layer or below."""
+    table = layer_table()
+    edges, _ = imports(modules())
+    unplaced = [m for m in edges if layer_of(m, table) is None]
+    assert unplaced == []
+    upward = [
+        f"{m} (layer {layer_of(m, table)}) imports {d} (layer {layer_of(d, table)})"
+        for m, deps in sorted(edges.items())
+        for d in sorted(deps)
+        if layer_of(d, table) > layer_of(m, table)
+    ]
+    assert upward == []
+
+
 def test_no_import_cycle():
     edges, _ = imports(modules())
     assert cycles(edges) == []
@@ -157,3 +195,10 @@ if __name__ == "__main__":
         print(f"cycle of {len(c)}: {' '.join(c)}")
     print("\n".join(p))
     print("\n".join(long_files(modules())))
+    t = layer_table()
+    for m, deps in sorted(e.items()):
+        if layer_of(m, t) is None:
+            print(f"{m}: in no layer of ARCHITECTURE.md")
+        for d in sorted(deps):
+            if layer_of(m, t) is not None and layer_of(d, t) is not None and layer_of(d, t) > layer_of(m, t):
+                print(f"{m} (layer {layer_of(m, t)}) imports {d} (layer {layer_of(d, t)})")
