@@ -48,7 +48,7 @@ class LlamaCppBackend(Backend):
     ):
         """``kv_type``: the KV cache's number format, llama.cpp's default ``f16`` or ``f32`` (an F32 export
         then computes in F32 end to end, within float32 rounding of torch's logits)."""
-        from llmopt.models import _read_gguf
+        from llmopt.models import read_gguf
 
         if kv_type not in KV_TYPES:
             raise LLMOptError(f"unknown KV cache type '{kv_type}'; valid: {', '.join(KV_TYPES)}")
@@ -56,7 +56,7 @@ class LlamaCppBackend(Backend):
 
         self.path = Path(path)
         self.model_spec = model_spec or str(path)
-        reader = _read_gguf(self.path)  # header and tensor extents: one-line LLMOptError when corrupt
+        reader = read_gguf(self.path)  # header and tensor extents: one-line LLMOptError when corrupt
         arch = reader.fields["general.architecture"].contents()
         field = reader.fields.get(f"{arch}.context_length")
         self.n_ctx_train = int(field.contents()) if field is not None else 0
