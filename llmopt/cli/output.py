@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 
+from llmopt import outputs
 from llmopt.errors import LLMOptError
-from llmopt.outputs import write_text
 
 
 def write_json(path: str, result: dict) -> None:
     """``--json PATH``, atomically; if writing fails the result is printed, then the one-line error."""
     text = json.dumps(result, indent=1)
     try:
-        write_text(path, text, flag="--json")
+        outputs.write_text(path, text, flag="--json")  # looked up at call time (tests replace it)
     except LLMOptError as e:
         print(text)  # the results are not lost
         raise LLMOptError(f"{e} (the JSON result is printed above)") from None
