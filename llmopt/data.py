@@ -131,7 +131,7 @@ def _hub_reachable() -> bool:
     return network.hub_reachable()
 
 
-def _dataset_cached(name: str) -> bool:
+def dataset_cached(name: str) -> bool:
     """Whether anything of Hub dataset ``name`` is in the local caches (datasets' or huggingface_hub's).
 
     Paths are resolved as ``datasets.config`` does, without importing ``datasets`` (seconds).
@@ -155,10 +155,10 @@ def _hub_documents(
     letting ``datasets`` retry the network.
     """
     offline = _hub_offline()
-    if offline and not _dataset_cached(name):
+    if offline and not dataset_cached(name):
         raise LLMOptError(f"dataset '{name}' is not cached and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
     if not offline and not _hub_reachable():
-        if not _dataset_cached(name):
+        if not dataset_cached(name):
             raise LLMOptError(f"dataset '{name}' is not cached and the Hugging Face Hub is unreachable; {OFFLINE_HINT}")
         network.go_offline()  # use the cached copy without datasets' network retries
     try:
@@ -182,7 +182,7 @@ def _hub_dataset(name: str, config: str | None, split: str, column: str, data_fi
     return "\n\n".join(_hub_documents(name, config, split, column, data_files=data_files))
 
 
-def _c4_documents(role: str) -> Sequence[str]:
+def c4_documents(role: str) -> Sequence[str]:
     """c4 documents: train shard 0 for calibration, the first 1100 of validation shard 0 for evaluation."""
     if role == "calib":
         return _hub_documents(C4_DATASET, None, "train", "text", data_files={"train": C4_CALIB_FILE})
@@ -218,7 +218,7 @@ def load_text(spec: DataSpec | str, role: str = "eval") -> str:
         split = "train" if role == "calib" else "test"
         return _hub_dataset(WIKITEXT2_DATASET, WIKITEXT2_CONFIG, split, "text")
     if spec.kind == "c4":
-        return ("\n\n" if role == "calib" else " ").join(_c4_documents(role))
+        return ("\n\n" if role == "calib" else " ").join(c4_documents(role))
     assert spec.kind == "hf"
     return _hub_dataset(spec.path, spec.config, spec.split or "train", spec.column)
 
@@ -274,7 +274,7 @@ def calibration_windows(
             raise LLMOptError("self:N calibration needs the model to sample from")
         return sample_from_model(model, tokenizer, spec.n_samples, seq_len, seed)
     if spec.kind == "c4":
-        return sample_document_windows(_c4_documents("calib"), tokenizer, n_samples, seq_len, seed)
+        return sample_document_windows(c4_documents("calib"), tokenizer, n_samples, seq_len, seed)
     ids = tokenize_text(tokenizer, load_text(spec, role="calib"))
     if ids.numel() < seq_len + 1:
         raise LLMOptError(

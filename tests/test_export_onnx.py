@@ -62,10 +62,10 @@ def test_f32_export_matches_torch_logits_and_kv_cache(tiny_model_dir, tiny_onnx)
     assert float((got - ref).abs().max()) <= LOGIT_ATOL
     # decode with the KV cache: one token at a time after a 20-token prefill gives the same logits
     x = ids.view(1, -1).numpy()
-    _, past = be._run(be._feed(x[:, :20], None, 0))
+    _, past = be.forward(x[:, :20])
     steps = []
     for t in range(20, ids.numel()):
-        logits, past = be._run(be._feed(x[:, t : t + 1], past, t))
+        logits, past = be.forward(x[:, t : t + 1], past, t)
         steps.append(logits[0, -1])
     assert float(np.abs(np.stack(steps) - ref[20:].numpy()).max()) <= LOGIT_ATOL
     speed = be.time_generation(ids[:16], 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ class LlamaCppBackend(Backend):
     ):
         """``kv_type``: the KV cache's number format, llama.cpp's default ``f16`` or ``f32`` (an F32 export
         then computes in F32 end to end, within float32 rounding of torch's logits)."""
-        from llmopt.models import _read_gguf
+        from llmopt.models import read_gguf
 
         if kv_type not in KV_TYPES:
             raise LLMOptError(f"unknown KV cache type '{kv_type}'; valid: {', '.join(KV_TYPES)}")
@@ -56,7 +57,7 @@ class LlamaCppBackend(Backend):
 
         self.path = Path(path)
         self.model_spec = model_spec or str(path)
-        reader = _read_gguf(self.path)  # header and tensor extents: one-line LLMOptError when corrupt
+        reader = read_gguf(self.path)  # header and tensor extents: one-line LLMOptError when corrupt
         arch = reader.fields["general.architecture"].contents()
         field = reader.fields.get(f"{arch}.context_length")
         self.n_ctx_train = int(field.contents()) if field is not None else 0
@@ -150,6 +151,19 @@ class LlamaCppBackend(Backend):
             llm._ctx.decode(llm._batch)
         row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.vocab_size,))))
+
+    def greedy(self, ids: list[int], max_new: int) -> Iterator[int]:
+        """Incremental greedy decoding on llama.cpp's KV cache: prefill ``ids`` once (logits of the last
+        position only), then yield up to ``max_new`` tokens, each the argmax after decoding the one before.
+
+        The cache is cleared first and the context grown to ``len(ids) + max_new`` when needed; stop
+        iterating at any time (the next :meth:`logits` or :meth:`greedy` call clears the cache again)."""
+        self._ensure_ctx(len(ids) + max_new)
+        self._clear()
+        nxt = self._decode(list(ids), 0)
+        for step in range(max_new):
+            yield nxt
+            nxt = self._decode([nxt], len(ids) + step)
 
     def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:
         """Prefill ``prompt`` (P,) (logits of the last position only), then ``new_tokens`` greedy steps.

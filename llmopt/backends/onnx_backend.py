@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,23 @@ class OnnxBackend(Backend):
     def _run(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         outs = self.session.run(["logits", *self._present], feed)
         return outs[0], dict(zip(self._past, outs[1:]))
+
+    def forward(
+        self, ids: np.ndarray, past: dict[str, np.ndarray] | None = None, past_len: int = 0
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One run of the graph with its KV cache: ids (1, L) int64 after ``past_len`` cached positions
+        (``past``: the cache a previous call returned, None for a fresh sequence) → logits (1, L, V) and
+        the cache to pass to the next call (the graph's ``present.*`` outputs)."""
+        return self._run(self._feed(ids, past, past_len))
+
+    def greedy(self, ids: list[int], max_new: int) -> Iterator[int]:
+        """Incremental greedy decoding: one run over ``ids``, then yield up to ``max_new`` tokens, each the
+        argmax of the last logits row, fed back one at a time with the KV cache (:meth:`forward`)."""
+        logits, past = self.forward(np.array([ids], dtype=np.int64))  # logits: (1, L, V)
+        for step in range(max_new):
+            nxt = int(logits[0, -1].argmax())
+            yield nxt
+            logits, past = self.forward(np.array([[nxt]], dtype=np.int64), past, len(ids) + step)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (L,) → logits (L, V) float32, one forward from an empty cache."""

@@ -24,7 +24,7 @@ import torch
 
 from llmopt.data import (
     DataSpec,
-    _c4_documents,
+    c4_documents,
     load_text,
     parse_data_spec,
     sample_document_windows,
@@ -63,7 +63,7 @@ def distill_windows(
         windows = sample_from_model(model, tokenizer, s.n_samples, seq_len, seed)
         train, held = windows[:-heldout], windows[-heldout:]
     elif s.kind == "c4":
-        windows = sample_document_windows(_c4_documents("calib"), tokenizer, max_train + heldout, seq_len, seed)
+        windows = sample_document_windows(c4_documents("calib"), tokenizer, max_train + heldout, seq_len, seed)
         train, held = windows[:-heldout], windows[-heldout:]
     else:
         ids = tokenize_text(tokenizer, load_text(s, role="calib"))  # (T,)

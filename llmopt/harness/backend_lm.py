@@ -16,8 +16,8 @@ ids and windows and differs only in the logits its runtime computes:
   at EOS or once an ``until`` string appears, the text cut at it (lm-eval's ``handle_stop_sequences`` and
   ``postprocess_generated_text``, as HFLM); sampling arguments are ignored (with a warning).
 
-Subclasses override :meth:`BackendLM._greedy` with a KV-cache loop; the generic one re-runs the whole
-sequence per token (correct, quadratic).
+Subclasses override :meth:`BackendLM._greedy` with their backend's KV-cache loop (its public ``greedy``);
+the generic one re-runs the whole sequence per token (correct, quadratic).
 """
 
 from __future__ import annotations

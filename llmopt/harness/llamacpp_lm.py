@@ -46,9 +46,4 @@ class LlamaCppLM(BackendLM):
     def _greedy(self, ids: list[int], max_new: int) -> Iterator[int]:
         """Prefill ``ids`` once, then one token per step on llama.cpp's KV cache (argmax of the last row)."""
         be: LlamaCppBackend = self.engine  # type: ignore[assignment]
-        be._ensure_ctx(len(ids) + max_new)
-        be._clear()
-        nxt = be._decode(list(ids), 0)
-        for step in range(max_new):
-            yield nxt
-            nxt = be._decode([nxt], len(ids) + step)
+        return be.greedy(ids, max_new)

@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from llmopt.backends.onnx_backend import OnnxBackend
 from llmopt.harness.backend_lm import DEFAULT_MAX_LENGTH, BackendLM
 
@@ -37,12 +35,9 @@ class OnnxLM(BackendLM):
         return cls(engine, tokenizer, max_length or _config_max_length(spec, tokenizer), progress=progress)
 
     def _greedy(self, ids: list[int], max_new: int) -> Iterator[int]:
+        """One run over ``ids``, then one token per step feeding the graph's KV cache back."""
         be: OnnxBackend = self.engine  # type: ignore[assignment]
-        logits, past = be._run(be._feed(np.array([ids], dtype=np.int64), None, 0))  # logits: (1, L, V)
-        for step in range(max_new):
-            nxt = int(logits[0, -1].argmax())
-            yield nxt
-            logits, past = be._run(be._feed(np.array([[nxt]], dtype=np.int64), past, len(ids) + step))
+        return be.greedy(ids, max_new)
 
 
 def _config_max_length(folder: str, tokenizer) -> int:

@@ -183,14 +183,14 @@ def _leaf_entries(tm, names: list[str], depth: int = 0) -> list:
 
 def _check_hub(entries: list) -> None:
     """One-line error when a task needs Hub data that cannot be had (offline and not cached)."""
-    from llmopt.data import _dataset_cached
+    from llmopt.data import dataset_cached
 
     needs = [(e.name, d) for e in entries if (d := _hub_dataset(e.cfg))]
     if not needs or not _offline():
         return
     network.go_offline()  # the cached copies, without datasets' network retries
     for task, dataset in needs:
-        if not _dataset_cached(dataset):
+        if not dataset_cached(dataset):
             why = "HF_HUB_OFFLINE is set" if _offline(probe=False) else "the Hub is unreachable"
             raise LLMOptError(
                 f"task '{task}' reads the Hub data set '{dataset}', which is not cached and {why}: {LOCAL_DATA_HINT}"

@@ -52,7 +52,7 @@ def upload_files(folder: Path) -> list[tuple[str, int]]:
     return [(r, rel[r].stat().st_size) for r in filter_repo_objects(rel, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))]
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if repo_id.count("/") != 1:
@@ -157,7 +157,7 @@ def push(
     folder = Path(folder)
     if not folder.is_dir():
         raise LLMOptError(f"no such folder: {folder} (push uploads a model folder, e.g. an llmopt compress output)")
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     revision = revision or "main"
     files = [(r, n) for r, n in upload_files(folder) if r != README]
     if not files:

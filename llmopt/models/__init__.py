@@ -39,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llmopt import checkpoint
 from llmopt.errors import LLMOptError
 from llmopt.models.gguf_cache import _cache_folder, _converted_gguf_folder, _is_complete
-from llmopt.models.gguf_file import _read_gguf
+from llmopt.models.gguf_file import read_gguf
 from llmopt.models.gguf_tokenizer import _build_gguf_tokenizer
 from llmopt.models.hub import _download_hub_model
 from llmopt.models.specs import BUNDLED, BUNDLED_PREFIX, _classify, bundled_gguf_path, cache_root
@@ -54,8 +54,8 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "parse_dtype",
+    "read_gguf",
     "resolve_local_folder",
-    "_read_gguf",
 ]
 
 log = logging.getLogger(__name__)

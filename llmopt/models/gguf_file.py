@@ -9,7 +9,7 @@ from llmopt.errors import LLMOptError, first_line
 from llmopt.models.specs import _has_gguf_magic
 
 
-def _read_gguf(gguf: Path) -> Any:
+def read_gguf(gguf: Path) -> Any:
     """Parse and sanity-check a GGUF file; one-line LLMOptError when it is corrupt or truncated."""
     from gguf import GGUFReader
 
@@ -34,6 +34,11 @@ def _read_gguf(gguf: Path) -> Any:
     if tokens is None or not tokens.data or "tokenizer.ggml.model" not in reader.fields:
         raise invalid("no vocabulary: tokenizer.ggml.tokens / tokenizer.ggml.model missing")
     return reader
+
+
+# The old name, still imported inside this package by gguf_cache and gguf_tokenizer; other packages use
+# read_gguf.
+_read_gguf = read_gguf
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:

@@ -92,9 +92,9 @@ class PipelineOptions:
         if self.harness_include_path and not Path(self.harness_include_path).is_dir():
             raise LLMOptError(f"--harness-include-path {self.harness_include_path} is not a folder of task YAMLs")
         if self.push_to_hub:
-            from llmopt.hub.push import _check_repo_id
+            from llmopt.hub.push import check_repo_id
 
-            _check_repo_id(self.push_to_hub)
+            check_repo_id(self.push_to_hub)
         if self.eval:
             from llmopt.data import load_text, parse_data_spec
 
