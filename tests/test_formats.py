@@ -208,13 +208,13 @@ def test_searched_params_pack_to_gguf_exactly(name):
 def test_search_in_row_slices_equals_one_pass(fmt, monkeypatch):
     """The scale search scores rows in slices to bound its temporaries; rows are independent, so the
     parameters are bit for bit those of scoring the whole matrix at once."""
-    import llmopt.formats as F
+    import llmopt.formats.search as search  # the module qparams reads SEARCH_CHUNK from
 
     W = realistic_weights(rows=300, cols=512)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(3)) + 0.1
-    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 14)  # slices of a few rows
+    monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 14)  # slices of a few rows
     sliced = fmt.qparams(W, mse_grid=20, weight=imp)
-    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 40)  # one pass
+    monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 40)  # one pass
     whole = fmt.qparams(W, mse_grid=20, weight=imp)
     for a, b in zip(sliced._fields(), whole._fields()):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -225,16 +225,16 @@ def test_per_weight_search_weights(fmt, monkeypatch):
     """The search takes (rows, cols) per-weight importances (llama.cpp's imatrix · sqrt(σ² + w²)): a column
     importance broadcast to every row gives the column search's parameters bit for bit, row slices of
     per-weight importances equal one pass, and per group no candidate beats the chosen one under them."""
-    import llmopt.formats as F
+    import llmopt.formats.search as search  # the module qparams reads SEARCH_CHUNK from
 
     W = realistic_weights(rows=300, cols=512)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(3)) + 0.1
     per_weight = imp[None, :] * (W.square().mean(1, keepdim=True) + W.square()).sqrt()
     same = fmt.qparams(W, mse_grid=20, weight=imp.expand(300, 512))
     assert torch.equal(same.scale, fmt.qparams(W, mse_grid=20, weight=imp).scale)
-    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 14)
+    monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 14)
     sliced = fmt.qparams(W, mse_grid=20, weight=per_weight)
-    monkeypatch.setattr(F, "SEARCH_CHUNK", 1 << 40)
+    monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 40)
     whole = fmt.qparams(W, mse_grid=20, weight=per_weight)
     for a, b in zip(sliced._fields(), whole._fields()):
         assert (a is None and b is None) or torch.equal(a, b)

@@ -43,6 +43,7 @@ from llmopt.exporters.gguf.quantize import llama_quantize
 from llmopt.exporters.gguf.tensors import permute_qk, unpermute_qk
 from llmopt.exporters.gguf.vocab import CHECK_TEXT
 from llmopt.exporters.gguf.writer import summary, write_gguf
+from llmopt.exporters.source import local_folder
 from llmopt.outputs import atomic_output, preflight
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def export_gguf(
     imatrix_file = None
     if imatrix is not None and Path(imatrix).expanduser().is_file():
         imatrix_file = read_imatrix_file(Path(imatrix).expanduser())  # a corrupt file fails before loading
-    folder = _local_folder(model_spec)
+    folder = local_folder(model_spec)
     if folder is not None:  # everything decidable without the weights, before loading them
         _check_config(folder)
         if plan.mode == "auto":
@@ -142,24 +143,6 @@ def export_gguf(
     }
     log.info("wrote %s (%.1f MiB, %.3f bits/weight)", out, report["file_bytes"] / 2**20, report["bits_per_weight"])
     return report
-
-
-def _local_folder(spec: str) -> Path | None:
-    """The HF folder of ``spec`` when it is one already on disk (no download, no GGUF conversion)."""
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    if path.exists() or spec.startswith("bundled:") or "/" not in spec:
-        return None
-    try:  # a Hub id: its config alone, from the HF cache when offline
-        from huggingface_hub import hf_hub_download
-
-        from llmopt import network
-
-        offline = network.offline_env() or not network.hub_reachable()
-        return Path(hf_hub_download(spec, "config.json", local_files_only=offline)).parent
-    except Exception:  # noqa: BLE001 - load_model reports Hub problems in its own words
-        return None
 
 
 def _check_config(folder: Path) -> ArchSpec:

@@ -72,7 +72,7 @@ def read_index(folder: str | Path) -> dict[str, dict]:
         if bad:
             raise LLMOptError(f"{path}: the entry of {linear} is malformed: {hint}")
         try:
-            _format(entry)
+            entry_format(entry)
         except LLMOptError as e:
             raise LLMOptError(f"{path}: {linear}: {e}") from None
     if index:
@@ -89,7 +89,8 @@ def read_index(folder: str | Path) -> dict[str, dict]:
     return index
 
 
-def _format(entry: dict) -> QuantFormat:
+def entry_format(entry: dict) -> QuantFormat:
+    """The format of a ``quantization.json`` entry (its format, bits, group_size, symmetric)."""
     return make_format(entry["format"], entry["bits"], entry["group_size"], entry["symmetric"])
 
 
@@ -108,7 +109,7 @@ def precheck(index: dict[str, dict], in_features: dict[str, int] | None = None) 
     ``in_features`` (Linear → input width) resolves per-channel groups; without it they pass here and
     are checked again when written."""
     for linear, entry in index.items():
-        fmt = _format(entry)
+        fmt = entry_format(entry)
         if fmt.gguf_type is not None:
             continue
         width = fmt.group_size or (in_features or {}).get(linear)
@@ -131,7 +132,7 @@ def load_stored(folder: str | Path) -> dict[str, StoredLinear]:
     out = {}
     for linear, entry in index.items():
         qp = QParams(tensors[f"{linear}.scale"].float(), tensors[f"{linear}.zero"].float())
-        out[linear] = StoredLinear(_format(entry), tensors[f"{linear}.codes"], qp, bool(entry.get("transposed")))
+        out[linear] = StoredLinear(entry_format(entry), tensors[f"{linear}.codes"], qp, bool(entry.get("transposed")))
     return out
 
 

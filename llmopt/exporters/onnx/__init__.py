@@ -85,10 +85,10 @@ def export_onnx(
         raise LLMOptError(f"--block-size and --accuracy-level apply to 4-bit weights, not --quant {quant}")
     out = preflight(output, overwrite=overwrite, kind="folder")
 
-    from llmopt.exporters.gguf import _local_folder
     from llmopt.exporters.gguf.codes import load_stored, read_index
+    from llmopt.exporters.source import local_folder
 
-    folder = _local_folder(model_spec)
+    folder = local_folder(model_spec)
     index: dict = {}
     kept_float: list[str] = []
     if folder is not None:  # everything decidable without the weights, before loading them
@@ -167,7 +167,7 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> list
     """``--quant auto`` needs stored codes that map exactly; decided before loading weights. Returns the
     Linears kept float32 (formats MatMulNBits cannot hold); refused when none maps, or when ``block_size``
     differs from the stored blocks."""
-    from llmopt.exporters.gguf.codes import _format
+    from llmopt.exporters.gguf.codes import entry_format
     from llmopt.exporters.onnx.nbits import block_of
 
     if not index:
@@ -178,7 +178,7 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> list
     refused: dict[str, LLMOptError] = {}
     for linear, entry in index.items():
         try:
-            bs = block_of(linear, _format(entry))
+            bs = block_of(linear, entry_format(entry))
         except LLMOptError as e:
             refused[linear] = e
             continue
@@ -195,7 +195,7 @@ def _precheck_auto(model_spec: str, index: dict, block_size: int | None) -> list
             "their format): %s",
             len(refused),
             len(index),
-            ", ".join(f"{n} ({_format(index[n])})" for n in refused),
+            ", ".join(f"{n} ({entry_format(index[n])})" for n in refused),
         )
     return list(refused)
 
