@@ -216,7 +216,7 @@ def test_search_in_row_slices_equals_one_pass(fmt, monkeypatch):
     sliced = fmt.qparams(W, mse_grid=20, weight=imp)
     monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 40)  # one pass
     whole = fmt.qparams(W, mse_grid=20, weight=imp)
-    for a, b in zip(sliced._fields(), whole._fields()):
+    for a, b in zip(sliced.tensors(), whole.tensors()):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
@@ -236,7 +236,7 @@ def test_per_weight_search_weights(fmt, monkeypatch):
     sliced = fmt.qparams(W, mse_grid=20, weight=per_weight)
     monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 40)
     whole = fmt.qparams(W, mse_grid=20, weight=per_weight)
-    for a, b in zip(sliced._fields(), whole._fields()):
+    for a, b in zip(sliced.tensors(), whole.tensors()):
         assert (a is None and b is None) or torch.equal(a, b)
     g = fmt.group_size
 
@@ -260,7 +260,7 @@ def test_quantized_linear_holds_codes_compactly_and_exactly(fmt):
     codes = fmt.quantize(W, qp)
     q = QuantizedLinear(codes, qp, fmt)
     assert torch.equal(q.codes, codes) and q.codes.dtype == codes.dtype
-    for a, b in zip(q.qparams._fields(), qp._fields()):
+    for a, b in zip(q.qparams.tensors(), qp.tensors()):
         assert (a is None and b is None) or (torch.equal(a, b) and a.dtype == torch.float32)
     held = q._packed.numel() * q._packed.element_size()
     assert held == codes.numel() // (2 if fmt.bits <= 4 else 1)

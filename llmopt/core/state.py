@@ -84,7 +84,7 @@ class QuantizedLinear:
     @property
     def qparams(self):
         qp = self._qparams
-        return type(qp)(*(None if t is None else t.to(torch.float32) for t in qp._fields()))
+        return type(qp)(*(None if t is None else t.to(torch.float32) for t in qp.tensors()))
 
 
 def _compact_qparams(qp):
@@ -96,7 +96,7 @@ def _compact_qparams(qp):
         h = t.to(torch.float16)
         return h if torch.equal(h.to(torch.float32), t) else t
 
-    return type(qp)(*(compact(t) for t in qp._fields()))
+    return type(qp)(*(compact(t) for t in qp.tensors()))
 
 
 @dataclass

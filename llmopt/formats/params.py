@@ -42,12 +42,12 @@ class QParams:
     def select(self, k: int | slice) -> QParams:
         """Parameters of group k (an int gives (rows, 1)) or of a slice of groups."""
         k = slice(k, k + 1) if isinstance(k, int) else k
-        return QParams(*(None if t is None else t[..., k] for t in self._fields()))
+        return QParams(*(None if t is None else t[..., k] for t in self.tensors()))
 
     def grouped(self) -> QParams:
         """The same parameters with a trailing unit dim, (..., rows, n_groups, 1): they broadcast over
         the weights of a group laid out as (..., rows, n_groups, group_size)."""
-        return QParams(*(None if t is None else t.unsqueeze(-1) for t in self._fields()))
+        return QParams(*(None if t is None else t.unsqueeze(-1) for t in self.tensors()))
 
     def take(self, index: Tensor) -> QParams:
         """Per group, the candidate ``index`` (rows, n_groups) of stacked candidates (C, rows, n_groups)."""
@@ -61,13 +61,13 @@ class QParams:
     @staticmethod
     def cat(parts: list[QParams]) -> QParams:
         """Concatenate parameters of consecutive groups along the group dim."""
-        fields = list(zip(*(p._fields() for p in parts)))
+        fields = list(zip(*(p.tensors() for p in parts)))
         return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=-1) for f in fields))
 
     @staticmethod
     def cat_rows(parts: list[QParams]) -> QParams:
         """Concatenate parameters of consecutive row slices along the row dim."""
-        fields = list(zip(*(p._fields() for p in parts)))
+        fields = list(zip(*(p.tensors() for p in parts)))
         return QParams(*(None if any(t is None for t in f) else torch.cat(f, dim=-2) for f in fields))
 
     @staticmethod
@@ -75,7 +75,8 @@ class QParams:
         """Stack search candidates (C_i, rows, n_groups) along the candidate dim (scale and zero only)."""
         return QParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))
 
-    def _fields(self) -> tuple[Tensor | None, ...]:
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        """The four fields in order (scale, zero, ref_inv_scale, ref_min); None where a format has none."""
         return self.scale, self.zero, self.ref_inv_scale, self.ref_min
 
 
