@@ -46,7 +46,7 @@ def test_artifacts_report_and_card(run):
     for name in ("config.json", "model.gguf", "onnx/model.onnx", "report.json", "report.md", "report.png"):
         assert (out / name).is_file(), name
     assert (out / "README.md").is_file()
-    assert [r["artifact"] for r in report["rows"]] == ["input", "transformers", "gguf", "onnx"]
+    assert [r["artifact"] for r in report["rows"]] == ["input", "transformers", "gguf", "onnx", "baseline"]
     assert report["output"] == out.name  # the run's name in `llmopt report` tables, not an artifact's
     assert load_report(out) == json.loads((out / "report.json").read_text())
     rows = {r["artifact"]: r for r in report["rows"]}
@@ -78,6 +78,34 @@ def test_artifacts_report_and_card(run):
     assert "| transformers |" in md and "| gguf |" in md and "| onnx |" in md
 
 
+def test_baseline_row_is_llama_cpp_on_the_same_windows(run):
+    """--eval adds llama.cpp's own quantization of the input at the recipe's file type (q4_0, with an
+    importance matrix from the recipe's calibration windows), evaluated like every artifact, compared with each
+    in report.json / report.md / the card, kept out of the card's model-index and out of the harness."""
+    import gguf
+
+    out, report = run
+    rows = {r["artifact"]: r for r in report["rows"]}
+    b = rows["baseline"]
+    path = out / "baseline" / "llama.cpp-q4_0-imatrix.gguf"
+    assert b["role"] == "baseline" and b["path"] == "baseline/llama.cpp-q4_0-imatrix.gguf" and path.is_file()
+    assert b["size_bytes"] == path.stat().st_size and b["perplexity"] > 1 and b["kl"] > 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    vs = report["baseline"]["vs"]
+    assert set(vs) == {"transformers", "gguf", "onnx"}
+    g = vs["gguf"]
+    assert g["d_perplexity"] == pytest.approx(rows["gguf"]["perplexity"] - b["perplexity"])
+    assert g["d_kl"] == pytest.approx(rows["gguf"]["kl"] - b["kl"])
+    assert g["size_ratio"] == pytest.approx(rows["gguf"]["size_bytes"] / b["size_bytes"])
+    assert "Beside llama.cpp's own quantizer" in (out / "report.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Beside llama.cpp's own quantizer" in card and "(baseline: llama.cpp's own quantizer)" in card
+    assert {h["artifact"] for h in report["harness"]} == {"transformers", "gguf", "onnx"}
+    steps = json.loads((out / "pipeline.json").read_text())["steps"]
+    assert {"export_gguf", "export_onnx", "baseline", "eval_input", "eval_baseline"} <= set(steps)
+
+
 def test_report_compares_runs(run, tmp_path, capsys):
     out, report = run
     other = tmp_path / "copy"
@@ -88,7 +116,7 @@ def test_report_compares_runs(run, tmp_path, capsys):
     assert main(["report", str(out), str(other), "--output", str(png)]) == 0
     text = capsys.readouterr().out
     assert text.count("(input model)") == 1  # the reference row once, however many runs
-    assert text.count("| run-q4_0 |") == 3 and text.count("| copy |") == 3
+    assert text.count("| run-q4_0 |") == 4 and text.count("| copy |") == 4  # 3 artifacts + its baseline
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table, path = compare([str(out)], output=str(tmp_path / "one.png"))
     assert path and "gguf" in table

@@ -90,6 +90,7 @@ def _pipeline_options(a: argparse.Namespace):
         harness_limit=a.harness_limit,
         push_to_hub=a.push_to_hub,
         private=a.private,
+        baseline=a.baseline,
     )
 
 
@@ -109,7 +110,7 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
     )
     opts = opts.with_recipe(rec)
     opts.check()  # bad export target, data, include path, repo id: before any model is loaded
-    from llmopt.pipeline.run import model_parameter_count
+    from llmopt.pipeline.options import model_parameter_count
 
     n = model_parameter_count(a.model)
     if n:
@@ -120,7 +121,8 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
         a.output,
         opts,
         overwrite=a.overwrite,
-        compress_kwargs=dict(device=a.device, dtype=a.dtype, resume=a.resume),
+        resume=a.resume,
+        compress_kwargs=dict(device=a.device, dtype=a.dtype),
     )
     print(f"saved {a.output}: report.json, report.md, report.png, README.md (model card)")
     print(markdown_table(HEADER, table_rows(report)))

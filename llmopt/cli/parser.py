@@ -75,7 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--resume",
         action="store_true",
-        help="continue a distill stage from the checkpoint an interrupted run of this command left in OUTPUT.ckpt/",
+        help="continue an interrupted or failed run of this command: a distill stage from its checkpoint in "
+        "OUTPUT.ckpt/; with --export/--eval/--harness, a finished compression in OUTPUT is kept and only the "
+        "missing exports, evaluations and reports are made",
+    )
+    c.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="with --eval: skip llama.cpp's own quantization of the input (imatrix, the recipe's file type), "
+        "the reference row of the report",
     )
     c.add_argument("--export", default=None, help="after compressing, also write: gguf, onnx or gguf,onnx")
     c.add_argument(

@@ -45,10 +45,14 @@ class Artifacts:
     quantization_codes: bool = False  # quantization.safetensors (stored GPTQ/RTN codes and scales)
 
 
+#: llama.cpp's own quantization of the input, the report's reference row: not this model's file, never pushed
+BASELINE_DIR = "baseline"
+
+
 def _files(folder: Path):
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] != BASELINE_DIR:
             yield rel.as_posix(), p
 
 
@@ -160,7 +164,7 @@ def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> Mode
     library = "transformers" if a.transformers else "gguf" if a.ggufs else "onnx" if a.onnx_dirs else None
     results = []
     for rel, r in a.evals:
-        if _is_input_eval(a, rel, r):  # the base model's numbers are not this model's results
+        if _is_input_eval(a, rel, r) or _is_baseline_eval(r):  # reference rows are not this model's results
             continue
         ds_id, ds_name, config, split = _dataset(str(r["data"]))
         what = f"{r['backend']}, {r['seq_len']}-token windows x {r['windows']}"
@@ -247,6 +251,11 @@ def _is_input_eval(a: Artifacts, rel: str, r: dict) -> bool:
     return rel == "eval/input.json" or r.get("model") == "input model"
 
 
+def _is_baseline_eval(r: dict) -> bool:
+    """An evaluation of the baseline (llama.cpp's own quantization of the input, ``baseline/``)."""
+    return str(r.get("model", "")).startswith(BASELINE_DIR + "/")
+
+
 def _eval_table(a: Artifacts) -> list[str]:
     if not a.evals:
         if a.harness:
@@ -262,6 +271,8 @@ def _eval_table(a: Artifacts) -> list[str]:
         artifact = Path(model).name if model.endswith(".gguf") else "ONNX" if r["backend"] == "onnx" else "model"
         if _is_input_eval(a, rel, r):
             artifact = "input model (reference)"
+        elif _is_baseline_eval(r):
+            artifact = f"{Path(model).stem} (baseline: llama.cpp's own quantizer)"
         kl, sp = r.get("kl") or {}, r.get("speed") or {}
         top1 = kl.get("top1_agreement")
         lines.append(
@@ -396,6 +407,12 @@ def build_card(folder: str | Path, repo_id: str, base_model: str | None = None) 
     data = card_data(a, repo_id, base_model)
     base = data.base_model
     lines = [f"# {repo_id.split('/')[-1]}", "", *_summary_lines(a, base), "", "## Evaluation", "", *_eval_table(a)]
+    run_report = _read_json(Path(folder) / "report.json")
+    if isinstance(run_report, dict) and run_report.get("baseline"):
+        from llmopt.baseline import baseline_markdown
+
+        lines += ["", *baseline_markdown(run_report)]
+        lines += [f"Note: {n}" for n in run_report.get("notes") or []]
     if a.harness:
         lines += ["", *_harness_table(a)]
     lines += ["", *_how_to_run(a, repo_id)]

@@ -1,9 +1,12 @@
 """The user's whole loop after the recipe: exports, evaluation of every artifact, report, card, Hub.
 
-``run.py`` orchestrates (``llmopt compress ... --export --eval --harness --push-to-hub``); ``report.py``
-writes and compares run reports (``llmopt report``)."""
+``options.py`` holds what happens after the stages and what is checked before any work, ``steps.py`` the
+steps (export, baseline, evaluation, harness) and their record, ``run.py`` orchestrates (``llmopt compress
+... --export --eval --harness --push-to-hub``); ``report.py`` writes and compares run reports (``llmopt
+report``)."""
 
+from llmopt.pipeline.options import PipelineOptions, estimate_seconds
 from llmopt.pipeline.report import compare, load_report
-from llmopt.pipeline.run import PipelineOptions, estimate_seconds, run_pipeline
+from llmopt.pipeline.run import run_pipeline
 
 __all__ = ["PipelineOptions", "compare", "estimate_seconds", "load_report", "run_pipeline"]

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from llmopt.baseline import baseline_markdown, beside_baseline, notes
 from llmopt.errors import LLMOptError
 
 REPORT_KIND = "llmopt-run-report"
@@ -31,6 +32,9 @@ def _bytes(path: Path, transformers: bool = False) -> int:
 
 def _row(name: str, a: dict | None, ev: dict | None, size: int | None, bpw: float | None) -> dict:
     row = {"artifact": name, "path": (a or {}).get("path"), "backend": (a or {}).get("backend", "torch")}
+    row["role"] = "input" if name == "input" else (a or {}).get("role", "llmopt")
+    if (a or {}).get("label"):
+        row["label"] = a["label"]
     row["size_bytes"] = size
     row["bits_per_weight"] = bpw
     if ev:
@@ -80,6 +84,8 @@ def build_report(
         "compress": {k: compress_report.get(k) for k in ("compress_seconds", "total_seconds", "peak_rss_mib", "dtype")},
         "eval": {"data": opts.eval_data, "seq_len": opts.eval_seq_len, "windows": opts.eval_windows} if evals else None,
         "rows": rows,
+        "baseline": beside_baseline(rows),
+        "notes": notes(recipe, artifacts),
         "harness": harness_rows,
         "seconds": seconds,
     }
@@ -112,7 +118,7 @@ def table_rows(report: dict, run: str | None = None) -> list[list[str]]:
         out.append(
             [
                 run if r["artifact"] != "input" else "(input model)",
-                r["artifact"] if r["artifact"] != "input" else str(r.get("path")),
+                r.get("label") or r["artifact"] if r["artifact"] != "input" else str(r.get("path")),
                 r.get("backend") or "",
                 _fmt(r["size_bytes"] / 2**20 if r.get("size_bytes") else None, ".1f"),
                 _fmt(r.get("bits_per_weight"), ".2f"),
@@ -148,6 +154,9 @@ def report_markdown(report: dict) -> str:
             "token ids for every row; KL and top-1 against the input model."
         )
     lines += ["", markdown_table(HEADER, table_rows(report)), ""]
+    lines += baseline_markdown(report)
+    for note in report.get("notes") or []:
+        lines += [f"Note: {note}", ""]
     if report.get("harness"):
         lines += ["## lm-evaluation-harness", ""]
         rows = [
@@ -172,67 +181,96 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def plot_reports(reports: list[dict], path: Path) -> bool:
-    """Perplexity vs size and vs decode tok/s for every row of every report; False when nothing to plot."""
+    """Perplexity against size and against decode tok/s for every row of every report, the input model and
+    the llama.cpp baseline marked as reference points (dashed lines through them), the Pareto front of the
+    rest; points are numbered and named in a legend, so labels never overlap. False when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = []
+    pts, seen = [], set()
     for rep in reports:
         for r in rep["rows"]:
             if r.get("perplexity") is None:
                 continue
-            label = "input" if r["artifact"] == "input" else f"{rep.get('output')}:{r['artifact']}"
-            pts.append((label, r.get("size_bytes"), r.get("decode_tok_s"), r["perplexity"], r["artifact"] == "input"))
+            role = r.get("role") or ("input" if r["artifact"] == "input" else "llmopt")
+            name = r.get("label") or r["artifact"]
+            label = f"input model ({r.get('path')})" if role == "input" else name
+            if role == "llmopt" and len(reports) > 1:
+                label = f"{rep.get('output')}: {name}"
+            if label in seen:  # the input model (and a shared baseline) appear in every report: once
+                continue
+            seen.add(label)
+            size = r["size_bytes"] / 2**20 if r.get("size_bytes") else None
+            pts.append({"label": label, "role": role, "size": size, "speed": r.get("decode_tok_s"),
+                        "ppl": r["perplexity"]})  # fmt: skip
     if not pts:
         return False
-    seen, uniq = set(), []
-    for p in pts:  # the input model appears in every report: plot it once
-        if p[0] in seen:
-            continue
-        seen.add(p[0])
-        uniq.append(p)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    style = {
+        "input": dict(marker="*", s=180, color="black"),
+        "baseline": dict(marker="D", s=70, color="tab:gray"),
+        "llmopt": dict(marker="o", s=60),
+    }
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    handles = {}
     for ax, key, xlabel, better in (
-        (axes[0], 1, "size on disk (MiB)", "smaller"),
-        (axes[1], 2, "decode tokens/s", "faster"),
+        (axes[0], "size", "size on disk (MiB)", "left"),
+        (axes[1], "speed", "decode tokens/s (this machine)", "right"),
     ):
-        sub = [p for p in uniq if p[key] is not None]
+        sub = [p for p in pts if p[key] is not None]
         if not sub:
-            ax.set_visible(False)
+            ax.text(0.5, 0.5, f"no {xlabel.split(' (')[0]} measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
             continue
-        xs = [p[key] / 2**20 if key == 1 else p[key] for p in sub]
-        ys = [p[3] for p in sub]
-        front = pareto([(x if key == 1 else -x, y) for x, y in zip(xs, ys)])
-        for (label, *_rest, is_input), x, y, f in zip(sub, xs, ys, front):
-            ax.scatter(
-                [x],
-                [y],
-                marker="*" if is_input else "o",
-                s=120 if is_input else 50,
-                color="black" if is_input else ("tab:red" if f else "tab:blue"),
-                zorder=3,
-            )
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        fx = sorted((x, y) for x, y, f in zip(xs, ys, front) if f)
+        for k, p in enumerate(pts):
+            if p[key] is None:
+                continue
+            st = dict(style[p["role"]])
+            if p["role"] == "llmopt":
+                st["color"] = colors[k % len(colors)]
+            h = ax.scatter([p[key]], [p["ppl"]], zorder=3, label=f"{k + 1}. {p['label']}", **st)
+            handles.setdefault(p["label"], h)
+            ax.annotate(str(k + 1), (p[key], p["ppl"]), textcoords="offset points", xytext=(6, 5), fontsize=9)
+            if p["role"] in ("input", "baseline"):
+                ax.axhline(p["ppl"], color=st["color"], ls=":", lw=1, zorder=1)
+        rest = [p for p in sub if p["role"] != "input"]
+        front = pareto([(p[key] if key == "size" else -p[key], p["ppl"]) for p in rest])
+        fx = sorted((p[key], p["ppl"]) for p, f in zip(rest, front) if f)
         if len(fx) > 1:
-            ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", color="tab:red", lw=1, label="Pareto front")
-            ax.legend(fontsize=8)
+            ax.plot([x for x, _ in fx], [y for _, y in fx], "--", color="tab:red", lw=1, zorder=2)
+        # a readable range: every point with a margin of at least 2% of the best perplexity, never a zoom onto a
+        # sliver that makes equal models look far apart
+        ys = [p["ppl"] for p in sub]
+        lo, hi = min(ys), max(ys)
+        pad = max(0.08 * (hi - lo), 0.02 * lo)
+        ax.set_ylim(lo - pad, hi + pad)
+        xs = [p[key] for p in sub]
+        xpad = max(0.08 * (max(xs) - min(xs)), 0.05 * max(xs))
+        ax.set_xlim(max(0.0, min(xs) - xpad), max(xs) + xpad)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (lower is better)")
-        ax.set_title(f"perplexity vs {xlabel.split(' (')[0]} ({better} is better)")
+        ax.set_title(f"perplexity vs {xlabel.split(' (')[0]} (better: down and {better})")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.legend(handles.values(), [h.get_label() for h in handles.values()], loc="lower center",
+               ncol=min(3, len(handles)), fontsize=8, frameon=False)  # fmt: skip
+    rows_of_legend = -(-len(handles) // 3)
+    fig.tight_layout(rect=(0, 0.05 + 0.04 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return True
 
 
 def write_report_files(report: dict, folder: Path) -> None:
-    (folder / REPORT_JSON).write_text(json.dumps(report, indent=1))
-    (folder / REPORT_MD).write_text(report_markdown(report))
-    plot_reports([report], folder / REPORT_PNG)
+    """report.json, report.md and report.png, each written atomically."""
+    from llmopt.outputs import atomic_output, write_text
+
+    write_text(folder / REPORT_JSON, json.dumps(report, indent=1))
+    write_text(folder / REPORT_MD, report_markdown(report))
+    if any(r.get("perplexity") is not None for r in report["rows"]):  # evaluated: something to plot
+        with atomic_output(folder / REPORT_PNG, overwrite=True, kind="file") as tmp:
+            plot_reports([report], tmp)
 
 
 def load_report(folder: str | Path) -> dict:

@@ -1,22 +1,27 @@
 """``llmopt compress ... --export gguf,onnx --eval --harness T --push-to-hub R``: the whole user loop.
 
 Data moves forward only: input model → recipe stages (:func:`llmopt.compression.compress`) → the saved
-HF folder → exporters (GGUF file, ONNX folder, written into the same folder) → every artifact evaluated on
-the same token windows against the input model (perplexity, KL, top-1 agreement, size, bits per weight,
-prefill/decode tok/s) → lm-eval tasks per artifact → ``report.json``, ``report.md``, ``report.png`` and the
-model card ``README.md`` → optionally the Hub.
+HF folder → exporters (GGUF file, ONNX folder, written into the same folder) → with ``--eval``, llama.cpp's
+own quantization of the input at the recipe's file type with an importance matrix from the same calibration
+windows (the baseline row) → every artifact evaluated on the same token windows against the input model
+(perplexity, KL, top-1 agreement, size, bits per weight, prefill/decode tok/s) → lm-eval tasks per artifact →
+``report.json``, ``report.md``, ``report.png`` and the model card ``README.md`` → optionally the Hub.
 
-The whole folder is built in a temporary sibling and renamed into place only when everything but the
-push succeeded: an interrupted or failed run leaves the previous output (or nothing) and can be rerun.
-The push comes last, from the finished folder, so a failed upload never loses the local result.
+Finished work is never lost. What can be checked is checked before any work (the exports can hold the
+recipe's formats, the harness tasks exist, the data is readable). The compression writes OUTPUT atomically;
+then every later step writes its files atomically into it and is recorded in ``pipeline.json``
+(:mod:`llmopt.pipeline.steps`). A step that fails or is interrupted leaves the compressed model and every
+finished artifact; ``--resume`` reruns only what is missing. The push comes last, from the finished folder.
 
 Layout of OUTPUT::
 
     config.json, model*.safetensors, tokenizer*, recipe.yaml, llmopt_report.json[, quantization.*]
     model.gguf                  --export gguf (stored codes when the recipe quantized onto a GGUF format)
     onnx/                       --export onnx (MatMulNBits from the stored codes when they map exactly)
-    eval/<artifact>.json        `llmopt eval --json` results (input, transformers, gguf, onnx)
+    baseline/                   --eval: llama.cpp's own quantization of the input (never pushed)
+    eval/<artifact>.json        `llmopt eval --json` results (input, transformers, gguf, onnx, baseline)
     harness/<artifact>.json     `llmopt harness --json` results
+    pipeline.json               the steps done after the compression (what --resume skips)
     report.json, report.md, report.png, README.md
 """
 
@@ -25,134 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmopt.errors import LLMOptError
+from llmopt.pipeline.options import CARD, PipelineOptions, baseline_type, check_recipe
+from llmopt.pipeline.steps import StepLog, baseline, evaluate_one, export, harness_one
 
 log = logging.getLogger(__name__)
-
-EXPORTS = ("gguf", "onnx")
-GGUF_NAME = "model.gguf"
-ONNX_DIR = "onnx"
-REPORT_JSON, REPORT_MD, REPORT_PNG, CARD = "report.json", "report.md", "report.png", "README.md"
-
-
-@dataclass
-class PipelineOptions:
-    """What happens after the recipe's stages. Validated once by :meth:`check`, before any model loads."""
-
-    export: tuple[str, ...] = ()
-    eval: bool = False
-    # None: the recipe's ``evaluation`` section (see :meth:`with_recipe`)
-    eval_data: str | None = None
-    eval_seq_len: int | None = None
-    eval_windows: int | None = None
-    speed: bool = True
-    threads: int | None = None
-    harness_tasks: str | None = None
-    harness_include_path: str | None = None
-    harness_limit: int | float | None = None
-    push_to_hub: str | None = None
-    private: bool = False
-    gguf_type: str = "auto"
-    onnx_quant: str = "auto"
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def parse_exports(cls, text: str | None) -> tuple[str, ...]:
-        if not text:
-            return ()
-        parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-        bad = [p for p in parts if p not in EXPORTS]
-        if bad:
-            raise LLMOptError(f"unknown --export target {bad[0]!r}; valid: {', '.join(EXPORTS)} (comma-separated)")
-        return tuple(dict.fromkeys(parts))
-
-    def with_recipe(self, recipe) -> PipelineOptions:
-        """These options with the evaluation settings the command line left open taken from the recipe's
-        ``evaluation`` section (a recipe without one: wikitext2, 8 windows of 2048 tokens)."""
-        from dataclasses import replace
-
-        ev = getattr(recipe, "evaluation", None)
-        return replace(
-            self,
-            eval_data=self.eval_data or (ev.data if ev else "wikitext2"),
-            eval_seq_len=self.eval_seq_len or (ev.seq_len if ev else 2048),
-            eval_windows=self.eval_windows if self.eval_windows is not None else (ev.windows if ev else 8),
-        )
-
-    def check(self) -> None:
-        if self.eval_data is None or self.eval_seq_len is None:
-            raise LLMOptError("internal: PipelineOptions.check() before with_recipe()")
-        if self.eval_windows is not None and self.eval_windows < 1:
-            raise LLMOptError(f"--eval-windows must be >= 1, got {self.eval_windows}")
-        if self.eval_seq_len < 16:
-            raise LLMOptError(f"--eval-seq-len must be >= 16, got {self.eval_seq_len}")
-        if self.harness_include_path and not Path(self.harness_include_path).is_dir():
-            raise LLMOptError(f"--harness-include-path {self.harness_include_path} is not a folder of task YAMLs")
-        if self.push_to_hub:
-            from llmopt.hub.push import check_repo_id
-
-            check_repo_id(self.push_to_hub)
-        if self.eval:
-            from llmopt.data import load_text, parse_data_spec
-
-            load_text(parse_data_spec(self.eval_data), role="eval")  # offline / missing file: fail now
-
-
-def model_parameter_count(spec: str) -> int | None:
-    """Parameters of a model spec from file headers only (no weights read): a local HF folder's
-    safetensors headers, a GGUF's tensor table (``bundled:`` included); None for a Hub id."""
-    import math as _math
-
-    try:
-        p = Path(spec)
-        if spec.startswith("bundled:") or (p.is_file() and p.suffix == ".gguf"):
-            from gguf import GGUFReader
-
-            from llmopt.models import bundled_gguf_path
-
-            path = bundled_gguf_path(spec.split(":", 1)[1]) if spec.startswith("bundled:") else str(p)
-            return int(sum(int(_math.prod(int(d) for d in t.shape)) for t in GGUFReader(path).tensors))
-        if p.is_dir():
-            from llmopt.checkpoint import check_weights
-
-            return int(sum(_math.prod(shape) for _dtype, shape in check_weights(p).values()))
-    except (LLMOptError, OSError, ValueError):
-        return None
-    return None
-
-
-def estimate_seconds(n_params: int, recipe, opts: PipelineOptions) -> float:
-    """A rough duration, scaled from this project's measurements on the embedded model (SmolLM2-135M,
-    2 CPU cores): a GPTQ/SparseGPT pass over 32 x 512 calibration tokens ~150 s, distillation at ~80 tokens/s
-    up to its wall-clock budget, a GGUF export ~10 s, an
-    ONNX export ~40 s, one backend's evaluation of 8 x 2048 tokens with speed ~60 s (with the base)."""
-    scale = n_params / 135e6
-    cal = recipe.calibration
-    tokens = cal.samples * cal.seq_len / (32 * 512)
-    s = 10.0
-    for st in recipe.stages:
-        name = st.stage
-        if name in ("gptq", "sparsegpt", "wanda"):
-            s += 150 * scale * tokens
-        elif name in ("rtn", "magnitude"):
-            s += 5 * scale
-        elif name == "structured":
-            s += 30 * scale * tokens  # one forward pass with importance hooks
-        elif name == "distill":  # ~80 (QAT) to ~110 trained tokens/s; teacher top-k ~1.4 s per 512 tokens, cached
-            train = st.max_tokens * scale / 80
-            if st.max_minutes:
-                train = min(train, 60 * st.max_minutes)
-            s += train + min(st.max_tokens / 512, 240) * 1.4 * scale
-    s += (10 * ("gguf" in opts.export) + 40 * ("onnx" in opts.export)) * scale
-    if opts.eval:
-        windows = (opts.eval_windows or 32) * opts.eval_seq_len / (8 * 2048)
-        s += (2 + len(opts.export)) * 60 * scale * windows
-    if opts.harness_tasks:
-        s += (1 + len(opts.export)) * 60 * scale
-    return s
 
 
 def run_pipeline(
@@ -162,120 +46,83 @@ def run_pipeline(
     opts: PipelineOptions,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     compress_kwargs: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Compress, export, evaluate, report, card (and push): see the module docstring. Returns report.json."""
-    from llmopt.compression import compress
-    from llmopt.outputs import atomic_output, preflight
-    from llmopt.recipe import parse_recipe
+    """Compress, export, evaluate, report, card (and push): see the module docstring. Returns report.json.
+
+    Everything that can be checked is checked before any work (:func:`check_recipe`). Each step writes its
+    files atomically and is recorded in ``pipeline.json``; a step that fails after the compression keeps the
+    compressed model and every artifact already made, and ``resume=True`` (``--resume``) does only what is
+    missing (an output compressed with another model or recipe is refused)."""
+    from llmopt.compression import REPORT_FILE, compress
+    from llmopt.recipe import parse_recipe, recipe_to_yaml
 
     rec = recipe if not isinstance(recipe, str | Path | dict) else parse_recipe(recipe)
     opts = opts.with_recipe(rec)
     opts.check()
-    out = preflight(output, overwrite=overwrite, kind="folder")
+    check_recipe(rec, opts)
+    out = Path(output)
     t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-    with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
-        # compress() writes its own folder atomically: here into the (empty) temporary sibling
-        # distill checkpoints beside the final output, so a rerun with --resume finds them
+    state = StepLog.load(out, model, recipe_to_yaml(rec)) if resume else None
+    if state is None:
+        if resume and out.exists() and not overwrite:
+            raise LLMOptError(
+                f"--resume: {out} holds no finished compression (no {REPORT_FILE}); rerun with --overwrite to "
+                "replace it, or give another --output"
+            )
+        # distill checkpoints beside the output, so a rerun with --resume finds them; compress() writes the
+        # folder atomically (checked before loading: no existing output unless overwrite)
         kw = {"checkpoint_dir": out.parent / f"{out.name}.ckpt", **(compress_kwargs or {})}
-        res = compress(model, rec, tmp, overwrite=True, **kw)
-        seconds["compress"] = res.report["total_seconds"]
-        artifacts: dict[str, dict] = {"transformers": {"path": ".", "spec": str(tmp), "backend": "torch"}}
-        for target in opts.export:
-            t = time.perf_counter()
-            artifacts[target] = _export(target, tmp, opts)
-            seconds[f"export_{target}"] = round(time.perf_counter() - t, 2)
-        evals: dict[str, dict] = {}
-        if opts.eval:
-            t = time.perf_counter()
-            evals = _evaluate_all(model, tmp, artifacts, opts, progress)
-            seconds["eval"] = round(time.perf_counter() - t, 2)
-        harness: dict[str, dict] = {}
-        if opts.harness_tasks:
-            t = time.perf_counter()
-            harness = _harness_all(tmp, artifacts, opts, progress)
-            seconds["harness"] = round(time.perf_counter() - t, 2)
-        seconds["total"] = round(time.perf_counter() - t0, 2)
-        from llmopt.pipeline.report import build_report, write_report_files
+        res = compress(model, rec, out, overwrite=overwrite, resume=resume, **kw)
+        state = StepLog.new(out, model, recipe_to_yaml(rec))
+        state.seconds["compress"] = res.report["total_seconds"]
+        state.save()
+    else:
+        log.info("--resume: %s holds the finished compression; doing only what is missing", out)
+    compress_report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    artifacts: dict[str, dict] = {"transformers": {"path": ".", "spec": str(out), "backend": "torch"}}
+    for target in opts.export:
+        artifacts[target] = state.step(f"export_{target}", lambda t=target: export(t, out, opts))
+    btype = baseline_type(rec) if opts.eval and opts.baseline else None
+    if btype:
+        artifacts["baseline"] = state.step("baseline", lambda: baseline(model, rec, btype, out, opts))
+    evals: dict[str, dict] = {}
+    if opts.eval:
+        (out / "eval").mkdir(exist_ok=True)
+        base = None
+        for name in ("input", *artifacts):
 
-        report = build_report(model, rec, res.report, artifacts, evals, harness, opts, seconds, tmp, out.name)
-        write_report_files(report, tmp)
-        from llmopt.hub.card import build_card
+            def run(name=name):
+                nonlocal base
+                if base is None:
+                    from llmopt.backends import make_backend
 
-        repo_id = opts.push_to_hub or f"local/{out.name}"
-        build_card(tmp, repo_id).save(tmp / CARD)
+                    base = make_backend("torch", model, threads=opts.threads)
+                return evaluate_one(name, base, artifacts.get(name), out, opts, progress)
+
+            evals[name] = state.step(f"eval_{name}", run)
+        base = None
+    harness: dict[str, dict] = {}
+    if opts.harness_tasks:
+        (out / "harness").mkdir(exist_ok=True)
+        for name, a in artifacts.items():
+            if a.get("role") == "baseline":
+                continue  # the baseline is a perplexity / KL / speed reference; lm-eval runs on llmopt's artifacts
+            harness[name] = state.step(f"harness_{name}", lambda a=a, n=name: harness_one(n, a, out, opts, progress))
+    seconds = {**state.seconds, "total": round(state.seconds.get("compress", 0) + time.perf_counter() - t0, 2)}
+    from llmopt.hub.card import build_card
+    from llmopt.outputs import write_text
+    from llmopt.pipeline.report import build_report, write_report_files
+
+    report = build_report(model, rec, compress_report, artifacts, evals, harness, opts, seconds, out, out.name)
+    write_report_files(report, out)
+    repo_id = opts.push_to_hub or f"local/{out.name}"
+    write_text(out / CARD, str(build_card(out, repo_id)))
     log.info("saved %s", out)
     if opts.push_to_hub:
         from llmopt.hub.push import push
 
         report["push"] = push(out, opts.push_to_hub, private=opts.private)
     return report
-
-
-def _export(target: str, folder: Path, opts: PipelineOptions) -> dict:
-    from llmopt.exporters import export_gguf, export_onnx
-
-    quantized = (folder / "quantization.json").is_file()
-    if target == "gguf":
-        r = export_gguf(str(folder), str(folder / GGUF_NAME), type=opts.gguf_type, overwrite=True)
-        return {"path": GGUF_NAME, "spec": str(folder / GGUF_NAME), "backend": "gguf", "export": _plain(r)}
-    quant = opts.onnx_quant if (quantized or opts.onnx_quant != "auto") else "none"
-    r = export_onnx(str(folder), str(folder / ONNX_DIR), quant=quant, overwrite=True)
-    return {"path": ONNX_DIR, "spec": str(folder / ONNX_DIR), "backend": "onnx", "export": _plain(r)}
-
-
-def _plain(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, str | int | float | bool | type(None) | dict | list)}
-
-
-def _evaluate_all(model: str, folder: Path, artifacts: dict, opts: PipelineOptions, progress: bool) -> dict:
-    """Every artifact and the input model on the same windows; KL against the input model (torch)."""
-    from llmopt.backends import make_backend
-    from llmopt.evaluation import evaluate
-    from llmopt.outputs import write_text
-
-    (folder / "eval").mkdir(exist_ok=True)
-    base = make_backend("torch", model, threads=opts.threads)
-    kw = dict(
-        data=opts.eval_data,
-        seq_len=opts.eval_seq_len,
-        max_windows=opts.eval_windows,
-        speed=opts.speed,
-        threads=opts.threads,
-        progress=progress,
-    )
-    out = {}
-    r = evaluate(base, **kw)
-    out["input"] = r.to_dict()
-    for name, a in artifacts.items():
-        r = evaluate(a["spec"], base=base, backend=a["backend"], **kw)
-        out[name] = r.to_dict()
-    for name, d in out.items():
-        d = {**d, "model": "input model" if name == "input" else artifacts[name]["path"]}
-        out[name] = d
-        write_text(folder / "eval" / f"{name}.json", json.dumps(d, indent=1))
-    return out
-
-
-def _harness_all(folder: Path, artifacts: dict, opts: PipelineOptions, progress: bool) -> dict:
-    import llmopt.harness as h
-    from llmopt.outputs import write_text
-
-    (folder / "harness").mkdir(exist_ok=True)
-    out = {}
-    for name, a in artifacts.items():
-        r = h.harness(
-            a["spec"],
-            opts.harness_tasks,
-            include_path=opts.harness_include_path,
-            limit=opts.harness_limit,
-            backend=a["backend"],
-            threads=opts.threads,
-            progress=progress,
-        )
-        r = {**r, "model": a["path"]}
-        out[name] = r
-        write_text(folder / "harness" / f"{name}.json", json.dumps(r, indent=1))
-    return out

@@ -71,6 +71,7 @@ def export_gguf(
     imatrix: str | None = None,
     imatrix_samples: int = 32,
     imatrix_seq_len: int = 512,
+    imatrix_seed: int = 0,
     threads: int | None = None,
 ) -> dict:
     """Write ``model_spec`` as a GGUF file at ``output``; returns a small report.
@@ -83,7 +84,7 @@ def export_gguf(
         imatrix: only with a llama.cpp type: an imatrix file (llama.cpp GGUF ``*.in_sum2``/``*.counts``
             or legacy ``.dat``) or a calibration data spec (``text:PATH``, ``wikitext2``, ``self:N``) to
             compute mean x² per input column of every decoder Linear on ``imatrix_samples`` windows
-            of ``imatrix_seq_len`` tokens.
+            of ``imatrix_seq_len`` tokens, sampled with ``imatrix_seed`` (as a recipe's calibration windows).
     Returns:
         {"output", "type", "architecture", "file_bytes", "tensor_types" {type: count}, "bits_per_weight"
         (all tensors), "linear_bits_per_weight" (2-D tensors but embeddings and head), "pre_tokenizer",
@@ -122,7 +123,14 @@ def export_gguf(
         imatrix_data = None
         if imatrix is not None:
             imatrix_data = load_imatrix(
-                imatrix, model, tokenizer, spec.arch, imatrix_samples, imatrix_seq_len, data=imatrix_file
+                imatrix,
+                model,
+                tokenizer,
+                spec.arch,
+                imatrix_samples,
+                imatrix_seq_len,
+                data=imatrix_file,
+                seed=imatrix_seed,
             )
         if plan.mode == "llama":  # llama.cpp quantizes from an all-F32 file
             pre = write_gguf(tmp_f32, loaded, spec, F32_PLAN)

@@ -27,6 +27,7 @@ def load_imatrix(
     samples: int,
     seq_len: int,
     data: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """GGUF tensor name → (in,) float32 mean x², from an imatrix file (``data``: already read) or
     computed on data ``spec``; a file's entries must name this model's Linears with their widths."""
@@ -36,7 +37,7 @@ def load_imatrix(
     if data is not None:
         _check_against(data, model, arch, spec)
     else:
-        data = compute_imatrix(model, tokenizer, spec, samples, seq_len, arch)
+        data = compute_imatrix(model, tokenizer, spec, samples, seq_len, arch, seed=seed)
     if not data:
         raise LLMOptError(f"importance matrix {spec} has no entries")
     return data
@@ -73,6 +74,7 @@ def compute_imatrix(
     samples: int = 32,
     seq_len: int = 512,
     arch: gguf.MODEL_ARCH | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """llama.cpp's importance matrix on ``data``: per decoder Linear, mean over tokens of x_j² for each
     input column j (``tools/imatrix``: in_sum2 / count), keyed by GGUF tensor name."""
@@ -83,7 +85,7 @@ def compute_imatrix(
         from llmopt.exporters.gguf.hparams import arch_of
 
         arch = arch_of(getattr(model.config, "model_type", None)).arch
-    windows = calibration_windows(data, tokenizer, samples, seq_len, seed=0, model=model)
+    windows = calibration_windows(data, tokenizer, samples, seq_len, seed=seed, model=model)
     tmap = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     out = {}
     for layer in layer_statistics(model, windows, "act_sq_norm"):
