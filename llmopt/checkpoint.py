@@ -12,7 +12,6 @@ rows, and NaN/inf weights are errors.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -32,10 +31,6 @@ INT_FIELDS = (
 )  # fmt: skip
 FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -56,48 +51,40 @@ def read_config(folder: Path) -> dict[str, Any]:
     return raw
 
 
+#: safetensors' own reasons (SafetensorError "Error while deserializing header: ...") in llmopt's words
+_SAFETENSORS_REASONS = {
+    "header too small": "only {size} bytes",
+    "invalid header length": "its header is longer than the file of {size} bytes: truncated or corrupt",
+    "header too large": "its header is over 100 MB: corrupt",
+    "incomplete metadata, file not fully covered": (
+        "truncated or extended: its tensors do not end where the file of {size} bytes ends"
+    ),
+}
+
+
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name → (dtype, shape) from a safetensors header, after checking it describes the file."""
+    """Tensor name → (dtype, shape) from a safetensors header (``safetensors.safe_open``, which checks
+    that the header parses and that its tensors' byte ranges match their shapes and cover the file)."""
+    from safetensors import SafetensorError, safe_open
 
     def corrupt(why: str) -> LLMOptError:
         return LLMOptError(f"{path} is not a valid safetensors file ({why}): re-download or re-save the model")
 
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            if size < 8 or n == 0:
-                raise corrupt("empty" if size == 0 else f"only {size} bytes")
-            if n > size - 8 or n > 100 * 2**20:
-                raise corrupt(f"header of {n} bytes in a file of {size}: truncated or corrupt")
-            blob = f.read(n)
+        if size == 0:
+            raise corrupt("empty")
+        out = {}
+        with safe_open(str(path), framework="pt") as f:  # the header only: no tensor data is read
+            for name in f.offset_keys():
+                s = f.get_slice(name)
+                out[name] = (s.get_dtype(), tuple(s.get_shape()))
+        return out
+    except SafetensorError as e:
+        why = first_line(e).removeprefix("Error while deserializing header: ")
+        raise corrupt(_SAFETENSORS_REASONS[why].format(size=size) if why in _SAFETENSORS_REASONS else why) from None
     except OSError as e:
         raise LLMOptError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
-    try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise corrupt("its header is not valid JSON: corrupt") from None
-    if not isinstance(header, dict):
-        raise corrupt("its header is not a JSON object")
-    out, end = {}, 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, b) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
-            ok = dtype in _DTYPE_BYTES and all(isinstance(x, int) and x >= 0 for x in (*shape, a, b)) and a <= b
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise corrupt(f"entry '{name}' of its header is malformed")
-        if math.prod(shape) * _DTYPE_BYTES[dtype] != b - a:
-            raise corrupt(f"'{name}' has shape {list(shape)} {dtype} but {b - a} bytes")
-        out[name] = (dtype, shape)
-        end = max(end, b)
-    if 8 + n + end > size:
-        raise corrupt(f"truncated: its tensors end at byte {8 + n + end}, the file has {size}")
-    return out
 
 
 def check_weights(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -199,13 +186,12 @@ def check_finite(model: Any, folder: Path, tensors: dict[str, tuple[str, tuple[i
     safetensors files: their pages are read from disk only when used. Testing those parameters would
     read every page through the model's own mapping and keep it resident (+4 bytes/parameter of RSS
     from the start, ~0.5 GiB on the embedded model, for weights a layer-wise run reaches only later).
-    So the stored tensors are tested by reading their bytes from the file in 16 MiB chunks (plain reads:
-    the pages stay in the OS cache, not in this process), and only parameters whose dtype differs from
-    the stored one (converted copies, already resident; a float32 → float16 cast can overflow) are
-    tested in the model."""
-    import json
-
+    So the stored tensors are tested in chunks of rows of at most 16 MiB, each read through a mapping of
+    its own (``safetensors.safe_open``, opened per chunk and closed after it: the pages stay in the OS
+    cache, not in this process), and only parameters whose dtype differs from the stored one (converted
+    copies, already resident; a float32 → float16 cast can overflow) are tested in the model."""
     import torch
+    from safetensors import safe_open
 
     def bad(name: str) -> LLMOptError:
         return LLMOptError(f"{name} in {folder} holds NaN or infinite values: the checkpoint is corrupt")
@@ -217,30 +203,21 @@ def check_finite(model: Any, folder: Path, tensors: dict[str, tuple[str, tuple[i
         for name, p in params.items():
             if p.is_floating_point() and name not in on_file and not bool(torch.isfinite(p).all()):
                 raise bad(name)
-    buf = torch.empty(16 << 20, dtype=torch.uint8)  # one reused 16 MiB read buffer
-    view = memoryview(buf.numpy())
     for f in sorted(folder.glob("*.safetensors")):
         if f.name == CODES_FILE:
             continue
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-            start = 8 + n
-            for key, meta in header.items():
-                if key not in on_file:
-                    continue
-                dt = stored_dtype[meta["dtype"]]
-                size = torch.empty((), dtype=dt).element_size()
-                a, b = meta["data_offsets"]
-                fh.seek(start + a)
-                left = b - a
-                while left > 0:
-                    got = fh.readinto(view[: min(len(view), left) // size * size])
-                    if not got:
-                        raise LLMOptError(f"{f} is truncated: re-download or re-save the model")
-                    left -= got
-                    if not bool(torch.isfinite(buf[: got // size * size].view(dt)).all()):
-                        raise bad(key)
+        for key, (dtype, shape) in safetensors_header(f).items():
+            if key not in on_file or stored_dtype.get(dtype) != params[key].dtype:
+                continue
+            row_bytes = math.prod(shape[1:]) * params[key].element_size()
+            step = max(1, (16 << 20) // max(1, row_bytes))
+            for a in range(0, shape[0], step) if shape else [None]:
+                with safe_open(str(f), framework="pt") as st:
+                    part = st.get_tensor(key) if a is None else st.get_slice(key)[a : a + step]
+                    finite = bool(torch.isfinite(part).all())
+                    del part
+                if not finite:
+                    raise bad(key)
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:

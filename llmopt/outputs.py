@@ -1,13 +1,14 @@
 """Writing outputs safely: the one place every llmopt output (compressed folder, GGUF file, ONNX folder,
-``--json`` file, cached GGUF conversion) goes through.
+``--json`` file, model card) goes through, in words for the command line.
 
 * :func:`preflight` checks, before any model is loaded, that an output can be written: not the current
   folder or one of its ancestors, no existing output unless ``overwrite``, the right kind (file or
   folder), a parent that is a folder (or can be created) and is writable — tested by creating and
   removing a probe entry, so read-only, immutable and full file systems are caught, root or not.
-* :func:`atomic_output` yields a temporary sibling ``.{name}.tmp-{pid}`` that replaces the output only
-  when the block succeeds; on any error, SIGINT or SIGTERM it is removed and an existing output stays
-  byte-identical. Renames run with SIGINT/SIGTERM deferred.
+* :func:`atomic_output` is :func:`llmopt.atomic.atomic_write` (a temporary sibling ``.{name}.tmp-{pid}``,
+  fsynced and renamed onto the output only when the block succeeds; on any error, SIGINT or SIGTERM it
+  is removed and an existing output stays byte-identical; renames with SIGINT/SIGTERM deferred) whose
+  failures are one-line :class:`LLMOptError` messages naming the option (``--output``, ``--json``).
 * Stale siblings (``.{name}.tmp-{pid}*`` / ``.{name}.old-{pid}*``) of processes that no longer run — a
   SIGKILL, a power cut — are removed by the next run to the same output.
 * :func:`install_signal_handlers` turns SIGTERM into :class:`Interrupted` (a ``KeyboardInterrupt``), so
@@ -18,94 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmopt.atomic import (
+    Interrupted,
+    TargetExists,
+    atomic_write,
+    install_signal_handlers,
+    remove,
+    remove_stale,
+    siblings,
+    signals_deferred,
+    temp_sibling,
+)
 from llmopt.errors import LLMOptError
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (or SIGINT) received; raised where the program was, so cleanup runs."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise Interrupted(signum)
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM → :class:`Interrupted` in the main thread (SIGINT already raises KeyboardInterrupt)."""
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _raise_interrupted)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (renames and cleanup are never cut in half)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of an earlier call in this process: nobody is writing it now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def temp_sibling(output: Path, tag: str = "tmp") -> Path:
-    """``.{name}.{tag}-{pid}`` next to ``output``; ``tag`` is ``tmp`` or ``old`` (plus a suffix)."""
-    return output.parent / f".{output.name}.{tag}-{os.getpid()}"
-
-
-def siblings(output: Path) -> list[Path]:
-    """Every temp sibling of ``output``, of any process."""
-    pat = re.compile(rf"^\.{re.escape(output.name)}\.(tmp|old)-(\d+)(\..*)?$")
-    try:
-        return [p for p in output.parent.iterdir() if pat.match(p.name)]
-    except OSError:
-        return []
-
-
-def remove_stale(output: Path) -> list[Path]:
-    """Remove the temp siblings of ``output`` whose process is gone; returns what was removed."""
-    pat = re.compile(rf"^\.{re.escape(output.name)}\.(tmp|old)-(\d+)(\..*)?$")
-    removed = []
-    for p in siblings(output):
-        m = pat.match(p.name)
-        if m and not _pid_alive(int(m.group(2))):
-            _remove(p)
-            removed.append(p)
-    return removed
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            p.unlink()
+__all__ = [
+    "Interrupted",
+    "atomic_output",
+    "install_signal_handlers",
+    "preflight",
+    "remove_stale",
+    "siblings",
+    "signals_deferred",
+    "temp_sibling",
+    "write_text",
+]
 
 
 def _reason(e: OSError) -> str:
@@ -146,7 +86,7 @@ def preflight(
         probe.mkdir()
         probe.rmdir()
     except FileExistsError:
-        _remove(probe)
+        remove(probe)
     except OSError as e:
         raise LLMOptError(f"cannot write {flag} {text}: {existing} is not writable ({_reason(e)})") from None
     if existing == parent:
@@ -166,56 +106,32 @@ def atomic_output(
     output: str | Path, *, overwrite: bool, kind: str = "folder", flag: str = "--output"
 ) -> Iterator[Path]:
     """Yield a temporary sibling path (a created folder for ``folder``, a free path for ``file``);
-    when the block succeeds it replaces ``output``, else it is removed and ``output`` is untouched."""
+    when the block succeeds it replaces ``output``, else it is removed and ``output`` is untouched.
+    Entries named after the sibling plus a suffix (``.{name}.tmp-{pid}.f32``) are removed with it."""
     output = Path(output)
     _mkdir_parent(output, flag)
-    remove_stale(output)
     tmp = temp_sibling(output)
-    _remove(tmp)
-    try:
-        if kind == "folder":
-            tmp.mkdir()
-    except OSError as e:
-        raise LLMOptError(f"cannot write {flag} {output}: {_reason(e)}") from None
-    install_signal_handlers()
     try:
         try:
-            yield tmp
-        except OSError as e:  # disk full, permissions changed meanwhile, ...
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            raise LLMOptError(f"cannot write {flag} {output}: {_reason(e)}{where}") from e
-        with signals_deferred():
-            commit(tmp, output, overwrite=overwrite, flag=flag)
+            with atomic_write(output, kind=kind, overwrite=overwrite) as tmp:
+                try:
+                    yield tmp
+                except OSError as e:  # disk full, permissions changed meanwhile, ...
+                    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+                    raise LLMOptError(f"cannot write {flag} {output}: {_reason(e)}{where}") from e
+        except TargetExists:
+            raise LLMOptError(f"{flag} {output} appeared while this run was writing it; pass --overwrite") from None
+        except OSError as e:  # creating the temporary sibling, flushing or renaming it
+            raise LLMOptError(f"cannot write {flag} {output}: {_reason(e)}") from None
     finally:
         with signals_deferred():
-            for p in [tmp, *(s for s in siblings(output) if s.name.startswith(tmp.name + "."))]:
-                _remove(p)
-
-
-def commit(tmp: Path, output: Path, *, overwrite: bool, flag: str = "--output") -> None:
-    """Rename ``tmp`` onto ``output`` (an existing output is moved aside first and removed after)."""
-    try:
-        if output.exists() or output.is_symlink():
-            if not overwrite:
-                raise LLMOptError(f"{flag} {output} appeared while this run was writing it; pass --overwrite")
-            if output.is_dir() and not output.is_symlink():
-                old = temp_sibling(output, "old")
-                _remove(old)
-                output.rename(old)
-                try:
-                    tmp.rename(output)
-                except OSError:
-                    old.rename(output)  # put the previous output back
-                    raise
-                _remove(old)
-                return
-        os.replace(tmp, output)
-    except OSError as e:
-        raise LLMOptError(f"cannot write {flag} {output}: {_reason(e)}") from None
+            for p in siblings(output):
+                if p.name.startswith(tmp.name + "."):
+                    remove(p)
 
 
 def write_text(output: str | Path, text: str, *, flag: str = "--output", overwrite: bool = True) -> None:
-    """Write a small text file atomically (temp sibling + rename)."""
+    """Write a small text file atomically (temp sibling + fsync + rename)."""
     with atomic_output(output, overwrite=overwrite, kind="file", flag=flag) as tmp:
         try:
             tmp.write_text(text, encoding="utf-8")

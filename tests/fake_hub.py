@@ -1,6 +1,6 @@
 """A tiny stand-in for the Hugging Face Hub API on loopback, for ``llmopt push`` tests.
 
-It implements what ``create_repo``, ``create_branch`` and ``upload_folder`` (huggingface_hub 0.36) call:
+It implements what ``create_repo``, ``create_branch`` and ``create_commit`` (huggingface_hub 0.36) call:
 ``POST /api/repos/create``, ``POST /api/validate-yaml`` (README.md metadata), ``POST
 /api/models/{repo}/preupload/{rev}`` (every file answered ``regular``, so contents arrive base64 in the
 commit), ``POST /api/models/{repo}/commit/{rev}`` (NDJSON: header line, then one line per file) and ``POST

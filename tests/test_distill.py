@@ -454,3 +454,18 @@ def test_resume_refuses_another_runs_checkpoint(tiny_model_dir, tiny_text_file, 
         compress(str(tiny_model_dir), recipe(tiny_text_file, *other), tmp_path / "o", resume=True)
     compress(str(tiny_model_dir), recipe(tiny_text_file, *other), tmp_path / "o")  # without --resume: starts over
     assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_accelerate_state_is_reused_never_reset():
+    """accelerate keeps one state per process: runs with the same settings share it; a run that needs
+    other ones is refused in one line (no private reset of a state another Accelerator may use)."""
+    from accelerate.state import is_initialized
+
+    from llmopt.distill import loop
+
+    a = loop._accelerator(cpu=True, mixed_precision="no")
+    b = loop._accelerator(cpu=True, mixed_precision="no")
+    assert is_initialized() and a.device.type == b.device.type == "cpu" and b.mixed_precision == "no"
+    with pytest.raises(LLMOptError, match="needs a new process"):
+        loop._accelerator(cpu=True, mixed_precision="bf16")
+    assert loop._accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"

@@ -111,14 +111,29 @@ class DistillLoss(nn.Module):
 
 
 def _accelerator(cpu: bool, mixed_precision: str):
+    """An ``Accelerator`` for this run. accelerate keeps one state per process: the first Accelerator
+    fixes its device and mixed precision, later ones share them, and accelerate has no public way to
+    change them. A run that needs other settings than an earlier one in this process gets a one-line
+    error (where accelerate itself would refuse) instead of resetting state another Accelerator uses."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import DistributedType
 
-    try:
-        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-    except ValueError:  # an earlier run in this process initialised accelerate with other settings
-        AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    from llmopt.errors import LLMOptError
+
+    if is_initialized():
+        state = AcceleratorState()
+        other_device = cpu and state.device.type != "cpu"
+        other_precision = (
+            mixed_precision != state.mixed_precision and state.distributed_type != DistributedType.DEEPSPEED
+        )
+        if other_device or other_precision:
+            raise LLMOptError(
+                f"accelerate was set up earlier in this process for {state.device.type}, mixed precision "
+                f"'{state.mixed_precision}'; distillation on {'cpu' if cpu else 'the accelerator'} with mixed "
+                f"precision '{mixed_precision}' needs a new process (accelerate keeps one state per process)"
+            )
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
 def _train_mode(model: nn.Module) -> None:

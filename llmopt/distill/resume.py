@@ -12,21 +12,21 @@ depends on, in safetensors and JSON only (nothing is unpickled):
   far, AdamW's hyper-parameters, and the run's key: a hash of the recipe, the model spec, the teacher's
   weights and the distillation windows. A checkpoint with another key is not resumed.
 
-Folders are written under a temporary name and renamed, then ``latest.json`` is replaced atomically,
-so a SIGKILL at any moment leaves the previous checkpoint intact.
+Folders are written under a temporary name, fsynced and renamed, then ``latest.json`` is replaced the
+same way (:func:`llmopt.atomic.atomic_write`), so a SIGKILL at any moment leaves the previous checkpoint
+intact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from llmopt import atomic
 from llmopt.errors import LLMOptError, read_json
 from llmopt.safetensors_io import write_safetensors
 
@@ -72,9 +72,6 @@ def save(
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{loop.step:07d}"
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     tensors = {f"p.{n}": t.detach() for n, t in params.items()}
     tensors.update({f"m.{n}": m.detach() for n, m in masks.items()})  # bool (safetensors BOOL)
     tensors.update({f"a.{n}": a.detach() for n, a in act_sq.items()})
@@ -85,25 +82,18 @@ def save(
                 tensors[f"o.{i}.{k}"] = v.detach()
             else:
                 opt_json.setdefault(str(i), {})[k] = v
-    # one tensor at a time: save_file would hold a second copy of every parameter and moment in memory
-    write_safetensors(
-        tmp / "tensors.safetensors", [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
-    )
     meta = {"key": key, "loop": asdict(loop), "param_groups": optimizer["param_groups"], "opt_scalars": opt_json}
-    (tmp / "state.json").write_text(json.dumps(meta))
     final = folder / name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    latest = folder / f".{LATEST}.tmp-{os.getpid()}"
-    latest.write_text(json.dumps({"checkpoint": name, "key": key}))
-    os.replace(latest, folder / LATEST)
+    with atomic.atomic_write(final, kind="folder") as tmp:
+        # one tensor at a time: save_file would hold a second copy of every parameter and moment in memory
+        write_safetensors(
+            tmp / "tensors.safetensors", [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+        )
+        (tmp / "state.json").write_text(json.dumps(meta))
+    atomic.write_text(folder / LATEST, json.dumps({"checkpoint": name, "key": key}))
     for old in folder.iterdir():  # previous checkpoints, leftovers of killed writers
         if old.name not in (name, LATEST):
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    old.unlink()
+            atomic.remove(old)
     return final
 
 

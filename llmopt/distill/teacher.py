@@ -7,7 +7,8 @@ T = 1 (the held-out KL), in one safetensors file per window under
 root is ``$LLMOPT_CACHE`` or ``~/.cache/llmopt``). The fingerprint hashes the teacher's weights, so
 the default teacher (the input model before compression) and the same model named by its spec share
 entries, and any budget, epoch count or rerun reuses every window already there. Files are written to a
-temporary name and renamed: a killed run leaves only complete entries. A position costs k·8 + 16
+temporary name, fsynced and renamed (:func:`llmopt.atomic.atomic_write`): a killed run leaves only
+complete entries (and temp files the next fill removes). A position costs k·8 + 16
 bytes (k = 64: 270 KB per 512-token window; SmolLM2's full float32 logits would take 100 MB).
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmopt.atomic import atomic_write, remove_stale_in
 from llmopt.distill.heads import last_hidden, layer_outputs, ordered, output_head
 from llmopt.kernels.distill import teacher_buckets, topk_summary
 
@@ -91,6 +92,7 @@ class TopKCache:
         if not todo:
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_in(self.dir)  # temp files of runs killed mid-write
         device = next(model.parameters()).device
         head = output_head(model)
         for i in tqdm(todo, desc="teacher top-k cache", unit="window"):
@@ -104,10 +106,8 @@ class TopKCache:
                 parts.append((top, index.to(torch.int32), lse, tail, lse1, tail1))
             names = ("top", "index", "lse", "tail", "lse1", "tail1")
             tensors = {n: torch.cat(x).contiguous().cpu() for n, x in zip(names, zip(*parts))}
-            final = self.path(windows[i])
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, final)
+            with atomic_write(self.path(windows[i]), clean_stale=False) as tmp:
+                save_file(tensors, str(tmp))
         log.info("teacher cache %s: %d windows computed", self.dir, len(todo))
         return len(todo)
 

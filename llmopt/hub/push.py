@@ -1,11 +1,12 @@
 """``llmopt push DIR REPO_ID``: upload an output folder to the Hugging Face Hub with a model card.
 
 Through ``huggingface_hub``: ``create_repo(exist_ok=True)`` (``private`` applies when the repo is created),
-``create_branch(exist_ok=True)`` for a ``revision`` other than ``main``, then one ``upload_folder`` commit
-(atomic on the Hub: all files or none). The card goes up as ``README.md``: the generated one
-(:mod:`llmopt.hub.card`) unless the folder has its own ``README.md``, which is then uploaded as it is.
-The folder itself is never modified (the upload reads a temporary staging folder of links to its files
-plus the card) unless ``save_card`` asks to write the generated card into it as ``README.md``.
+``create_branch(exist_ok=True)`` for a ``revision`` other than ``main``, then one ``create_commit`` with a
+``CommitOperationAdd`` per file (atomic on the Hub: all files or none). The files are those
+``upload_folder`` would take (:func:`upload_files`). The card goes up as ``README.md``: the generated one
+(:mod:`llmopt.hub.card`, sent from memory) unless the folder has its own ``README.md``, which is then
+uploaded as it is. The folder itself is never modified unless ``save_card`` asks to write the generated
+card into it as ``README.md`` (atomically, :func:`llmopt.outputs.write_text`).
 
 The token is ``token``, else ``HF_TOKEN``, else the saved login (``hf auth login``); it is never printed,
 logged or written. Hub and network failures become one-line :class:`LLMOptError` messages (missing token,
@@ -15,14 +16,12 @@ logged or written. Hub and network failures become one-line :class:`LLMOptError`
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmopt.errors import LLMOptError
 from llmopt.hub.card import README, build_card
+from llmopt.outputs import write_text
 
 _REPO_ID_HELP = "OWNER/NAME, e.g. my-user/smollm2-sparsegpt50"
 
@@ -63,38 +62,19 @@ def check_repo_id(repo_id: str) -> None:
         raise LLMOptError(f"invalid repo id '{repo_id}': {str(e).splitlines()[0]} ({_REPO_ID_HELP})") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _operations(folder: Path, files: list[tuple[str, int]], card: str | None) -> list:
+    """One ``CommitOperationAdd`` per file of ``files`` (read from ``folder``), ``README.md`` = ``card``
+    when given."""
+    from huggingface_hub import CommitOperationAdd
 
-
-def _link(src: Path, dst: Path) -> None:
-    for make in (os.symlink, os.link):
-        try:
-            make(src, dst)
-            return
-        except OSError:
-            pass
-    shutil.copy2(src, dst)
-
-
-@contextlib.contextmanager
-def _staging(folder: Path, files: list[tuple[str, int]], card: str | None):
-    """A temporary folder of links to ``files`` (plus ``README.md`` = ``card`` when given)."""
-    with tempfile.TemporaryDirectory(prefix="llmopt-push-") as d:
-        stage = Path(d)
-        for rel, _ in files:
-            if card is not None and rel == README:
-                continue
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            _link((folder / rel).resolve(), stage / rel)
-        if card is not None:
-            (stage / README).write_text(card, encoding="utf-8")
-        yield stage
+    ops = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+        for rel, _ in files
+        if card is None or rel != README
+    ]
+    if card is not None:
+        ops.append(CommitOperationAdd(path_in_repo=README, path_or_fileobj=card.encode("utf-8")))
+    return ops
 
 
 def _one_line(text: str, token: str | None, limit: int = 200) -> str:
@@ -170,7 +150,7 @@ def push(
     else:
         card, source = str(build_card(folder, repo_id, base_model)), "generated"
         if save_card:
-            _write_atomic(own, card)
+            write_text(own, card, flag="the model card")
             notes.append(f"wrote the generated card to {own}")
     files.append((README, len(card.encode("utf-8"))))
     result = PushResult(repo_id, revision, files, card, source, dry_run, notes=notes)
@@ -190,14 +170,13 @@ def push(
         with _hub_errors(f"creating branch {where}", repo_id, revision, api.endpoint, token):
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with _hub_errors(f"uploading to {where}", repo_id, revision, api.endpoint, token):
-        with _staging(folder, files, card if source == "generated" else None) as stage:
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=stage,
-                repo_type="model",
-                revision=revision,
-                commit_message=commit_message or f"Upload {folder.name} with llmopt",
-            )
+        info = api.create_commit(
+            repo_id=repo_id,
+            operations=_operations(folder, files, card if source == "generated" else None),
+            commit_message=commit_message or f"Upload {folder.name} with llmopt",
+            repo_type="model",
+            revision=revision,
+        )
     result.commit_url = info.commit_url
     return result
 

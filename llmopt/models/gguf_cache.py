@@ -1,13 +1,13 @@
 """GGUF → Hugging Face folder, once: dequantized by transformers into
 ``${LLMOPT_CACHE:-~/.cache/llmopt}/gguf/<name>-<key>`` (float32 safetensors, config, the llama.cpp-exact
-tokenizer), atomically (temp folder + rename), keyed by path, size, mtime and the cache format."""
+tokenizer), atomically (:func:`llmopt.atomic.atomic_write`: temp folder, fsync, rename), keyed by path,
+size, mtime and the cache format."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +20,7 @@ import llmopt.hf_imports  # noqa: F401  (transformers' import-time settings, bef
 # isort: split
 from transformers import AutoModelForCausalLM
 
-from llmopt import outputs
+from llmopt import atomic
 from llmopt.errors import LLMOptError, first_line
 from llmopt.models.gguf_file import _gguf_value, _read_gguf
 from llmopt.models.gguf_tokenizer import _build_gguf_tokenizer
@@ -61,25 +61,22 @@ def _converted_gguf_folder(gguf: Path, root: Path) -> Path:
     except OSError as e:
         raise LLMOptError(f"cannot create llmopt's cache {target.parent} ({e.strerror}): set LLMOPT_CACHE") from None
     _remove_stale_tmp(target.parent)
-    outputs.remove_stale(target)  # temp folders of conversions killed mid-way
-    tmp = outputs.temp_sibling(target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    step = "start"
     try:
-        tmp.mkdir()
+        # also removes the temp folders of conversions killed mid-way; overwrite=False: a concurrent
+        # conversion that finished first keeps its folder
+        with atomic.atomic_write(target, kind="folder", overwrite=False) as tmp:
+            step = "convert"
+            _convert_gguf(gguf, reader, tmp)
+            step = "commit"
     except OSError as e:
-        raise LLMOptError(f"cannot write to llmopt's cache {target.parent} ({e.strerror}): set LLMOPT_CACHE") from None
-    outputs.install_signal_handlers()
-    try:
-        _convert_gguf(gguf, reader, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_complete(target):  # not a concurrent conversion that finished first
-                raise
-            log.info("another process converted %s meanwhile; using its folder", gguf)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if step == "start":
+            raise LLMOptError(
+                f"cannot write to llmopt's cache {target.parent} ({e.strerror}): set LLMOPT_CACHE"
+            ) from None
+        if step == "convert" or not _is_complete(target):  # not a concurrent conversion that finished first
+            raise
+        log.info("another process converted %s meanwhile; using its folder", gguf)
     return target
 
 

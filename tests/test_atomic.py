@@ -1,0 +1,69 @@
+"""The one atomic writer (llmopt.atomic): write beside, fsync, rename; cleanup on error and interrupt."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmopt import atomic
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_file_and_folder_replace_their_target(tmp_path):
+    f = tmp_path / "a.txt"
+    atomic.write_text(f, "one")
+    atomic.write_text(f, "two")
+    assert f.read_text() == "two"
+    d = tmp_path / "d"
+    for text in ("first", "second"):
+        with atomic.atomic_write(d, kind="folder") as tmp:
+            assert tmp.is_dir() and tmp.name == f".d.tmp-{os.getpid()}"
+            (tmp / "x").write_text(text)
+    assert (d / "x").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt, atomic.Interrupted])
+def test_failure_leaves_the_target_byte_identical(tmp_path, kind, error):
+    target = tmp_path / "out"
+    if kind == "file":
+        target.write_bytes(b"old")
+    else:
+        target.mkdir()
+        (target / "w").write_bytes(b"old")
+    with pytest.raises(error):
+        with atomic.atomic_write(target, kind=kind) as tmp:
+            (tmp if kind == "file" else tmp / "w").write_bytes(b"new")
+            raise error()
+    assert (target if kind == "file" else target / "w").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_no_overwrite_refuses_an_existing_target(tmp_path):
+    target = tmp_path / "t"
+    target.write_text("theirs")
+    with pytest.raises(atomic.TargetExists):
+        atomic.write_text(target, "mine", overwrite=False)
+    assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["t"]
+
+
+def test_stale_siblings_of_dead_processes_are_removed(tmp_path):
+    dead, alive = _dead_pid(), os.getppid()
+    stale = [tmp_path / f".m.gguf.tmp-{dead}", tmp_path / f".m.gguf.old-{dead}", tmp_path / f".m.gguf.tmp-{dead}.f32"]
+    for p in stale:
+        p.write_bytes(b"x")
+    (tmp_path / f".other.tmp-{dead}").mkdir()
+    live = tmp_path / f".m.gguf.tmp-{alive}"
+    live.write_bytes(b"x")
+    atomic.write_bytes(tmp_path / "m.gguf", b"gguf")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["m.gguf", live.name, f".other.tmp-{dead}"])
+    assert atomic.remove_stale_in(tmp_path) == [tmp_path / f".other.tmp-{dead}"]
