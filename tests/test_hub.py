@@ -223,3 +223,17 @@ def test_card_of_a_quantized_bundled_output(tiny_model_dir, tmp_path):
     assert "quantization.safetensors" in card.text and "bits/weight" in card.text
     meta = yaml.safe_load(str(card).split("---")[1])
     assert meta["base_model"] == BASE and "model-index" not in meta
+
+
+def test_baseline_folder_is_never_pushed(output_dir, tmp_path):
+    """baseline/ holds llama.cpp's own quantization of the input (the report's reference row): not this model."""
+    import shutil
+
+    from llmopt.hub.push import upload_files
+
+    folder = tmp_path / "with-baseline"
+    shutil.copytree(output_dir, folder)
+    (folder / "baseline").mkdir()
+    (folder / "baseline" / "llama.cpp-q4_0-imatrix.gguf").write_bytes(b"GGUF")
+    files = {rel for rel, _ in upload_files(folder)}
+    assert files == {rel for rel, _ in upload_files(output_dir)} and not any(f.startswith("baseline/") for f in files)

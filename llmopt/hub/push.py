@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmopt.errors import LLMOptError
-from llmopt.hub.card import README, build_card
+from llmopt.hub.card import BASELINE_DIR, README, build_card
 from llmopt.outputs import write_text
 
 _REPO_ID_HELP = "OWNER/NAME, e.g. my-user/smollm2-sparsegpt50"
@@ -44,11 +44,13 @@ class PushResult:
 
 
 def upload_files(folder: Path) -> list[tuple[str, int]]:
-    """The files ``upload_folder`` takes from ``folder`` (its default ignore patterns: ``.git``, caches)."""
+    """The files to upload from ``folder``: all but ``upload_folder``'s default ignore patterns (``.git``, caches)
+    and ``baseline/`` (llama.cpp's own quantization of the input model, a reference row of the report)."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+    ignore = [*DEFAULT_IGNORE_PATTERNS, f"{BASELINE_DIR}/*"]
     rel = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
-    return [(r, rel[r].stat().st_size) for r in filter_repo_objects(rel, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))]
+    return [(r, rel[r].stat().st_size) for r in filter_repo_objects(rel, ignore_patterns=ignore)]
 
 
 def check_repo_id(repo_id: str) -> None:
