@@ -188,8 +188,13 @@ def test_quickstart_runs_offline_on_the_local_text():
     from llmopt.data import parse_data_spec
     from llmopt.recipe import parse_recipe
 
-    rec = parse_recipe("quickstart")
-    cal, ev = parse_data_spec(rec.calibration.data), parse_data_spec(rec.evaluation.data)
-    assert cal.kind == ev.kind == "text" and cal.path == ev.path
-    assert cal.fraction == (0.0, 0.5) and ev.fraction == (0.5, 1.0)
-    assert [s.stage for s in rec.stages] == ["sparsegpt", "gptq", "distill"] and rec.stages[-1].data is None
+    for name, stages in (("quickstart", ["gptq"]), ("tour", ["sparsegpt", "gptq", "distill"])):
+        rec = parse_recipe(name)
+        cal, ev = parse_data_spec(rec.calibration.data), parse_data_spec(rec.evaluation.data)
+        assert cal.kind == ev.kind == "text" and cal.path == ev.path
+        assert cal.fraction == (0.0, 0.5) and ev.fraction == (0.5, 1.0)
+        assert [s.stage for s in rec.stages] == stages
+        assert all(s.data is None for s in rec.stages if s.stage == "distill")  # trains on the calibration text
+    # the main job runs the shipped GPTQ q4_0 defaults, exactly as the gptq-q4_0 recipe does
+    quick, shipped = parse_recipe("quickstart").stages[0], parse_recipe("gptq-q4_0").stages[0]
+    assert quick == shipped
