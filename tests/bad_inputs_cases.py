@@ -5,8 +5,11 @@ Each case is a function (world, tmp_path) → :class:`Case` registered in :data:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +211,30 @@ case("calib-hf-malformed")(lambda w, t: calib(w, t, "hf:a:b:c:d:e", expect="cann
 case("calib-hf-offline")(lambda w, t: calib(w, t, "hf:nobody-xyz/nothing:train", expect="HF_HUB_OFFLINE"))
 case("calib-wikitext2-offline")(lambda w, t: calib(w, t, "wikitext2", expect="text:PATH"))
 case("calib-c4-offline")(lambda w, t: calib(w, t, "c4", expect="text:PATH"))
+
+
+def _fifo(t: Path, c_fn) -> Case:
+    """A named pipe with no writer as the text file. A guard unblocks a reader that opens it anyway after 60 s
+    (end of file: an "empty" error instead of the expected one), so a regression fails instead of hanging."""
+    fifo = t / "pipe.txt"
+    os.mkfifo(fifo)
+
+    def unblock():
+        with contextlib.suppress(OSError):  # ENXIO: nobody is reading, nothing to unblock
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    guard = threading.Timer(60, unblock)
+    guard.daemon = True
+    guard.start()
+    c = c_fn(f"text:{fifo}")
+    c.cleanup = lambda: (guard.cancel(), unblock())
+    return c
+
+
+case("calib-fifo")(lambda w, t: _fifo(t, lambda spec: calib(w, t, spec, expect="named pipe (FIFO), not a regular")))
+case("eval-data-fifo")(
+    lambda w, t: _fifo(t, lambda spec: evaluate(w, t, "--data", spec, expect="named pipe (FIFO), not a regular"))
+)
 case("calib-broken-symlink")(
     lambda w, t: ((t / "l.txt").symlink_to(t / "gone"), calib(w, t, f"text:{t}/l.txt", expect="not found"))[1]
 )
