@@ -116,6 +116,14 @@ for _name, _mut, _exp in [
         json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})), "lacks shard"),
     ("shard-index-corrupt", lambda m: (m / "model.safetensors.index.json").write_text("{"), "not valid JSON"),
     ("no-config", lambda m: (m / "config.json").unlink(), "no config.json"),
+    ("generation-config-truncated", lambda m: (m / "generation_config.json").write_text('{"bos_token_id": 1, "eos'),
+     "generation_config.json is not valid JSON"),
+    ("generation-config-list", lambda m: (m / "generation_config.json").write_text("[1, 2]"),
+     "generation_config.json is not a JSON object"),
+    ("generation-config-bad-temperature", lambda m: edit_json(m / "generation_config.json", do_sample=True,
+     temperature=-1.0), "generation_config.json: 'temperature' is -1.0"),
+    ("generation-config-unsaveable", lambda m: edit_json(m / "generation_config.json", do_sample=False,
+     temperature=0.6), "generation_config.json is invalid (- `temperature`"),
 ]:  # fmt: skip
     case(_name)(lambda w, t, _m=_mut, _e=_exp: broken(w, t, _m, _e))
 
