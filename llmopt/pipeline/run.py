@@ -204,8 +204,7 @@ def run_pipeline(
         write_report_files(report, tmp)
         from llmopt.hub.card import build_card
 
-        repo_id = opts.push_to_hub or f"local/{out.name}"
-        build_card(tmp, repo_id).save(tmp / CARD)
+        build_card(tmp, opts.push_to_hub or None, local_path=out).save(tmp / CARD)
     log.info("saved %s", out)
     if opts.push_to_hub:
         from llmopt.hub.push import push
