@@ -7,6 +7,7 @@ Python API (the CLI is a thin layer over it)::
     data = "text:../shared/data/wikitext-2/valid.nounk.txt"
     r = llmopt.evaluate("out/sgpt50", data=data, base="bundled:smollm2")
     llmopt.export("out/sgpt50", to="gguf", output="out/sgpt50.gguf")
+    llmopt.export("out/sgpt50", to="onnx", output="out/sgpt50-onnx", quant="int4-rtn")  # ONNX Runtime folder
     llmopt.push("out/sgpt50", "my-user/smollm2-sparsegpt50", dry_run=True)  # files + model card
     llmopt.harness("out/sgpt50", "arc_easy", limit=100)  # lm-evaluation-harness tasks
 
@@ -31,14 +32,21 @@ _LAZY = {
 
 
 def export(model: str, to: str = "gguf", output: str | None = None, **kwargs):
-    """Export a model spec (e.g. an llmopt output folder) to another runtime's format. ``to``: gguf."""
-    if to != "gguf":
-        raise LLMOptError(f"unknown export target '{to}'; valid targets: gguf")
-    if output is None:
-        raise LLMOptError("export needs an output path, e.g. output='model.gguf'")
-    from llmopt.exporters import export_gguf
+    """Export a model spec (e.g. an llmopt output folder) to another runtime's format, as ``llmopt export``.
 
-    return export_gguf(model, output, **kwargs)
+    ``to="gguf"``: a llama.cpp file; keyword arguments of :func:`llmopt.exporters.export_gguf` (``type``,
+    ``embedding_type``, ``output_type``, ``imatrix``, ``overwrite``). ``to="onnx"``: an ONNX Runtime folder;
+    keyword arguments of :func:`llmopt.exporters.export_onnx` (``quant``, ``block_size``, ``accuracy_level``,
+    ``overwrite``), the options of ``llmopt export --to onnx``. Returns the exporter's report (a dict).
+    """
+    if to not in ("gguf", "onnx"):
+        raise LLMOptError(f"unknown export target '{to}'; valid targets: gguf, onnx")
+    if output is None:
+        example = "model.gguf" if to == "gguf" else "model-onnx"
+        raise LLMOptError(f"export needs an output path, e.g. output='{example}'")
+    from llmopt.exporters import export_gguf, export_onnx
+
+    return (export_gguf if to == "gguf" else export_onnx)(model, output, **kwargs)
 
 
 def __getattr__(name: str):

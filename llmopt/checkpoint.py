@@ -3,7 +3,8 @@
 Before transformers sees the folder: ``config.json`` must be a JSON object whose size fields are
 positive integers; every ``*.safetensors`` header must parse, describe tensors whose byte ranges match
 their shapes, and end inside the file (a truncated, empty or bit-flipped file is caught here, before
-minutes of loading); a shard index must name existing shards; some tokenizer file must exist.
+minutes of loading); a shard index must name existing shards; some tokenizer file must exist; a
+``generation_config.json`` must parse, hold values generate() accepts and pass transformers' save check.
 While loading: a tensor the checkpoint lacks (transformers would silently fill it with random values),
 a tensor whose shape disagrees with the config, a tokenizer with more tokens than the embedding has
 rows, and NaN/inf weights are errors.
@@ -31,6 +32,16 @@ INT_FIELDS = (
 )  # fmt: skip
 FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tokenizer.tiktoken")
+GENERATION_CONFIG = "generation_config.json"
+#: generation_config.json sampling numbers and the values generate() accepts (transformers checks them only then)
+_GENERATION_NUMBERS = {
+    "temperature": lambda v: v > 0,
+    "top_p": lambda v: 0 <= v <= 1,
+    "min_p": lambda v: 0 <= v <= 1,
+    "typical_p": lambda v: 0 < v <= 1,
+    "repetition_penalty": lambda v: v > 0,
+    "top_k": lambda v: v >= 0 and v == int(v),
+}
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -60,6 +71,36 @@ _SAFETENSORS_REASONS = {
         "truncated or extended: its tensors do not end where the file of {size} bytes ends"
     ),
 }
+
+
+def check_generation_config(folder: Path) -> None:
+    """``generation_config.json``, when present, must be a JSON object that transformers can save again.
+
+    transformers replaces a file it cannot parse with defaults derived from config.json (the folder's
+    sampling settings silently lost), keeps values generate() refuses later, and refuses to save a
+    config with inconsistent flags (``validate(strict=True)``): all of that is one line here, up front.
+    """
+    path = folder / GENERATION_CONFIG
+    if not path.exists():
+        return
+    hint = "fix or delete it (transformers then derives one from config.json)"
+    raw = read_json(path, "generation config")
+    if not isinstance(raw, dict):
+        raise LLMOptError(f"{path} is not a JSON object: {hint}")
+    for key, ok in _GENERATION_NUMBERS.items():
+        v = raw.get(key)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if v is not None and not (number and ok(v)):
+            raise LLMOptError(f"{path}: '{key}' is {v!r}, a value generate() refuses: {hint}")
+    from transformers import GenerationConfig
+
+    try:
+        with _quiet_transformers():  # its constructor logs the issues that validate(strict=True) raises
+            GenerationConfig.from_dict(dict(raw)).validate(strict=True)
+    except Exception as e:  # noqa: BLE001 - ValueError for bad flags, TypeError for values of the wrong type
+        why = " ".join(x.strip() for x in str(e).splitlines() if x.strip() and not x.startswith("If you"))
+        why = why.removeprefix("GenerationConfig is invalid:").strip()
+        raise LLMOptError(f"{path} is invalid ({why[:240] or type(e).__name__}): {hint}") from None
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -136,6 +177,7 @@ def load_causal_lm(folder: Path, *, dtype: Any, trust_remote_code: bool) -> Any:
 
     read_config(folder)
     tensors = check_weights(folder)
+    check_generation_config(folder)
     try:
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config

@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import os
 import random
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,7 @@ def load_text(spec: DataSpec | str, role: str = "eval") -> str:
         p = Path(spec.path).expanduser()
         if not p.exists():
             raise LLMOptError(f"text file not found: {p} (data spec text:PATH needs an existing UTF-8 file)")
+        _require_regular_file(p)
         text = read_text(p, "text file")
         if not text.strip():
             raise LLMOptError(f"text file {p} is empty (data spec text:PATH needs text)")
@@ -221,6 +223,18 @@ def load_text(spec: DataSpec | str, role: str = "eval") -> str:
         return ("\n\n" if role == "calib" else " ").join(c4_documents(role))
     assert spec.kind == "hf"
     return _hub_dataset(spec.path, spec.config, spec.split or "train", spec.column)
+
+
+def _require_regular_file(p: Path) -> None:
+    """Refuse a named pipe, socket or device before opening it: reading a FIFO without a writer blocks forever.
+
+    A folder is left to :func:`read_text`, whose error already says so.
+    """
+    mode = p.stat().st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    what = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise LLMOptError(f"text file {p} is {what}, not a regular file (data spec text:PATH needs a regular UTF-8 file)")
 
 
 def _slice_at_lines(text: str, a: float, b: float) -> str:

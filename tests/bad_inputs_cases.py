@@ -5,8 +5,11 @@ Each case is a function (world, tmp_path) → :class:`Case` registered in :data:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +116,14 @@ for _name, _mut, _exp in [
         json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})), "lacks shard"),
     ("shard-index-corrupt", lambda m: (m / "model.safetensors.index.json").write_text("{"), "not valid JSON"),
     ("no-config", lambda m: (m / "config.json").unlink(), "no config.json"),
+    ("generation-config-truncated", lambda m: (m / "generation_config.json").write_text('{"bos_token_id": 1, "eos'),
+     "generation_config.json is not valid JSON"),
+    ("generation-config-list", lambda m: (m / "generation_config.json").write_text("[1, 2]"),
+     "generation_config.json is not a JSON object"),
+    ("generation-config-bad-temperature", lambda m: edit_json(m / "generation_config.json", do_sample=True,
+     temperature=-1.0), "generation_config.json: 'temperature' is -1.0"),
+    ("generation-config-unsaveable", lambda m: edit_json(m / "generation_config.json", do_sample=False,
+     temperature=0.6), "generation_config.json is invalid (- `temperature`"),
 ]:  # fmt: skip
     case(_name)(lambda w, t, _m=_mut, _e=_exp: broken(w, t, _m, _e))
 
@@ -208,6 +219,30 @@ case("calib-hf-malformed")(lambda w, t: calib(w, t, "hf:a:b:c:d:e", expect="cann
 case("calib-hf-offline")(lambda w, t: calib(w, t, "hf:nobody-xyz/nothing:train", expect="HF_HUB_OFFLINE"))
 case("calib-wikitext2-offline")(lambda w, t: calib(w, t, "wikitext2", expect="text:PATH"))
 case("calib-c4-offline")(lambda w, t: calib(w, t, "c4", expect="text:PATH"))
+
+
+def _fifo(t: Path, c_fn) -> Case:
+    """A named pipe with no writer as the text file. A guard unblocks a reader that opens it anyway after 60 s
+    (end of file: an "empty" error instead of the expected one), so a regression fails instead of hanging."""
+    fifo = t / "pipe.txt"
+    os.mkfifo(fifo)
+
+    def unblock():
+        with contextlib.suppress(OSError):  # ENXIO: nobody is reading, nothing to unblock
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    guard = threading.Timer(60, unblock)
+    guard.daemon = True
+    guard.start()
+    c = c_fn(f"text:{fifo}")
+    c.cleanup = lambda: (guard.cancel(), unblock())
+    return c
+
+
+case("calib-fifo")(lambda w, t: _fifo(t, lambda spec: calib(w, t, spec, expect="named pipe (FIFO), not a regular")))
+case("eval-data-fifo")(
+    lambda w, t: _fifo(t, lambda spec: evaluate(w, t, "--data", spec, expect="named pipe (FIFO), not a regular"))
+)
 case("calib-broken-symlink")(
     lambda w, t: ((t / "l.txt").symlink_to(t / "gone"), calib(w, t, f"text:{t}/l.txt", expect="not found"))[1]
 )

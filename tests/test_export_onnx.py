@@ -236,6 +236,23 @@ def test_onnxruntime_quantizers(tiny_model_dir, tmp_path, quant, op, level):
     assert torch.isfinite(logits).all()
 
 
+def test_python_api_export_to_onnx(tiny_model_dir, tmp_path):
+    """``llmopt.export(model, to="onnx", output=DIR, ...)`` takes the options of ``llmopt export --to onnx``."""
+    import llmopt
+
+    out = tmp_path / "api"
+    out.mkdir()
+    (out / "old.txt").write_text("replaced only with overwrite=True")
+    with pytest.raises(LLMOptError, match="already exists"):
+        llmopt.export(str(tiny_model_dir), to="onnx", output=str(out))
+    kw = {"quant": "int4-rtn", "block_size": 16, "accuracy_level": 4, "overwrite": True}
+    r = llmopt.export(str(tiny_model_dir), to="onnx", output=str(out), **kw)
+    assert (r["quant"], r["block_size"], r["accuracy_level"], r["matmul_nbits"]) == ("int4-rtn", 16, 4, 14)
+    assert (out / "model.onnx").is_file() and not (out / "old.txt").exists()
+    with pytest.raises(LLMOptError, match="valid targets: gguf, onnx"):
+        llmopt.export(str(tiny_model_dir), to="tflite", output=str(tmp_path / "x"))
+
+
 def _no_leftovers(parent, name):
     return [p.name for p in parent.iterdir() if p.name.startswith((name, f".{name}"))]
 

@@ -34,6 +34,8 @@ def output_dir(tiny_model_dir, tiny_text_file, tmp_path_factory) -> Path:
     )
     r = evaluate(str(out), data=f"text:{tiny_text_file}#0.5:1", seq_len=32, max_windows=2, base=str(tiny_model_dir))
     (out / "eval.json").write_text(json.dumps(r.to_dict(), indent=1))
+    # the same numbers filed as an evaluation on a Hub data set: only those belong in the card's model-index
+    (out / "eval-wikitext2.json").write_text(json.dumps({**r.to_dict(), "data": "wikitext2"}, indent=1))
     (out / "tiny-f32.gguf").write_bytes(b"GGUF" + bytes(60))  # the card only lists artifacts
     (out / "onnx").mkdir()
     (out / "onnx" / "model.onnx").write_bytes(b"\x08\x07" + bytes(30))
@@ -99,9 +101,11 @@ def test_push_uploads_exactly_the_folder_and_a_card(output_dir, tmp_path):
     assert d.model_name == "tiny-sparsegpt"
     assert ppl[0].metric_value == pytest.approx(report["perplexity"], rel=1e-4)
     assert kl[0].metric_value == pytest.approx(report["kl"]["mean"], rel=1e-3, abs=1e-4)
-    assert ppl[0].dataset_type == "text" and ppl[0].task_type == "text-generation"
+    assert ppl[0].task_type == "text-generation"
+    # model-index: the Hub data set only; the evaluation on the local text file stays in the card's table
+    assert [e.dataset_type for e in d.eval_results] == ["Salesforce/wikitext"] * 2
     text = card.text
-    assert "## Evaluation" in text and f"{report['perplexity']:.3f}" in text
+    assert "## Evaluation" in text and f"{report['perplexity']:.3f}" in text and f"| `{report['data']}` |" in text
     assert f'from_pretrained("{REPO_ID}")' in text and "--hf-file tiny-f32.gguf" in text
     assert 'subfolder="onnx"' in text and "ORTModelForCausalLM" in text
     assert "```yaml" in text and (output_dir / "recipe.yaml").read_text().strip() in text
@@ -201,6 +205,25 @@ def test_bad_inputs(tmp_path, output_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LLMOptError, match="no files to upload"):
         llmopt.push(tmp_path / "empty", REPO_ID, dry_run=True)
+
+
+def test_card_without_a_repo_loads_from_the_folder(output_dir):
+    """Nothing pushed: "How to run" names the folder path, never a made-up repo id; with a repo id, the repo."""
+    from llmopt.hub.card import build_card
+
+    for card, where in [(build_card(output_dir, None), str(output_dir)),
+                        (build_card(output_dir, None, local_path="runs/tiny"), "runs/tiny")]:  # fmt: skip
+        text = card.text
+        assert f'AutoModelForCausalLM.from_pretrained("{where}")' in text
+        assert f'llama-cli -m {where}/tiny-f32.gguf -p "The capital of France is"' in text
+        assert f'ORTModelForCausalLM.from_pretrained("{where}/onnx")' in text and "subfolder" not in text
+        assert f"\nllmopt eval {where} --data wikitext2" in text
+        assert "local/" not in text and "--hf-repo" not in text and "hf download" not in text
+        assert card.data.model_name == Path(where).name and text.lstrip().startswith(f"# {Path(where).name}\n")
+    text = build_card(output_dir, REPO_ID).text
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in text and f"--hf-repo {REPO_ID}" in text
+    assert f'ORTModelForCausalLM.from_pretrained("{REPO_ID}", subfolder="onnx")' in text
+    assert f"hf download {REPO_ID} --local-dir model && llmopt eval model" in text and str(output_dir) not in text
 
 
 def test_card_of_a_quantized_bundled_output(tiny_model_dir, tmp_path):

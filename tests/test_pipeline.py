@@ -61,10 +61,14 @@ def test_artifacts_report_and_card(run):
     assert g["size_bytes"] == (out / "model.gguf").stat().st_size
     card = ModelCard.load(out / "README.md")
     assert "llmopt" in card.data.tags
-    # model-index: this model's artifacts only (3 perplexities); the input model is a reference row in the text
-    ppl = sorted(e.metric_value for e in card.data.eval_results if e.metric_type == "perplexity")
-    assert ppl == sorted(round(rows[n]["perplexity"], 4) for n in ("transformers", "gguf", "onnx")), ppl
+    # evaluated on a local text file: the card's table only (this model's artifacts and the input model as a
+    # reference row), no model-index (it names Hub data sets)
+    assert card.data.eval_results is None and "model-index" not in (out / "README.md").read_text()
+    assert all(f"| {rows[n]['perplexity']:.3f} |" in card.text for n in ("transformers", "gguf", "onnx", "input"))
     assert "input model (reference)" in card.text
+    # nothing pushed: "How to run" loads from the output folder itself
+    assert f"llama-cli -m {out}/model.gguf" in card.text and f"\nllmopt eval {out} --data wikitext2" in card.text
+    assert f'ORTModelForCausalLM.from_pretrained("{out}/onnx")' in card.text and "local/" not in card.text
     for name in ("input", "transformers", "gguf", "onnx"):
         ev = json.loads((out / "eval" / f"{name}.json").read_text())
         assert ev["perplexity"] == rows[name]["perplexity"]

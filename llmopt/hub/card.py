@@ -6,13 +6,14 @@ artifacts present (safetensors for transformers, ``*.gguf`` files, ONNX folders)
 ``llmopt harness --json`` wrote in it (lm-evaluation-harness tasks). The metadata (YAML front
 matter) is built with ``ModelCardData``: ``base_model`` (when the source was a Hub id or ``bundled:``),
 ``base_model_relation``, ``library_name``, ``tags``, ``pipeline_tag``, calibration ``datasets`` and a
-``model-index`` with the measured perplexity / KL. The text is written here, no template engine.
+``model-index`` with the perplexity / KL measured on Hub data sets. The text is written here, no template engine.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def hub_base_model(spec: str | None) -> str | None:
     return None
 
 
-def _dataset(spec: str) -> tuple[str, str, str | None, str | None]:
-    """(dataset id, display name, config, split) of an evaluation data spec (``llmopt.data`` forms)."""
+def _dataset(spec: str) -> tuple[str | None, str, str | None, str | None]:
+    """(Hub dataset id, display name, config, split) of an evaluation data spec (``llmopt.data`` forms); the id
+    is None for local data (``text:PATH``), which has no place in model-index."""
     s = spec.strip()
     if s in ("wikitext2", "wikitext-2"):
         return "Salesforce/wikitext", "WikiText-2", "wikitext-2-raw-v1", "test"
@@ -113,16 +115,16 @@ def _dataset(spec: str) -> tuple[str, str, str | None, str | None]:
         return parts[0], parts[0], config, split
     if s.startswith("text:"):
         path, _, frac = s[5:].partition("#")
-        return "text", Path(path).name + (f"#{frac}" if frac else ""), None, None
-    return "text", s, None, None
+        return None, Path(path).name + (f"#{frac}" if frac else ""), None, None
+    return None, s, None, None
 
 
 def _calibration_datasets(report: dict | None) -> list[str]:
     if not report:
         return []
     data = (report.get("recipe") or {}).get("calibration", {}).get("data", "")
-    ds = _dataset(data)[0] if data else "text"
-    return [] if ds == "text" or data.startswith("self:") else [ds]
+    ds = _dataset(data)[0] if data else None
+    return [ds] if ds else []
 
 
 def _stage_kinds(report: dict | None) -> tuple[list[str], bool, bool]:
@@ -143,7 +145,7 @@ def _stage_kinds(report: dict | None) -> tuple[list[str], bool, bool]:
     return names, pruned, quantized
 
 
-def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> ModelCardData:
+def card_data(a: Artifacts, name: str, base_model: str | None = None) -> ModelCardData:
     source = (a.report or {}).get("model")
     base = base_model or hub_base_model(source)
     names, pruned, quantized = _stage_kinds(a.report)
@@ -167,6 +169,8 @@ def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> Mode
         if _is_input_eval(a, rel, r) or _is_baseline_eval(r):  # reference rows are not this model's results
             continue
         ds_id, ds_name, config, split = _dataset(str(r["data"]))
+        if ds_id is None:  # local data: the card's table only (as harness tasks on local data)
+            continue
         what = f"{r['backend']}, {r['seq_len']}-token windows x {r['windows']}"
         metrics = [("perplexity", f"Perplexity ({what})", r["perplexity"])]
         if r.get("kl"):
@@ -193,7 +197,7 @@ def card_data(a: Artifacts, repo_id: str, base_model: str | None = None) -> Mode
         pipeline_tag="text-generation",
         tags=tags,
         datasets=_calibration_datasets(a.report) or None,
-        model_name=repo_id.split("/")[-1],
+        model_name=name,
         eval_results=results or None,
     )
 
@@ -343,8 +347,10 @@ def _harness_table(a: Artifacts) -> list[str]:
     return lines + ["", f"lm-evaluation-harness {', '.join(versions)} through `llmopt harness`."]
 
 
-def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
+def _how_to_run(a: Artifacts, repo_id: str | None, local: str) -> list[str]:
+    """Loading from the Hub repo ``repo_id``; from the folder path ``local`` when nothing was pushed (None)."""
     out = ["## How to run", ""]
+    where = json.dumps(repo_id or local, ensure_ascii=False)  # a Python string literal
     if a.transformers:
         note = ""
         if a.quantization_codes:
@@ -358,8 +364,8 @@ def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
             note + "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f"tok = AutoTokenizer.from_pretrained({where})",
+            f"model = AutoModelForCausalLM.from_pretrained({where})",
             'ids = tok("The capital of France is", return_tensors="pt").input_ids',
             "print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))",
             "```",
@@ -368,12 +374,12 @@ def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
     if a.ggufs:
         out += ["### llama.cpp", "", "```bash"]
         for rel, size in a.ggufs:
-            out.append(
-                f'llama-cli --hf-repo {repo_id} --hf-file {rel} -p "The capital of France is"  # {size / 2**20:.1f} MiB'
-            )
+            src = f"--hf-repo {repo_id} --hf-file {rel}" if repo_id else f"-m {shlex.quote(f'{local}/{rel}')}"
+            out.append(f'llama-cli {src} -p "The capital of France is"  # {size / 2**20:.1f} MiB')
         out += ["```", ""]
     for d in a.onnx_dirs:
-        sub = f', subfolder="{d}"' if d else ""
+        sub = f', subfolder="{d}"' if d and repo_id else ""
+        onnx = where if repo_id or not d else json.dumps(f"{local}/{d}", ensure_ascii=False)
         out += [
             "### ONNX Runtime" + (f" (`{d}/`)" if d else ""),
             "",
@@ -381,8 +387,8 @@ def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
             "from optimum.onnxruntime import ORTModelForCausalLM",
             "from transformers import AutoTokenizer",
             "",
-            f'tok = AutoTokenizer.from_pretrained("{repo_id}"{sub})',
-            f'model = ORTModelForCausalLM.from_pretrained("{repo_id}"{sub})',
+            f"tok = AutoTokenizer.from_pretrained({onnx}{sub})",
+            f"model = ORTModelForCausalLM.from_pretrained({onnx}{sub})",
             'print(tok.decode(model.generate(**tok("The capital of France is", return_tensors="pt"))[0]))',
             "```",
             "",
@@ -390,23 +396,30 @@ def _how_to_run(a: Artifacts, repo_id: str) -> list[str]:
     source = (a.report or {}).get("model")
     source = source if source and (source.startswith("bundled:") or hub_base_model(source)) else None
     if a.transformers:
+        get, path = (f"hf download {repo_id} --local-dir model && ", "model") if repo_id else ("", shlex.quote(local))
         out += [
             "### llmopt (perplexity, KL against the base, speed)",
             "",
             "```bash",
-            f"hf download {repo_id} --local-dir model && llmopt eval model --data wikitext2"
-            + (f" --base {source}" if source else ""),
+            f"{get}llmopt eval {path} --data wikitext2" + (f" --base {source}" if source else ""),
             "```",
         ]
     return out
 
 
-def build_card(folder: str | Path, repo_id: str, base_model: str | None = None) -> ModelCard:
-    """The model card (metadata + text) for ``folder`` as it will be published at ``repo_id``."""
+def build_card(
+    folder: str | Path, repo_id: str | None, base_model: str | None = None, *, local_path: str | Path | None = None
+) -> ModelCard:
+    """The model card (metadata + text) for ``folder`` as it will be published at ``repo_id``.
+
+    ``repo_id`` None: nothing is pushed, "How to run" loads from the folder's path, ``local_path`` (default
+    ``folder``; e.g. the final output path when the card is written into its temporary sibling)."""
     a = scan(folder)
-    data = card_data(a, repo_id, base_model)
+    local = str(local_path if local_path is not None else folder)
+    name = repo_id.split("/")[-1] if repo_id else Path(local).name
+    data = card_data(a, name, base_model)
     base = data.base_model
-    lines = [f"# {repo_id.split('/')[-1]}", "", *_summary_lines(a, base), "", "## Evaluation", "", *_eval_table(a)]
+    lines = [f"# {name}", "", *_summary_lines(a, base), "", "## Evaluation", "", *_eval_table(a)]
     run_report = _read_json(Path(folder) / "report.json")
     if isinstance(run_report, dict) and run_report.get("baseline"):
         from llmopt.baseline import baseline_markdown
@@ -415,7 +428,7 @@ def build_card(folder: str | Path, repo_id: str, base_model: str | None = None) 
         lines += [f"Note: {n}" for n in run_report.get("notes") or []]
     if a.harness:
         lines += ["", *_harness_table(a)]
-    lines += ["", *_how_to_run(a, repo_id)]
+    lines += ["", *_how_to_run(a, repo_id, local)]
     if a.recipe_yaml:
         lines += ["", "## Recipe", "", "The resolved recipe (`recipe.yaml`), defaults filled in:", "", "```yaml"]
         lines += [a.recipe_yaml.rstrip(), "```"]

@@ -118,8 +118,7 @@ def run_pipeline(
 
     report = build_report(model, rec, compress_report, artifacts, evals, harness, opts, seconds, out, out.name)
     write_report_files(report, out)
-    repo_id = opts.push_to_hub or f"local/{out.name}"
-    write_text(out / CARD, str(build_card(out, repo_id)))
+    write_text(out / CARD, str(build_card(out, opts.push_to_hub or None, local_path=out)))
     log.info("saved %s", out)
     if opts.push_to_hub:
         from llmopt.hub.push import push
