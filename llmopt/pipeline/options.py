@@ -151,8 +151,8 @@ def model_parameter_count(spec: str) -> int | None:
 def estimate_seconds(n_params: int, recipe, opts: PipelineOptions) -> float:
     """A rough duration, scaled from this project's measurements on the embedded model (SmolLM2-135M,
     2 CPU cores): a GPTQ/SparseGPT pass over 32 x 512 calibration tokens ~150 s, distillation at ~80 tokens/s
-    up to its wall-clock budget, a GGUF export ~10 s, an
-    ONNX export ~40 s, one backend's evaluation of 8 x 2048 tokens with speed ~60 s (with the base)."""
+    up to its wall-clock budget, a GGUF export ~10 s, an ONNX export ~40 s, the llama.cpp baseline ~35 s, one
+    backend's evaluation of 8 x 2048 tokens with speed ~60 s (with the base)."""
     scale = n_params / 135e6
     cal = recipe.calibration
     tokens = cal.samples * cal.seq_len / (32 * 512)
@@ -171,9 +171,12 @@ def estimate_seconds(n_params: int, recipe, opts: PipelineOptions) -> float:
                 train = min(train, 60 * st.max_minutes)
             s += train + min(st.max_tokens / 512, 240) * 1.4 * scale
     s += (10 * ("gguf" in opts.export) + 40 * ("onnx" in opts.export)) * scale
+    baseline = bool(opts.eval and opts.baseline and baseline_type(recipe))
+    if baseline:  # llama.cpp's own quantization: an importance-matrix pass over the calibration windows + quantizer
+        s += (20 * tokens + 15) * scale
     if opts.eval:
         windows = (opts.eval_windows or 32) * opts.eval_seq_len / (8 * 2048)
-        s += (2 + len(opts.export)) * 60 * scale * windows
+        s += (2 + len(opts.export) + baseline) * 60 * scale * windows
     if opts.harness_tasks:
         s += (1 + len(opts.export)) * 60 * scale
     return s
