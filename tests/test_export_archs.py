@@ -346,7 +346,7 @@ def test_bf16_folder_exports_the_codes(quantized_in_f32, tiny_model_dir, tmp_pat
     assert emb_dtype == "BF16" and q_dtype == ("F32" if quantized_in_f32 else "BF16")
     out = tmp_path / "bf16.gguf"
     report = export_gguf(str(folder), str(out), type="auto")
-    assert report["tensor_types"] == {"Q4_0": 14, "BF16": 1, "F32": 5}  # embedding kept in bf16, exactly
+    assert report["tensor_types"] == {"Q4_0": 14, "Q8_0": 1, "F32": 5}  # the embedding: llama.cpp's Q4_0 type
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     t = tensors["blk.1.ffn_down.weight"]
     W = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type))
@@ -375,7 +375,7 @@ def test_compress_dtype_bfloat16_folder_exports_its_codes(folders, tmp_path):
     out = tmp_path / "gemma2-bf16.gguf"
     report = export_gguf(str(folder), str(out), type="auto")
     stored = load_stored(folder)
-    assert report["tensor_types"]["Q4_0"] == len(stored) and report["tensor_types"]["BF16"] == 1
+    assert report["tensor_types"]["Q4_0"] == len(stored) and report["tensor_types"]["Q8_0"] == 1  # the embedding
     cfg = json.loads((folder / "config.json").read_text())
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2, cfg["num_hidden_layers"])
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}

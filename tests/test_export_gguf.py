@@ -233,8 +233,7 @@ def test_gptq_q4_0_has_llama_cpps_tensor_types_and_file_size(tiny_text_file, tmp
     tok.save_pretrained(d)
     data = f"text:{tiny_text_file}"
     ref = tmp_path / "llama-q4_0-imatrix.gguf"
-    export_gguf(str(d), str(ref), type="q4_0", embedding_type="q8_0", imatrix=data, imatrix_samples=4,
-                imatrix_seq_len=64)  # fmt: skip
+    export_gguf(str(d), str(ref), type="q4_0", imatrix=data, imatrix_samples=4, imatrix_seq_len=64)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ref).tensors}
 
     def tensor_bytes(path):
@@ -253,7 +252,7 @@ def test_gptq_q4_0_has_llama_cpps_tensor_types_and_file_size(tiny_text_file, tmp
         index = json.loads((folder / "quantization.json").read_text())
         guarded = {n for n, e in index.items() if e["format"] == "q4_1"}
         assert guarded == (set() if uniform else {f"model.layers.{j}.mlp.down_proj" for j in (0, 1)})
-        export_gguf(str(folder), str(out), type="auto", embedding_type="q8_0")
+        export_gguf(str(folder), str(out), type="auto")  # the tied embedding in llama.cpp's Q8_0 too
         got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
         if uniform:
             assert set(got.values()) == {"F32", "Q4_0", "Q8_0"}

@@ -7,8 +7,12 @@ Three ways to fill the tensors, chosen by ``type``:
     Linear is written from its stored codes and scales (:mod:`.codes`): GGUF block formats as they are,
     int formats as the GGUF type with the same arithmetic (symmetric int4 in groups of 32k is q4_0, ...),
     each checked bit for bit; an int format no GGUF type holds exactly is refused, never widened to F32.
-    Everything else is F16 (BF16 when saved in bfloat16; ``embedding_type`` / ``output_type`` override the
-    token embedding / output head) or F32 (1-D norms and biases).
+    When most Linears are in one llama.cpp block format, every other 2-D tensor (token embedding, output
+    head, Linears without codes) gets the type llama.cpp's quantizer picks for that file type
+    (:mod:`.auto_types`, :mod:`.llama_types`: for SmolLM2 q4_0 the tied embedding in Q8_0, where llama.cpp's
+    Q4_0 writes it too), converted by llama.cpp's quantizer when the writer cannot produce it (Q6_K, ...);
+    else F16 (BF16 when saved in bfloat16). ``embedding_type`` / ``output_type`` override the token
+    embedding / output head; 1-D norms and biases are F32.
 ``f32`` / ``f16``
     Plain floats (1-D tensors always F32).
 a llama.cpp type (``q4_0``, ``q4_k_m``, ``q6_k``, ...)
@@ -21,8 +25,9 @@ under which llama.cpp splits text like the HF tokenizer (:mod:`.vocab`). Unsuppo
 settings llama.cpp would silently compute differently are refused from the config, before loading weights.
 
 Modules: ``plan`` (types), ``hparams`` (architectures, metadata), ``tensors`` (names, layouts),
-``codes`` (stored codes → exact blocks), ``vocab`` (tokenizer), ``writer`` (file, report),
-``quantize`` (llama.cpp quantizer), ``imatrix`` (importance matrix).
+``codes`` (stored codes → exact blocks), ``llama_types`` (llama.cpp's type per tensor), ``auto_types``
+(its use by ``auto``), ``vocab`` (tokenizer), ``writer`` (file, report), ``quantize`` (llama.cpp quantizer),
+``imatrix`` (importance matrix).
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from typing import Any
 import torch
 
 from llmopt.errors import LLMOptError
+from llmopt.exporters.gguf.auto_types import Deferred
 from llmopt.exporters.gguf.codes import precheck, read_index
 from llmopt.exporters.gguf.hparams import SUPPORTED, ArchSpec, check_config
 from llmopt.exporters.gguf.imatrix import compute_imatrix, load_imatrix, read_imatrix_file
 from llmopt.exporters.gguf.plan import F32_PLAN, GGUF_TYPES, LLAMA_FTYPES, NEED_IMATRIX, make_plan
-from llmopt.exporters.gguf.quantize import llama_quantize
+from llmopt.exporters.gguf.quantize import llama_quantize, llama_retype
 from llmopt.exporters.gguf.tensors import permute_qk, unpermute_qk
 from llmopt.exporters.gguf.vocab import CHECK_TEXT
 from llmopt.exporters.gguf.writer import summary, write_gguf
@@ -132,13 +138,19 @@ def export_gguf(
                 data=imatrix_file,
                 seed=imatrix_seed,
             )
+        deferred = Deferred()
         if plan.mode == "llama":  # llama.cpp quantizes from an all-F32 file
             pre = write_gguf(tmp_f32, loaded, spec, F32_PLAN)
         else:
-            pre = write_gguf(tmp, loaded, spec, plan)
+            pre = write_gguf(tmp, loaded, spec, plan, deferred)
         del model, tokenizer, loaded  # free the torch weights before llama.cpp loads the F32 file
         if plan.mode == "llama":
             llama_quantize(tmp_f32, tmp, plan, imatrix_data, threads)
+        elif deferred.types:  # --type auto: llama.cpp converts what the writer cannot (Q6_K, ...)
+            mixed = tmp.with_name(tmp.name + ".mixed")  # removed with tmp
+            tmp.rename(mixed)
+            llama_retype(mixed, tmp, deferred.ftype, deferred.types, threads)
+            mixed.unlink()
         report = summary(tmp)
     report = {
         "output": str(out),

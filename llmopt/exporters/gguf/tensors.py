@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from llmopt.errors import LLMOptError
-from llmopt.exporters.gguf.codes import check_reproduces, load_stored, saved_dtypes, to_blocks
+from llmopt.exporters.gguf.auto_types import Deferred, LlamaMix, llama_mix
+from llmopt.exporters.gguf.codes import StoredLinear, check_reproduces, load_stored, saved_dtypes, to_blocks
 from llmopt.exporters.gguf.hparams import ArchSpec, attn_fold_factor, llama3_rope_factors
-from llmopt.exporters.gguf.plan import Plan
+from llmopt.exporters.gguf.plan import WRITER_TYPES, Plan
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,14 @@ def transposed_weights(model: torch.nn.Module) -> set[str]:
 
 
 def iter_tensors(
-    model: torch.nn.Module, folder: str, spec: ArchSpec, plan: Plan
+    model: torch.nn.Module, folder: str, spec: ArchSpec, plan: Plan, deferred: Deferred | None = None
 ) -> Iterator[tuple[str, np.ndarray, GGMLType]]:
     """Yield (GGUF name, array, ggml type) for every tensor of ``model``.
 
-    ``plan.mode == "auto"``: Linears with stored codes are written from them (:mod:`.codes`), other 2-D
-    tensors as F16 (BF16 when the folder saved them in bfloat16; ``--embedding-type`` / ``--output-type``
-    override), 1-D tensors as F32.
+    ``plan.mode == "auto"``: Linears with stored codes are written from them (:mod:`.codes`); the other
+    2-D tensors in llama.cpp's type for the folder's file type (:mod:`.auto_types`; those the writer cannot
+    produce are yielded F32 and listed in ``deferred`` for llama.cpp), or F16 in a folder without one (BF16
+    when saved in bfloat16); ``--embedding-type`` / ``--output-type`` override; 1-D tensors as F32.
     """
     cfg = model.config
     n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
@@ -92,6 +94,7 @@ def iter_tensors(
         log.info("%s: query scaling ratio %.6g folded into %s", spec.model_type, fold, spec.attn_fold)
     transposed = transposed_weights(model)
     buffers = {n for n, _ in model.named_buffers()}
+    mix = _llama_mix(model, stored, spec, tmap, tied, transposed) if stored else None
     rope = llama3_rope_factors(cfg) if spec.arch == gguf.MODEL_ARCH.LLAMA else None
     if rope is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope, GGMLType.F32
@@ -137,10 +140,41 @@ def iter_tensors(
             EMBEDDING: (plan.embedding, plan.explicit_embedding),
             OUTPUT: (plan.output, plan.explicit_output),
         }.get(name, (plan.dense, False))
-        if plan.mode == "auto" and not explicit and dtypes.get(hf_name) == torch.bfloat16:
+        chosen = mix.types.get(name) if mix is not None and not explicit else None
+        if chosen is not None:
+            kind = chosen.name.lower()
+            if kind not in WRITER_TYPES:  # llama.cpp quantizes it afterwards, from F32
+                if deferred is None:
+                    raise LLMOptError(f"internal: {name} needs llama.cpp's quantizer ({chosen.name})")
+                deferred.ftype = mix.ftype
+                deferred.types[name] = chosen
+                kind = "f32"
+        if plan.mode == "auto" and not explicit and kind == "f16" and dtypes.get(hf_name) == torch.bfloat16:
             kind = "bf16"  # exact; F16 would round bfloat16's range
         data, qtype = encode(perm(arr), kind)
         yield name, data, qtype
+
+
+def _llama_mix(
+    model: torch.nn.Module,
+    stored: dict[str, StoredLinear],
+    spec: ArchSpec,
+    tmap: gguf.TensorNameMap,
+    tied: bool,
+    transposed: set[str],
+) -> LlamaMix | None:
+    """:func:`.auto_types.llama_mix` of ``model``: the GGUF name and shape of every tensor it writes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    coded: dict[str, GGMLType] = {}
+    for hf_name, t in model.state_dict().items():
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None or (tied and hf_name == "lm_head.weight"):
+            continue
+        shapes[name] = tuple(t.shape)[::-1] if hf_name in transposed else tuple(t.shape)
+        entry = stored.get(hf_name.removesuffix(".weight")) if hf_name.endswith(".weight") else None
+        if entry is not None and entry.fmt.gguf_type is not None:
+            coded[name] = entry.fmt.gguf_type
+    return llama_mix(stored, shapes, coded, model.config, spec)
 
 
 def is_linear_tensor(name: str, shape: tuple[int, ...]) -> bool:

@@ -9,21 +9,23 @@ from typing import Any
 import gguf
 import numpy as np
 
+from llmopt.exporters.gguf.auto_types import Deferred
 from llmopt.exporters.gguf.hparams import ArchSpec, write_hparams
 from llmopt.exporters.gguf.plan import FILE_TYPE, Plan
 from llmopt.exporters.gguf.tensors import is_linear_tensor, iter_tensors
 from llmopt.exporters.gguf.vocab import add_tokenizer
 
 
-def write_gguf(path: Path, loaded: Any, spec: ArchSpec, plan: Plan) -> str:
-    """Write metadata, tokenizer and tensors of ``loaded`` to ``path``; return the pre-tokenizer name."""
+def write_gguf(path: Path, loaded: Any, spec: ArchSpec, plan: Plan, deferred: Deferred | None = None) -> str:
+    """Write metadata, tokenizer and tensors of ``loaded`` to ``path``; return the pre-tokenizer name.
+    ``deferred`` collects the tensors written F32 for llama.cpp to convert (:func:`.tensors.iter_tensors`)."""
     model, cfg = loaded.model, loaded.model.config
     w = gguf.GGUFWriter(path, spec.name)
     w.add_name(model_name(loaded))
     write_hparams(w, spec, cfg)
     pre = add_tokenizer(w, loaded, cfg.vocab_size)
     counts: Counter[gguf.GGMLQuantizationType] = Counter()
-    for name, arr, qtype in iter_tensors(model, loaded.path, spec, plan):
+    for name, arr, qtype in iter_tensors(model, loaded.path, spec, plan, deferred):
         w.add_tensor(name, arr, raw_dtype=qtype if arr.dtype == np.uint8 else None)
         if is_linear_tensor(name, arr.shape):
             counts[qtype] += int(arr.shape[0])
