@@ -76,7 +76,7 @@ def run_pipeline(
         # folder atomically (checked before loading: no existing output unless overwrite)
         kw = {"checkpoint_dir": out.parent / f"{out.name}.ckpt", **(compress_kwargs or {})}
         res = compress(model, rec, out, overwrite=overwrite, resume=resume, **kw)
-        state = StepLog.new(out, model, recipe_to_yaml(rec))
+        state = StepLog(out, model, recipe_to_yaml(rec))
         state.seconds["compress"] = res.report["total_seconds"]
         state.save()
     else:

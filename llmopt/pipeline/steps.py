@@ -28,10 +28,6 @@ class StepLog:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, folder: Path, model: str, recipe_yaml: str) -> StepLog:
-        return cls(folder, model, recipe_yaml)
-
-    @classmethod
     def load(cls, folder: Path, model: str, recipe_yaml: str) -> StepLog | None:
         """The state of a finished compression in ``folder`` (None: nothing to resume, compress first);
         refused when the folder was compressed from another model or recipe."""
