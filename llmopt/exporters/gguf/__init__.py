@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from llmopt.checkpoint import check_tokenizer_files
 from llmopt.errors import LLMOptError
 from llmopt.exporters.gguf.codes import precheck, read_index
 from llmopt.exporters.gguf.hparams import SUPPORTED, ArchSpec, check_config
@@ -105,6 +106,7 @@ def export_gguf(
     folder = _local_folder(model_spec)
     if folder is not None:  # everything decidable without the weights, before loading them
         _check_config(folder)
+        check_tokenizer_files(folder)
         if plan.mode == "auto":
             precheck(read_index(folder))
 
