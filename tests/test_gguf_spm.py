@@ -99,6 +99,19 @@ def test_ids_equal_llama_cpp(vocab_gguf, tmp_path, monkeypatch):
     assert tok.convert_ids_to_tokens(tok("a b")["input_ids"])[1:] == (["a", "▁b"] if gemma else ["▁a", "▁b"])
 
 
+def test_character_only_inside_tokens_is_warned(tmp_path, caplog):
+    """llama.cpp may join such a character into its token; the BPE falls back to its bytes first."""
+    from llmopt.models.gguf_file import _read_gguf
+    from llmopt.models.gguf_spm import spm_tokenizer_from_gguf
+    from tests.spm_gguf import NORMAL
+
+    v = spm_vocab("llama2")
+    v.add("▁жa", -5000, NORMAL)
+    with caplog.at_level("WARNING", logger="llmopt.models.gguf_spm"):
+        spm_tokenizer_from_gguf(_read_gguf(write_vocab_gguf(tmp_path / "v.gguf", v)))
+    assert "1 characters occur inside tokens" in caplog.text and "ж" in caplog.text
+
+
 # --- GGUF in → compress → GGUF out → llama.cpp -------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ def spm_tokenizer_from_gguf(reader: Any) -> PreTrainedTokenizerFast:
     for i, t in enumerate(tokens):
         if vocab.setdefault(t, i) != i:
             log.warning("GGUF vocabulary lists %r twice (ids %d and %d): id %d is unreachable", t, vocab[t], i, i)
+    _warn_unreachable_chars([t for t, k in zip(tokens, types) if k == TOKEN_NORMAL], vocab)
     unk_id = _gguf_value(reader, "tokenizer.ggml.unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
     tk = Tokenizer(
@@ -81,6 +82,21 @@ def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
                 keyed.append((-scores[i], -n, -k, i, left, right))
     keyed.sort()
     return [(left, right) for *_, left, right in keyed]
+
+
+def _warn_unreachable_chars(normal: list[str], vocab: dict[str, int]) -> None:
+    """A character inside a normal token that is no token by itself: llama.cpp may still join it into
+    that token, the BPE turns it into byte tokens first. SentencePiece-trained vocabularies (Llama 2,
+    Phi-3, Baichuan: none) keep every such character as a piece, so this only warns."""
+    missing = {c for t in normal if len(t) > 1 for c in t if c not in vocab}
+    if missing:
+        shown = "".join(sorted(missing)[:20])
+        log.warning(
+            "GGUF vocabulary: %d characters occur inside tokens but are no token themselves (%r...): on text "
+            "with them, token ids may differ from llama.cpp's",
+            len(missing),
+            shown,
+        )
 
 
 def _token_texts(raw: list[Any]) -> list[str]:
