@@ -99,8 +99,9 @@ def test_ids_equal_llama_cpp(vocab_gguf, tmp_path, monkeypatch):
     assert tok.convert_ids_to_tokens(tok("a b")["input_ids"])[1:] == (["a", "▁b"] if gemma else ["▁a", "▁b"])
 
 
-def test_character_only_inside_tokens_is_warned(tmp_path, caplog):
-    """llama.cpp may join such a character into its token; the BPE falls back to its bytes first."""
+def test_vocabularies_the_bpe_cannot_follow_exactly_are_warned(tmp_path, caplog):
+    """A character only inside tokens (llama.cpp may join it, the BPE falls back to its bytes first) and
+    flat scores (llama.cpp joins the leftmost pair, which no merge ranking reproduces everywhere)."""
     from llmopt.models.gguf_file import _read_gguf
     from llmopt.models.gguf_spm import spm_tokenizer_from_gguf
     from tests.spm_gguf import NORMAL
@@ -109,7 +110,14 @@ def test_character_only_inside_tokens_is_warned(tmp_path, caplog):
     v.add("▁жa", -5000, NORMAL)
     with caplog.at_level("WARNING", logger="llmopt.models.gguf_spm"):
         spm_tokenizer_from_gguf(_read_gguf(write_vocab_gguf(tmp_path / "v.gguf", v)))
-    assert "1 characters occur inside tokens" in caplog.text and "ж" in caplog.text
+    assert (
+        "1 characters occur inside tokens" in caplog.text and "ж" in caplog.text and "share a score" not in caplog.text
+    )
+    caplog.clear()
+    v.scores = [0.0 if t != NORMAL else -1000.0 for t in v.types]  # gguf-py's LlamaHfVocab: no scores
+    with caplog.at_level("WARNING", logger="llmopt.models.gguf_spm"):
+        spm_tokenizer_from_gguf(_read_gguf(write_vocab_gguf(tmp_path / "flat.gguf", v)))
+    assert "share a score" in caplog.text
 
 
 # --- GGUF in → compress → GGUF out → llama.cpp -------------------------------------------------------
