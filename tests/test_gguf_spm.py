@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -102,21 +103,20 @@ def test_ids_equal_llama_cpp(vocab_gguf, tmp_path, monkeypatch):
 def test_vocabularies_the_bpe_cannot_follow_exactly_are_warned(tmp_path, caplog):
     """A character only inside tokens (llama.cpp may join it, the BPE falls back to its bytes first) and
     flat scores (llama.cpp joins the leftmost pair, which no merge ranking reproduces everywhere)."""
-    from llmopt.models.gguf_file import _read_gguf
     from llmopt.models.gguf_spm import spm_tokenizer_from_gguf
     from tests.spm_gguf import NORMAL
 
     v = spm_vocab("llama2")
     v.add("▁жa", -5000, NORMAL)
     with caplog.at_level("WARNING", logger="llmopt.models.gguf_spm"):
-        spm_tokenizer_from_gguf(_read_gguf(write_vocab_gguf(tmp_path / "v.gguf", v)))
+        spm_tokenizer_from_gguf(gguf.GGUFReader(write_vocab_gguf(tmp_path / "v.gguf", v)))
     assert (
         "1 characters occur inside tokens" in caplog.text and "ж" in caplog.text and "share a score" not in caplog.text
     )
     caplog.clear()
     v.scores = [0.0 if t != NORMAL else -1000.0 for t in v.types]  # gguf-py's LlamaHfVocab: no scores
     with caplog.at_level("WARNING", logger="llmopt.models.gguf_spm"):
-        spm_tokenizer_from_gguf(_read_gguf(write_vocab_gguf(tmp_path / "flat.gguf", v)))
+        spm_tokenizer_from_gguf(gguf.GGUFReader(write_vocab_gguf(tmp_path / "flat.gguf", v)))
     assert "share a score" in caplog.text
 
 
@@ -130,13 +130,12 @@ def test_gguf_compress_export_round_trip(arch, style, tmp_path, monkeypatch):
     from llmopt.compression import compress
     from llmopt.evaluation import evaluate
     from llmopt.models import load_model
-    from llmopt.models.gguf_file import _read_gguf
     from llmopt.models.gguf_spm import spm_tokenizer_from_gguf
     from tests.tiny_archs import save_tiny_model
 
     monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
     v = spm_vocab(style)
-    tok = spm_tokenizer_from_gguf(_read_gguf(write_vocab_gguf(tmp_path / "vocab.gguf", v)))
+    tok = spm_tokenizer_from_gguf(gguf.GGUFReader(write_vocab_gguf(tmp_path / "vocab.gguf", v)))
     save_tiny_model(arch, tmp_path / "hf", tok)
     export_gguf(str(tmp_path / "hf"), str(tmp_path / "f32.gguf"), type="f32")
     src = with_vocab(tmp_path / "f32.gguf", tmp_path / f"{arch}-{style}.gguf", v)  # the hand-made vocabulary
