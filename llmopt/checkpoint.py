@@ -262,16 +262,55 @@ def check_finite(model: Any, folder: Path, tensors: dict[str, tuple[str, tuple[i
                     raise bad(key)
 
 
+_TOKENIZER_HINT = "save the tokenizer next to the model with tokenizer.save_pretrained"
+_MAX_SPM_BYTES = 256 << 20  # real SentencePiece models are a few MiB (Gemma 3's 262k pieces: 4.5 MiB)
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Every tokenizer file of ``folder`` must be readable: JSON files parse, SentencePiece models
+    (``tokenizer.model``, ``spiece.model``) parse as SentencePiece. Cheap (no tokenizer is built), so
+    callers run it before loading weights; the error names the file."""
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        files = "tokenizer.json, tokenizer.model or vocab.json"
+        raise LLMOptError(f"{folder} has no tokenizer ({files}): {_TOKENIZER_HINT}")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            read_json(folder / name, "tokenizer file")
+    for name in ("tokenizer.model", "spiece.model"):
+        if (folder / name).is_file():
+            _check_sentencepiece(folder / name)
+
+
+def _check_sentencepiece(path: Path) -> None:
+    try:
+        import sentencepiece
+    except ImportError:  # transformers then reports what it needs
+        return
+    fix = "re-create it or delete it"
+    if (path.parent / "tokenizer.json").is_file():
+        fix = "delete it (the folder's tokenizer.json is the tokenizer)"
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+            if head == b"GGUF":  # what transformers' GGUF tokenizer conversion saves as tokenizer.model
+                raise LLMOptError(f"{path} is a copy of a GGUF file, not a SentencePiece model: {fix}")
+            if path.stat().st_size > _MAX_SPM_BYTES:
+                raise LLMOptError(f"{path} is not a SentencePiece model ({path.stat().st_size >> 20} MiB): {fix}")
+            data = head + fh.read()
+    except OSError as e:
+        raise LLMOptError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        sentencepiece.SentencePieceProcessor().LoadFromSerializedProto(data)
+    except Exception:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError / TypeError
+        raise LLMOptError(f"{path} is not a SentencePiece model (its ModelProto does not parse): {fix}") from None
+
+
 def load_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
     """``AutoTokenizer.from_pretrained(folder)``; a missing or corrupt tokenizer is one line."""
     from transformers import AutoTokenizer
 
-    hint = "save the tokenizer next to the model with tokenizer.save_pretrained"
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise LLMOptError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): {hint}")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (folder / name).is_file():
-            read_json(folder / name, "tokenizer file")
+    hint = _TOKENIZER_HINT
+    check_tokenizer_files(folder)
     try:
         with _quiet_transformers():
             return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

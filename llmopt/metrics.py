@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -126,6 +127,8 @@ def score_windows(
     """Mean NLL over windows (GPTQ protocol), its uncertainty and, with ``base``, per-token KL statistics.
 
     windows: (W, L). Row t of each window's logits predicts token t+1, so L−1 tokens are scored per window.
+    Logits arrive in blocks of positions (:meth:`~llmopt.backends.Backend.logit_blocks`, both models'
+    aligned) and only per-token numbers are kept, so memory is a few blocks of (n, V), not (L, V).
     """
     window_nll: list[float] = []
     base_nll: list[float] = []
@@ -135,25 +138,39 @@ def score_windows(
     sums = dict(nll=0.0, nll2=0.0, d=0.0, d2=0.0)  # per-token sums for the standard errors
     for w in tqdm(windows, desc="scoring windows", disable=not progress, leave=False):
         target = w[1:]  # (L−1,)
-        logp = F.log_softmax(backend.logits(w)[:-1].float(), dim=-1)  # (L−1, V)
-        nll = -logp.gather(1, target[:, None]).squeeze(1).double()  # (L−1,)
-        window_nll.append(float(nll.mean()))
-        sums["nll"] += float(nll.sum())
-        sums["nll2"] += float((nll * nll).sum())
-        if base is not None:
-            logq = F.log_softmax(base.logits(w)[:-1].float(), dim=-1)  # base model: (L−1, V)
-            if logq.shape != logp.shape:
-                raise LLMOptError(f"--base has vocabulary {logq.shape[-1]} but the model has {logp.shape[-1]}")
-            bnll = -logq.gather(1, target[:, None]).squeeze(1).double()
-            base_nll.append(float(bnll.mean()))
+        blocks = _aligned(_blocks(backend, w), _blocks(base, w) if base is not None else None)
+        start, win, bwin = 0, 0.0, 0.0
+        for zp, zq in blocks:
+            rows = slice(start, min(start + zp.shape[0], target.shape[0]))  # the window's last row predicts nothing
+            start += zp.shape[0]
+            n = rows.stop - rows.start
+            if n <= 0:
+                continue
+            tgt = target[rows, None]  # (n, 1)
+            logp = F.log_softmax(zp[:n].float(), dim=-1)  # (n, V)
+            nll = -logp.gather(1, tgt).squeeze(1).double()  # (n,)
+            win += float(nll.sum())
+            sums["nll"] += float(nll.sum())
+            sums["nll2"] += float((nll * nll).sum())
+            if zq is None:
+                continue
+            if zq.shape[-1] != zp.shape[-1]:
+                raise LLMOptError(f"--base has vocabulary {zq.shape[-1]} but the model has {zp.shape[-1]}")
+            logq = F.log_softmax(zq[:n].float(), dim=-1)  # base model: (n, V)
+            bnll = -logq.gather(1, tgt).squeeze(1).double()
+            bwin += float(bnll.sum())
             d = nll - bnll  # paired on the same tokens: ln(ppl ratio) per token
             sums["d"] += float(d.sum())
             sums["d2"] += float((d * d).sum())
-            # KL(base ‖ model) = Σ_v q_v (log q_v − log p_v), per token
-            kls.append((logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0))
             top1_same += int((logq.argmax(-1) == logp.argmax(-1)).sum())
-            delta_p += float((logp.gather(1, target[:, None]).exp() - logq.gather(1, target[:, None]).exp()).sum())
-        del logp
+            delta_p += float((logp.gather(1, tgt).exp() - logq.gather(1, tgt).exp()).sum())
+            # KL(base ‖ model) = Σ_v q_v (log q_v − log p_v), per token; in place: two (n, V) temporaries
+            diff = torch.sub(logq, logp, out=logp)
+            kls.append(diff.mul_(logq.exp_()).sum(-1).clamp_min(0.0))
+            del logq, diff
+        window_nll.append(win / target.shape[0])
+        if base is not None:
+            base_nll.append(bwin / target.shape[0])
     mean_nll = sum(window_nll) / len(window_nll)
     n_scored = windows.shape[0] * (windows.shape[1] - 1)
     kl = None
@@ -175,6 +192,35 @@ def score_windows(
             ln_ppl_ratio_stderr=_stderr(sums["d"], sums["d2"], n_scored),
         )
     return WindowScores(mean_nll, n_scored, kl, _stderr(sums["nll"], sums["nll2"], n_scored), window_nll)
+
+
+def _blocks(backend: Backend, w: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The backend's logit blocks; one block of its full logits for an object with ``logits`` only."""
+    if hasattr(backend, "logit_blocks"):
+        return backend.logit_blocks(w)
+    return iter([backend.logits(w)])
+
+
+def _aligned(
+    a: Iterator[torch.Tensor], b: Iterator[torch.Tensor] | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Blocks of rows of two logit streams cut at the same positions (the backends' block sizes differ)."""
+    if b is None:
+        yield from ((x, None) for x in a)
+        return
+    xa = xb = None
+    while True:
+        if xa is None or xa.shape[0] == 0:
+            xa = next(a, None)
+        if xb is None or xb.shape[0] == 0:
+            xb = next(b, None)
+        if xa is None or xb is None:
+            if xa is not None or xb is not None:
+                raise LLMOptError("the model and --base returned logits for different numbers of positions")
+            return
+        n = min(xa.shape[0], xb.shape[0])
+        yield xa[:n], xb[:n]
+        xa, xb = xa[n:], xb[n:]
 
 
 def measure_speed(

@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from llmopt.errors import LLMOptError
+
+#: logits a backend materialises at once when scoring block by block (positions × vocabulary × 4 bytes):
+#: a 262,144-token vocabulary (Gemma 3) has 1 GiB of float32 logits per 1024 positions.
+LOGIT_BLOCK_BYTES = 64 << 20
+
+
+def block_rows(vocab_size: int, budget: int = LOGIT_BLOCK_BYTES) -> int:
+    """Positions per block of float32 logits that fit ``budget`` bytes (at least 1)."""
+    return max(1, budget // (4 * max(1, vocab_size)))
 
 
 def default_threads() -> int:
@@ -86,6 +96,13 @@ class Backend(ABC):
     @abstractmethod
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: (L,) int64 → logits (L, V) float32; row t predicts token t+1. No cache between calls."""
+
+    def logit_blocks(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """ids: (L,) → the rows of ``logits(ids)`` in order, as consecutive (n, V) float32 blocks.
+
+        Backends that can compute the output head a block of positions at a time override this, so the
+        whole (L, V) never exists; this default splits the full logits (memory as ``logits``)."""
+        yield from self.logits(ids).split(block_rows(self.vocab_size))
 
     @abstractmethod
     def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:

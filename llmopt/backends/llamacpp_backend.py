@@ -3,6 +3,11 @@
 Logits come from llama.cpp's own kernels (its quantized matmuls, its F16 KV cache by default), so the
 numbers are what a llama.cpp user gets. Ids are fed as given, never re-tokenized; the KV cache is
 cleared before every window. Timing uses llama.cpp's perf counters (``llama_perf_context``).
+
+Memory. A window is decoded in batches of ``n_batch`` positions, each asking llama.cpp for the logits of
+all its positions and copied out before the next (:meth:`LlamaCppBackend.logit_blocks`): llama.cpp's
+output buffer holds one batch (``n_batch`` × vocabulary floats, at most :data:`OUTPUT_BYTES`: 512 rows up
+to a 65,536-token vocabulary, 128 for Gemma's 262,144), never the window.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmopt.backends.base import Backend, SpeedResult, resolve_threads
+from llmopt.backends.base import Backend, SpeedResult, block_rows, resolve_threads
 from llmopt.errors import LLMOptError
 
 log = logging.getLogger(__name__)
 
 _MIN_CTX = 512  # first context size; grown (context rebuilt) when a longer window arrives
+_MAX_BATCH = 512  # positions per llama_decode call (llama.cpp's default n_batch)
+OUTPUT_BYTES = 128 << 20  # llama.cpp's logits buffer for one batch: n_batch x n_vocab float32
 KV_TYPES = {"f16": 1, "f32": 0}  # KV cache formats → ggml type ids (GGML_TYPE_F16, GGML_TYPE_F32)
 # Backends still open at exit are closed while llama_cpp's module globals still exist (its __del__
 # would otherwise print a traceback during interpreter shutdown).
@@ -62,6 +69,8 @@ class LlamaCppBackend(Backend):
         field = reader.fields.get(f"{arch}.context_length")
         self.n_ctx_train = int(field.contents()) if field is not None else 0
         self._dtype = _file_type(reader)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        self._batch_rows = min(_MAX_BATCH, max(32, block_rows(len(tokens.data) if tokens else 0, OUTPUT_BYTES)))
         del reader
         self._threads = resolve_threads(threads)  # None → physical cores, the torch backend's default too
         self._n_ctx = 0
@@ -84,8 +93,8 @@ class LlamaCppBackend(Backend):
             self.llm = open_llama(
                 self.path,
                 n_ctx=n_ctx,
-                n_batch=min(n_ctx, 512),
-                logits_all=True,
+                n_batch=min(n_ctx, self._batch_rows),
+                logits_all=False,  # llama-cpp-python's own (n_ctx, V) score array is not used
                 type_k=KV_TYPES[self.kv_type],
                 type_v=KV_TYPES[self.kv_type],
                 n_threads=self._threads,
@@ -134,11 +143,21 @@ class LlamaCppBackend(Backend):
         return self._dtype
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(self.logit_blocks(ids)))  # (L, V)
+
+    def logit_blocks(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """ids (L,) from an empty KV cache, ``n_batch`` positions per ``llama_decode``, each with the logits
+        of all its positions (what ``Llama.eval`` with ``logits_all`` does), copied out as (n, V) float32."""
         tokens = ids.reshape(-1).tolist()
         self._ensure_ctx(len(tokens))
         self._clear()
-        self.llm.eval(tokens)
-        return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32))  # (L, V)
+        llm, vocab = self.llm, self.vocab_size
+        for i in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[i : i + llm.n_batch]
+            llm._batch.set_batch(chunk, n_past=i, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), vocab))
+            yield torch.from_numpy(rows.copy())  # (n, V): the buffer is reused by the next decode
 
     def _decode(self, tokens: list[int], n_past: int) -> int:
         """Decode ``tokens`` at positions n_past.. with logits for the last one only; return its argmax."""

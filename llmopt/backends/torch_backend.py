@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterator
 
 import torch
 
-from llmopt.backends.base import Backend, SpeedResult, resolve_threads
+from llmopt.backends.base import Backend, SpeedResult, block_rows, resolve_threads
 
 
 def _sync(device: torch.device) -> None:
@@ -32,6 +33,7 @@ class TorchBackend(Backend):
         # Prefill computes the logits of the last position only when the model allows it (as llama.cpp
         # does): the LM head over all P positions is not part of generating the next token.
         self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._blocks_ok: bool | None = None  # lm_head by blocks of positions reproduces the logits
 
     @classmethod
     def from_spec(cls, spec: str, threads: int | None = None, device: str | None = None) -> TorchBackend:
@@ -57,6 +59,38 @@ class TorchBackend(Backend):
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids.view(1, -1).to(self.device), use_cache=False)
         return out.logits[0].float().cpu()  # (L, V)
+
+    @torch.inference_mode()
+    def logit_blocks(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The trunk once over ids (L,), then the output head (Gemma's soft-capping included) on blocks of
+        :func:`~llmopt.backends.base.block_rows` positions: (n, V) float32 on the CPU at a time. A window
+        that fits one block is one ordinary forward (:meth:`logits`)."""
+        n = block_rows(self.vocab_size)
+        if ids.numel() <= n or not self._head_by_blocks():
+            yield from self.logits(ids).split(n)
+            return
+        from llmopt.distill.heads import last_hidden, output_head
+
+        h = last_hidden(self.model, ids.view(1, -1).to(self.device))[0]  # (L, H)
+        head = output_head(self.model)
+        for start in range(0, h.shape[0], n):
+            yield head(h[start : start + n]).float().cpu()  # (n, V)
+
+    def _head_by_blocks(self) -> bool:
+        """Whether lm_head(last hidden state) gives this model's logits (checked once on 4 tokens); an
+        architecture that post-processes them otherwise gets its full logits split instead."""
+        if self._blocks_ok is None:
+            from llmopt.distill.heads import last_hidden, output_head
+
+            ids = torch.arange(1, 5, device=self.device).view(1, -1) % self.vocab_size
+            try:
+                want = self.model(input_ids=ids, use_cache=False).logits.float()
+                got = output_head(self.model)(last_hidden(self.model, ids)).float()
+                scale = float(want.abs().max().clamp_min(1))
+                self._blocks_ok = got.shape == want.shape and bool(torch.allclose(got, want, atol=1e-4 * scale))
+            except Exception:  # noqa: BLE001 - no base model / output embeddings: the full forward it is
+                self._blocks_ok = False
+        return self._blocks_ok
 
     @torch.inference_mode()
     def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:

@@ -158,6 +158,7 @@ def load_model(
     folder = Path(resolve_local_folder(spec, cache_dir=cache_dir))
     remote = trust_remote_code and src.gguf is None  # converted GGUF folders never hold custom code
     t0 = time.perf_counter()
+    checkpoint.check_tokenizer_files(folder)  # an unreadable tokenizer file fails before the weights load
     model = _model_from_folder(folder, dtype=dtype, trust_remote_code=remote)
     tokenizer = _tokenizer_from_folder(folder, trust_remote_code=remote)
     checkpoint.check_vocab(model, tokenizer, spec)

@@ -28,7 +28,8 @@ from llmopt.models.gguf_tokenizer import _build_gguf_tokenizer
 log = logging.getLogger(__name__)
 
 # Bump when the layout or content of converted GGUF folders changes: old cache entries are then ignored.
-_CACHE_FORMAT = 1
+# 2: SentencePiece GGUFs get a llama.cpp-exact tokenizer.json and no tokenizer.model (a copy of the GGUF).
+_CACHE_FORMAT = 2
 _PROVENANCE_FILE = "llmopt_gguf.json"
 _STALE_TMP_S = 6 * 3600  # temp folders older than this are leftovers of a crashed conversion
 

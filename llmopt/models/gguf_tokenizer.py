@@ -8,7 +8,11 @@ GGUF says ``tokenizer.ggml.add_bos_token = false``, it drops the digit splitting
 saves a ``LlamaTokenizer`` class on a GPT-2 byte-level BPE, which other transformers versions rebuild
 differently. For byte-level BPE GGUFs with a known pre-tokenizer we therefore build ``tokenizer.json``
 directly from the GGUF vocabulary and merges (:func:`_tokenizer_from_gguf`) and save it as a plain
-``PreTrainedTokenizerFast``; other GGUFs fall back to transformers' conversion with the BOS flag fixed.
+``PreTrainedTokenizerFast`` (``tokenizer.json``, no ``tokenizer.model``).
+
+SentencePiece GGUFs (``tokenizer.ggml.model`` llama: Llama 2, Mistral v0.1, TinyLlama, Gemma) are built by
+:mod:`llmopt.models.gguf_spm` the same way, with llama.cpp's SPM merge rule; the few other kinds fall back
+to transformers' conversion with the BOS flag fixed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import llmopt.hf_imports  # noqa: F401  (transformers' import-time settings, bef
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from llmopt.models.gguf_file import _gguf_value, _read_gguf
+from llmopt.models.gguf_special import TOKEN_CONTROL, TOKEN_USER_DEFINED, _wrap
+from llmopt.models.gguf_spm import spm_tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +39,6 @@ log = logging.getLogger(__name__)
 _DIGITS_THEN_GPT2 = frozenset({"smollm"})
 _GPT2_ONLY = frozenset({"gpt-2"})
 
-# gguf token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED are added but not special.
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-
 
 def _build_gguf_tokenizer(gguf: Path, reader: Any | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of ``gguf``, tokenizing like llama.cpp (see the module docstring)."""
@@ -45,6 +47,8 @@ def _build_gguf_tokenizer(gguf: Path, reader: Any | None = None) -> PreTrainedTo
     pre = _gguf_value(reader, "tokenizer.ggml.pre", "default")
     if kind == "gpt2" and pre in _DIGITS_THEN_GPT2 | _GPT2_ONLY:
         return _tokenizer_from_gguf(reader)
+    if kind == "llama":
+        return spm_tokenizer_from_gguf(reader)
     log.warning("GGUF tokenizer %s/%s is converted by transformers: token ids may differ from llama.cpp's", kind, pre)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     add_bos = bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
@@ -75,41 +79,12 @@ def _tokenizer_from_gguf(reader: Any) -> PreTrainedTokenizerFast:
     tk.decoder = decoders.ByteLevel()
     tk.add_tokens(
         [
-            AddedToken(tokens[i], special=types[i] == _TOKEN_CONTROL, normalized=False)
+            AddedToken(tokens[i], special=types[i] == TOKEN_CONTROL, normalized=False)
             for i in range(len(tokens))
-            if types[i] in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+            if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
         ]
     )
 
-    def token(name: str) -> str | None:
-        tid = _gguf_value(reader, f"tokenizer.ggml.{name}_token_id")
-        return tokens[int(tid)] if tid is not None and 0 <= int(tid) < len(tokens) else None
-
-    bos, eos = token("bos"), token("eos")
-    pre_ids = [bos] if add_bos and bos else []
-    post_ids = [eos] if add_eos and eos else []
-    if pre_ids or post_ids:  # llama.cpp adds BOS / EOS only when the GGUF asks for it
-        single = [f"{t}:0" for t in pre_ids] + ["$A:0"] + [f"{t}:0" for t in post_ids]
-        pair = single + [f"{t}:1" for t in pre_ids] + ["$B:1"] + [f"{t}:1" for t in post_ids]
-        ids = {t: i for i, t in enumerate(tokens) if t in set(pre_ids + post_ids)}
-        tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
-    else:
+    if not (add_bos or add_eos):
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
-
-    arch = _gguf_value(reader, "general.architecture")
-    max_len = _gguf_value(reader, f"{arch}.context_length")
-    kwargs: dict[str, Any] = {
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": token("unknown"),
-        "pad_token": token("padding"),
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": add_bos,  # for readers that honour it (transformers 5); agrees with tokenizer.json
-        "add_eos_token": add_eos,
-    }
-    if max_len:
-        kwargs["model_max_length"] = int(max_len)
-    template = _gguf_value(reader, "tokenizer.chat_template")
-    if template:
-        kwargs["chat_template"] = template
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **{k: v for k, v in kwargs.items() if v is not None})
+    return _wrap(reader, tk, tokens, add_bos=add_bos, add_eos=add_eos)

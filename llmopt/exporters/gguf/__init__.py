@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from llmopt.checkpoint import check_tokenizer_files
 from llmopt.errors import LLMOptError
 from llmopt.exporters.gguf.auto_types import Deferred
 from llmopt.exporters.gguf.codes import precheck, read_index
@@ -113,6 +114,7 @@ def export_gguf(
     folder = local_folder(model_spec)
     if folder is not None:  # everything decidable without the weights, before loading them
         _check_config(folder)
+        check_tokenizer_files(folder)
         if plan.mode == "auto":
             precheck(read_index(folder))
 

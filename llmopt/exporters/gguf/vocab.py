@@ -146,11 +146,14 @@ def _add_bpe_vocab(w: gguf.GGUFWriter, tok: Any, tj: dict, vocab_size: int, pre:
 
 
 def _add_spm_vocab(w: gguf.GGUFWriter, tok: Any, tj: dict, folder: Path, vocab_size: int) -> None:
-    """SentencePiece vocabulary (Llama 1/2, Mistral): tokens, scores, types (``tokenizer.ggml.model``
+    """SentencePiece vocabulary (Llama 1/2, Mistral, Gemma): tokens, scores, types (``tokenizer.ggml.model``
     llama). With a ``tokenizer.model``, gguf-py's ``SentencePieceVocab`` reads the model's own scores.
-    With only a byte-fallback BPE tokenizer.json, each merged token scores −(rank of its merge): llama.cpp's
-    SPM tokenizer merges the pair whose result scores highest, which is then HF's lowest-rank merge
-    (gguf-py's ``LlamaHfVocab`` gives every token −1000, which makes llama.cpp split text differently)."""
+    With only a byte-fallback BPE tokenizer.json, each merged token scores −(rank of its first merge):
+    llama.cpp's SPM tokenizer merges the pair whose result scores highest, which is then HF's lowest-rank
+    merge (gguf-py's ``LlamaHfVocab`` gives every token −1000, which makes llama.cpp split text
+    differently). Tokenizers llmopt built from a GGUF (:mod:`llmopt.models.gguf_spm`) rank their merges by
+    the file's scores, so the exported file tokenizes like the one they came from. Special added tokens
+    are CONTROL, the unknown token UNKNOWN, other added tokens USER_DEFINED (cut out of the raw text)."""
     if (folder / "tokenizer.model").is_file():
         from gguf.vocab import SentencePieceVocab
 
@@ -160,7 +163,7 @@ def _add_spm_vocab(w: gguf.GGUFWriter, tok: Any, tj: dict, folder: Path, vocab_s
             raise LLMOptError(f"could not read the SentencePiece model in {folder}: {e}") from e
     else:
         vocab, added = tok.get_vocab(), tok.get_added_vocab()
-        special_ids = set(tok.all_special_ids)
+        special_ids = set(tok.all_special_ids) | {i for i, a in tok.added_tokens_decoder.items() if a.special}
         rank = {}
         for r, m in enumerate(tj["model"].get("merges", [])):
             rank.setdefault("".join(m.split(" ", 1) if isinstance(m, str) else m), r)
@@ -172,6 +175,8 @@ def _add_spm_vocab(w: gguf.GGUFWriter, tok: Any, tj: dict, folder: Path, vocab_s
                 ttype = gguf.TokenType.UNUSED
             elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
                 ttype = gguf.TokenType.BYTE
+            elif i == tok.unk_token_id:
+                ttype = gguf.TokenType.UNKNOWN
             elif i in special_ids or (t in added and _looks_special(t)):
                 ttype = gguf.TokenType.CONTROL
             elif t in added:

@@ -1,0 +1,144 @@
+"""Logits in blocks of positions: large vocabularies (Gemma 3: 262,144 tokens, 1 GiB of float32 logits per
+1024 positions) are scored without the (L, V) logits of a window ever existing whole.
+
+Properties: a backend's blocks concatenate to its logits (torch: the trunk once and the head per block,
+Gemma's soft-capping included, the full forward where lm_head(hidden) is not the model's logits;
+llama.cpp: fewer positions per decode for a large vocabulary); perplexity and KL from misaligned blocks
+equal the plain whole-window computation; KL at 1024 positions on a 262,144-token model stays far below
+one window's logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmopt.backends import base as backend_base
+from llmopt.backends.torch_backend import TorchBackend
+from llmopt.metrics import score_windows
+from tests.tiny_archs import make_tiny_model
+
+BIG_VOCAB = 262_144
+
+
+class _Blocks(backend_base.Backend):
+    """Fixed logits per window (keyed by its first token), served in blocks of ``rows``."""
+
+    name = "fixed"
+
+    def __init__(self, table: dict[int, torch.Tensor], rows: int):
+        self.table, self.rows = table, rows
+
+    @property
+    def vocab_size(self) -> int:
+        return next(iter(self.table.values())).shape[-1]
+
+    @property
+    def threads(self) -> int:
+        return 1
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[int(ids[0])]
+
+    def logit_blocks(self, ids):
+        yield from self.logits(ids).split(self.rows)
+
+    def time_generation(self, prompt, new_tokens):
+        raise NotImplementedError
+
+
+def test_misaligned_blocks_score_like_whole_windows():
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 50, (3, 23), generator=g)
+    windows[:, 0] = torch.arange(3)  # distinct keys
+    table_p = {i: 3 * torch.randn(23, 50, generator=g) for i in range(3)}
+    table_q = {i: 3 * torch.randn(23, 50, generator=g) for i in range(3)}
+    whole = score_windows(_Blocks(table_p, 23), windows, base=_Blocks(table_q, 23), progress=False)
+    blocks = score_windows(_Blocks(table_p, 7), windows, base=_Blocks(table_q, 5), progress=False)
+    assert blocks.tokens == whole.tokens == 3 * 22
+    assert blocks.nll == pytest.approx(whole.nll, rel=1e-12)
+    assert blocks.window_nll == pytest.approx(whole.window_nll, rel=1e-12)
+    for k, v in whole.kl.items():
+        assert blocks.kl[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    logp = torch.log_softmax(table_p[1][:-1].double(), -1)
+    logq = torch.log_softmax(table_q[1][:-1].double(), -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)  # KL(base ‖ model) per token of window 1
+    assert whole.kl["max"] >= float(kl.max()) - 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_torch_blocks_are_the_logits(arch, monkeypatch):
+    model = make_tiny_model(arch, 300)
+    if arch == "gemma2":
+        assert model.config.final_logit_softcapping  # applied per block too
+    monkeypatch.setattr("llmopt.backends.torch_backend.block_rows", lambda vocab: 7)
+    be = TorchBackend(model, threads=1)
+    ids = torch.arange(40) * 7 % 300
+    blocks = list(be.logit_blocks(ids))
+    assert be._blocks_ok and [b.shape for b in blocks[:2]] == [(7, 300)] * 2 and len(blocks) == 6
+    full = be.logits(ids)
+    assert torch.allclose(torch.cat(blocks), full, atol=1e-5 * float(full.abs().max()))
+
+
+def test_torch_blocks_fall_back_when_the_head_is_not_the_logits(monkeypatch):
+    model = make_tiny_model("llama", 300)
+    model.config.final_logit_softcapping = 2.0  # Llama ignores it; lm_head + soft-capping would not match
+    monkeypatch.setattr("llmopt.backends.torch_backend.block_rows", lambda vocab: 7)
+    be = TorchBackend(model, threads=1)
+    ids = torch.arange(20) % 300
+    blocks = list(be.logit_blocks(ids))
+    assert be._blocks_ok is False
+    assert torch.equal(torch.cat(blocks), be.logits(ids))
+
+
+@pytest.fixture(scope="module")
+def big_vocab_folder(tmp_path_factory, tiny_text_file):
+    """A 2-layer hidden-64 Llama with a 262,144-token vocabulary (tied embeddings: 64 MiB)."""
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("big-vocab")
+    make_tiny_llama(BIG_VOCAB).save_pretrained(folder, safe_serialization=True)
+    make_tiny_tokenizer(tiny_text_file.read_text()).save_pretrained(folder)
+    return folder
+
+
+def test_kl_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tiny_text_file):
+    from llmopt.evaluation import evaluate
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    data = f"text:{tiny_text_file}"
+    evaluate(str(big_vocab_folder), data=data, seq_len=16, max_windows=1, progress=False, threads=1)  # warm
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    r = evaluate(
+        str(big_vocab_folder), data=data, seq_len=1024, max_windows=2, base=str(big_vocab_folder), progress=False
+    )
+    grew = peak_rss_mib() - before
+    # one window's float32 logits alone: 1024 x 262144 x 4 B = 1 GiB per model (the whole-window code: ~5 GiB)
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"
+    assert r.kl.mean == pytest.approx(0.0, abs=1e-6) and r.kl.top1_agreement == 1.0 and math.isfinite(r.perplexity)
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_decodes_fewer_positions_per_batch_for_a_large_vocabulary(big_vocab_folder, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+    from llmopt.exporters import export_gguf
+
+    out = tmp_path / "big.gguf"
+    export_gguf(str(big_vocab_folder), str(out), type="f32")
+    be = LlamaCppBackend(out, threads=2)
+    try:
+        assert be.llm.n_batch == 128  # 128 MiB of float32 logits per decode
+        ids = torch.arange(300) * 7 % 320
+        blocks = list(be.logit_blocks(ids))
+        assert [b.shape[0] for b in blocks] == [128, 128, 44]
+        got = torch.cat(blocks)
+    finally:
+        be.close()
+    ref = TorchBackend.from_spec(str(big_vocab_folder), threads=2).logits(ids)
+    assert (got - ref).abs().max().item() < 0.01 * ref.std().item()  # F16 KV cache
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
