@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from llmopt import atomic
 from llmopt.errors import LLMOptError, first_line
-from llmopt.models.gguf_file import _gguf_value, _read_gguf
+from llmopt.models.gguf_file import _gguf_value, read_gguf
 from llmopt.models.gguf_tokenizer import _build_gguf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _converted_gguf_folder(gguf: Path, root: Path) -> Path:
     if _is_complete(target):
         log.debug("using cached conversion %s of %s", target, gguf)
         return target
-    reader = _read_gguf(gguf)
+    reader = read_gguf(gguf)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

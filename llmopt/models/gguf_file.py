@@ -38,7 +38,6 @@ def read_gguf(gguf: Path) -> Any:
 
 # The old name, still imported inside this package by gguf_cache and gguf_tokenizer; other packages use
 # read_gguf.
-_read_gguf = read_gguf
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:

@@ -26,7 +26,7 @@ import llmopt.hf_imports  # noqa: F401  (transformers' import-time settings, bef
 # isort: split
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from llmopt.models.gguf_file import _gguf_value, _read_gguf
+from llmopt.models.gguf_file import _gguf_value, read_gguf
 from llmopt.models.gguf_special import TOKEN_CONTROL, TOKEN_USER_DEFINED, _wrap
 from llmopt.models.gguf_spm import spm_tokenizer_from_gguf
 
@@ -42,7 +42,7 @@ _GPT2_ONLY = frozenset({"gpt-2"})
 
 def _build_gguf_tokenizer(gguf: Path, reader: Any | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of ``gguf``, tokenizing like llama.cpp (see the module docstring)."""
-    reader = reader if reader is not None else _read_gguf(gguf)
+    reader = reader if reader is not None else read_gguf(gguf)
     kind = _gguf_value(reader, "tokenizer.ggml.model")
     pre = _gguf_value(reader, "tokenizer.ggml.pre", "default")
     if kind == "gpt2" and pre in _DIGITS_THEN_GPT2 | _GPT2_ONLY:
