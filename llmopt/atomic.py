@@ -4,9 +4,10 @@
 ``file``, a created empty folder for a ``folder``). When the block succeeds the sibling's contents are
 fsynced (every file and folder in it), it is renamed onto the target and the parent folder is fsynced;
 on any error, SIGINT or SIGTERM it is removed and an existing target stays byte-identical. The rename
-and the cleanup run with SIGINT/SIGTERM deferred, so neither is cut in half. An existing folder target
-is moved aside (``.{name}.old-{pid}``), replaced, and removed after; an existing file is replaced by
-one ``os.replace``.
+and the cleanup run with SIGINT/SIGTERM deferred (:func:`signals_deferred`), so neither is cut in half:
+a rename that has begun is completed and the interrupt acts right after it, so the target is then the
+complete new one. An existing folder target is moved aside (``.{name}.old-{pid}``), replaced, and
+removed after; an existing file is replaced by one ``os.replace``.
 
 Stale siblings (``.{name}.tmp-{pid}*`` / ``.{name}.old-{pid}*``) of processes that no longer run — a
 SIGKILL, a power cut — are removed by the next write to the same target (:func:`remove_stale`), or of
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,17 +60,44 @@ def install_signal_handlers() -> None:
             signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
+def _deliver(signum: int, handler) -> None:
+    """Act on ``signum`` as ``handler`` (what :func:`signal.getsignal` returned) would have."""
+    if callable(handler):
+        handler(signum, sys._getframe(1))
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (renames and cleanup are never cut in half)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM until the block ends (renames and cleanup are never cut in half), then act on the
+    first that arrived as the handler in place before the block would have (raise :class:`Interrupted`).
+
+    The handlers are swapped, not the signal mask: CPython runs a Python handler in the main thread
+    whichever thread the kernel gives the signal to, and a run has threads that do not block it (the RSS
+    sampler, libraries' workers)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    pending: list[int] = []
+
+    def hold(signum, frame):  # noqa: ARG001 - signal handler signature
+        if not pending:
+            pending.append(signum)
+
+    previous = {}
+    for signum in _SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler not in (signal.SIG_IGN, None):
+            previous[signum] = handler
+            signal.signal(signum, hold)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            _deliver(pending[0], previous[pending[0]])
 
 
 def _pid_alive(pid: int) -> bool:
