@@ -13,8 +13,13 @@ Stale siblings (``.{name}.tmp-{pid}*`` / ``.{name}.old-{pid}*``) of processes th
 SIGKILL, a power cut — are removed by the next write to the same target (:func:`remove_stale`), or of
 every target in a folder (:func:`remove_stale_in`).
 
-:func:`install_signal_handlers` turns SIGTERM into :class:`Interrupted` (a ``KeyboardInterrupt``), so
-``finally`` blocks clean up on SIGTERM as they do on Ctrl-C.
+:func:`install_signal_handlers` turns SIGINT and SIGTERM into :class:`Interrupted` (a
+``KeyboardInterrupt``), so ``finally`` blocks clean up on SIGTERM as they do on Ctrl-C, and holds one
+that arrives while a module is being imported until that import is done: import-time code of compiled
+libraries drops exceptions it does not expect (torch's start-up imports numpy and clears any error of
+that import, a ``KeyboardInterrupt`` included, so a Ctrl-C there was lost and the run went on), and a
+half-imported extension module cannot be imported again. Signals that arrive meanwhile add nothing; a
+run is thus stopped at most one import later (torch's and transformers' take seconds).
 
 Failures are raised as they come (``OSError``; :class:`TargetExists` when the target appeared and
 ``overwrite`` is off): callers word them for their users (:mod:`llmopt.outputs`). This module imports
@@ -30,6 +35,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,15 +55,60 @@ class TargetExists(FileExistsError):
     """The target of an :func:`atomic_write` with ``overwrite=False`` exists (it appeared meanwhile)."""
 
 
-def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+def _imports_on(frame) -> int:
+    """How many imports are under way in the stack that ``frame`` tops."""
+    n = 0
+    while frame is not None:
+        code = frame.f_code
+        n += code.co_name == "_find_and_load" and code.co_filename.startswith("<frozen importlib._bootstrap")
+        frame = frame.f_back
+    return n
+
+
+_outer_imports = 0  # imports under way where the handlers were installed (a program run by an import)
+_held: list[int] = []  # the signal waiting for an import to end
+
+
+def _on_signal(signum, frame):  # the SIGINT / SIGTERM handler (runs in the main thread)
+    if _held:  # one is held already: it acts once the import is done
+        return
+    if _imports_on(frame if frame is not None else sys._getframe(1)) > _outer_imports:
+        _held.append(signum)
+        try:
+            threading.Thread(target=_redeliver, args=(signum,), name="llmopt-held-signal", daemon=True).start()
+            return
+        except RuntimeError:  # no thread to wait with: act now
+            _held.clear()
     raise Interrupted(signum)
 
 
+def _redeliver(signum: int) -> None:
+    """Send ``signum`` again to the main thread once its imports are done (polled every 10 ms)."""
+    main = threading.main_thread()
+    while main.is_alive():
+        time.sleep(0.01)
+        frame = sys._current_frames().get(main.ident)
+        if frame is None or _imports_on(frame) <= _outer_imports:
+            break
+    _held.clear()
+    if main.is_alive():  # to the main thread, so that a call it is in returns (EINTR) and the handler runs
+        if hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(main.ident, signum)
+        else:
+            os.kill(os.getpid(), signum)
+
+
 def install_signal_handlers() -> None:
-    """SIGTERM → :class:`Interrupted` in the main thread (SIGINT already raises KeyboardInterrupt)."""
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _raise_interrupted)
+    """SIGINT and SIGTERM → :class:`Interrupted` in the main thread, held while an import runs.
+
+    Leaves alone a signal that is ignored (a background job's SIGINT) or has a handler of its own."""
+    global _outer_imports
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) in (default, None):
+            _outer_imports = _imports_on(sys._getframe(1))
+            signal.signal(signum, _on_signal)
 
 
 def _deliver(signum: int, handler) -> None:

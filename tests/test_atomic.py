@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -107,3 +108,21 @@ def test_signals_deferred_holds_a_signal_another_thread_receives(own_handlers):
         stop.set()
         other.join()
     assert reached and e.value.signum == signal.SIGTERM
+
+
+def test_a_signal_during_an_import_acts_once_the_import_is_done(tmp_path, monkeypatch, own_handlers):
+    """Like torch, whose start-up imports numpy and clears any error of that import: a KeyboardInterrupt
+    raised inside the import was dropped there, and the program went on."""
+    (tmp_path / "swallower.py").write_text(
+        "try:\n    import signalled\nexcept BaseException:\n    swallowed = True\nelse:\n    swallowed = False\n"
+    )
+    (tmp_path / "signalled.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\nfor _ in range(20):\n    time.sleep(0.005)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("swallower", "signalled"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(atomic.Interrupted):
+        importlib.import_module("swallower")
+        _wait(2)  # the held signal comes back ~10 ms after the import
+    assert sys.modules["swallower"].swallowed is False and "signalled" in sys.modules

@@ -2,10 +2,11 @@
 ``error: interrupted (...)`` line and nothing half-written, wherever the run is when it arrives.
 
 Each test runs the real command in a subprocess held at one point of its run by
-:mod:`tests.interrupt_point` (writing the temporary sibling; the rename onto the output), sends the
-signal there and lets it go on. An interrupt before the rename leaves an existing output byte-identical
-and no ``.out.tmp-*`` sibling; a rename that has begun is completed, so an interrupt during it leaves the
-complete new output; the exit code is 128 + signal in every case.
+:mod:`tests.interrupt_point` (start-up: torch importing numpy; loading; calibration; compression; writing
+the temporary sibling; the rename onto the output), sends the signal there and lets it go on. An
+interrupt before the rename leaves no output (no folder, no ``.out.tmp-*`` sibling) and an existing output
+byte-identical; a rename that has begun is completed, so an interrupt during it leaves the complete new
+output; the exit code is 128 + signal in every case.
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def leftovers(out: Path) -> list[str]:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "phase,sig",
+    [("start-up", signal.SIGINT), ("start-up", signal.SIGTERM), ("loading", signal.SIGINT),
+     ("calibration", signal.SIGINT), ("compression", signal.SIGINT), ("writing", signal.SIGINT)],
+)  # fmt: skip
+def test_interrupt_stops_the_run(phase, sig, tiny_model_dir, tiny_text_file, recipes, tmp_path):
+    when = {
+        "start-up": "import:numpy",  # torch's C start-up imports numpy, and dropped an exception raised there
+        "loading": f"open:{tiny_model_dir / 'config.json'}",
+        "calibration": f"open:{tiny_text_file}",
+        "compression": "call:llmopt.stages.pruning:SparseGPTStage.prune",
+        "writing": "open:.out.tmp-",  # a file inside the temporary sibling
+    }[phase]
+    out = tmp_path / "out"
+    rc, stdout, lines = interrupt_at(when, ["compress", tiny_model_dir, "--recipe", recipes["sgpt"], "--output", out],
+                                     sig, tmp_path)  # fmt: skip
+    check_interrupted(rc, lines, sig)
+    assert not out.exists() and not leftovers(out), leftovers(out)
+    assert "saved" not in stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
