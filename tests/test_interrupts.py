@@ -3,10 +3,10 @@
 
 Each test runs the real command in a subprocess held at one point of its run by
 :mod:`tests.interrupt_point` (start-up: torch importing numpy; loading; calibration; compression; writing
-the temporary sibling; the rename onto the output), sends the signal there and lets it go on. An
-interrupt before the rename leaves no output (no folder, no ``.out.tmp-*`` sibling) and an existing output
-byte-identical; a rename that has begun is completed, so an interrupt during it leaves the complete new
-output; the exit code is 128 + signal in every case.
+the temporary sibling; the rename onto the output; the interpreter's exit), sends the signal there and
+lets it go on. An interrupt before the rename leaves no output (no folder, no ``.out.tmp-*`` sibling) and
+an existing output byte-identical; a rename that has begun is completed, so an interrupt during it leaves
+the complete new output, as one arriving after it does; the exit code is 128 + signal in every case.
 """
 
 from __future__ import annotations
@@ -127,3 +127,13 @@ def test_interrupt_during_the_rename_completes_it(tiny_model_dir, recipes, tmp_p
     check_interrupted(rc, lines, signal.SIGINT)
     assert not leftovers(out), leftovers(out)
     assert SAVED <= {p.name for p in out.iterdir()} and not (out / "old.txt").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_while_exiting(sig, tiny_model_dir, recipes, tmp_path):
+    """Once the command has returned, Python would report an exception raised at its exit and exit 0."""
+    out = tmp_path / "out"
+    argv = ["compress", tiny_model_dir, "--recipe", recipes["mag"], "--output", out]
+    rc, stdout, lines = interrupt_at("exit", argv, sig, tmp_path)
+    check_interrupted(rc, lines, sig)
+    assert "saved" in stdout and SAVED <= {p.name for p in out.iterdir()} and not leftovers(out)
