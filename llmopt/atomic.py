@@ -4,16 +4,22 @@
 ``file``, a created empty folder for a ``folder``). When the block succeeds the sibling's contents are
 fsynced (every file and folder in it), it is renamed onto the target and the parent folder is fsynced;
 on any error, SIGINT or SIGTERM it is removed and an existing target stays byte-identical. The rename
-and the cleanup run with SIGINT/SIGTERM deferred, so neither is cut in half. An existing folder target
-is moved aside (``.{name}.old-{pid}``), replaced, and removed after; an existing file is replaced by
-one ``os.replace``.
+and the cleanup run with SIGINT/SIGTERM deferred (:func:`signals_deferred`), so neither is cut in half:
+a rename that has begun is completed and the interrupt acts right after it, so the target is then the
+complete new one. An existing folder target is moved aside (``.{name}.old-{pid}``), replaced, and
+removed after; an existing file is replaced by one ``os.replace``.
 
 Stale siblings (``.{name}.tmp-{pid}*`` / ``.{name}.old-{pid}*``) of processes that no longer run — a
 SIGKILL, a power cut — are removed by the next write to the same target (:func:`remove_stale`), or of
 every target in a folder (:func:`remove_stale_in`).
 
-:func:`install_signal_handlers` turns SIGTERM into :class:`Interrupted` (a ``KeyboardInterrupt``), so
-``finally`` blocks clean up on SIGTERM as they do on Ctrl-C.
+:func:`install_signal_handlers` turns SIGINT and SIGTERM into :class:`Interrupted` (a
+``KeyboardInterrupt``), so ``finally`` blocks clean up on SIGTERM as they do on Ctrl-C, and holds one
+that arrives while a module is being imported until that import is done: import-time code of compiled
+libraries drops exceptions it does not expect (torch's start-up imports numpy and clears any error of
+that import, a ``KeyboardInterrupt`` included, so a Ctrl-C there was lost and the run went on), and a
+half-imported extension module cannot be imported again. Signals that arrive meanwhile add nothing; a
+run is thus stopped at most one import later (torch's and transformers' take seconds).
 
 Failures are raised as they come (``OSError``; :class:`TargetExists` when the target appeared and
 ``overwrite`` is off): callers word them for their users (:mod:`llmopt.outputs`). This module imports
@@ -27,7 +33,9 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,28 +55,100 @@ class TargetExists(FileExistsError):
     """The target of an :func:`atomic_write` with ``overwrite=False`` exists (it appeared meanwhile)."""
 
 
-def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+def _imports_on(frame) -> int:
+    """How many imports are under way in the stack that ``frame`` tops."""
+    n = 0
+    while frame is not None:
+        code = frame.f_code
+        n += code.co_name == "_find_and_load" and code.co_filename.startswith("<frozen importlib._bootstrap")
+        frame = frame.f_back
+    return n
+
+
+_outer_imports = 0  # imports under way where the handlers were installed (a program run by an import)
+_held: list[int] = []  # the signal waiting for an import to end
+
+
+def _on_signal(signum, frame):  # the SIGINT / SIGTERM handler (runs in the main thread)
+    if _held:  # one is held already: it acts once the import is done
+        return
+    if _imports_on(frame if frame is not None else sys._getframe(1)) > _outer_imports:
+        _held.append(signum)
+        try:
+            threading.Thread(target=_redeliver, args=(signum,), name="llmopt-held-signal", daemon=True).start()
+            return
+        except RuntimeError:  # no thread to wait with: act now
+            _held.clear()
     raise Interrupted(signum)
 
 
+def _redeliver(signum: int) -> None:
+    """Send ``signum`` again to the main thread once its imports are done (polled every 10 ms)."""
+    main = threading.main_thread()
+    while main.is_alive():
+        time.sleep(0.01)
+        frame = sys._current_frames().get(main.ident)
+        if frame is None or _imports_on(frame) <= _outer_imports:
+            break
+    _held.clear()
+    if main.is_alive():  # to the main thread, so that a call it is in returns (EINTR) and the handler runs
+        if hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(main.ident, signum)
+        else:
+            os.kill(os.getpid(), signum)
+
+
 def install_signal_handlers() -> None:
-    """SIGTERM → :class:`Interrupted` in the main thread (SIGINT already raises KeyboardInterrupt)."""
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _raise_interrupted)
+    """SIGINT and SIGTERM → :class:`Interrupted` in the main thread, held while an import runs.
+
+    Leaves alone a signal that is ignored (a background job's SIGINT) or has a handler of its own."""
+    global _outer_imports
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) in (default, None):
+            _outer_imports = _imports_on(sys._getframe(1))
+            signal.signal(signum, _on_signal)
+
+
+def _deliver(signum: int, handler) -> None:
+    """Act on ``signum`` as ``handler`` (what :func:`signal.getsignal` returned) would have."""
+    if callable(handler):
+        handler(signum, sys._getframe(1))
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (renames and cleanup are never cut in half)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM until the block ends (renames and cleanup are never cut in half), then act on the
+    first that arrived as the handler in place before the block would have (raise :class:`Interrupted`).
+
+    The handlers are swapped, not the signal mask: CPython runs a Python handler in the main thread
+    whichever thread the kernel gives the signal to, and a run has threads that do not block it (the RSS
+    sampler, libraries' workers)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    pending: list[int] = []
+
+    def hold(signum, frame):  # noqa: ARG001 - signal handler signature
+        if not pending:
+            pending.append(signum)
+
+    previous = {}
+    for signum in _SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler not in (signal.SIG_IGN, None):
+            previous[signum] = handler
+            signal.signal(signum, hold)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            _deliver(pending[0], previous[pending[0]])
 
 
 def _pid_alive(pid: int) -> bool:

@@ -11,8 +11,9 @@
   failures are one-line :class:`LLMOptError` messages naming the option (``--output``, ``--json``).
 * Stale siblings (``.{name}.tmp-{pid}*`` / ``.{name}.old-{pid}*``) of processes that no longer run — a
   SIGKILL, a power cut — are removed by the next run to the same output.
-* :func:`install_signal_handlers` turns SIGTERM into :class:`Interrupted` (a ``KeyboardInterrupt``), so
-  ``finally`` blocks clean up on SIGTERM as they do on Ctrl-C.
+* :func:`install_signal_handlers` turns SIGINT and SIGTERM into :class:`Interrupted` (a
+  ``KeyboardInterrupt``), so ``finally`` blocks clean up on SIGTERM as they do on Ctrl-C; one that arrives
+  during an import acts once the import is done (import-time code of compiled libraries drops it).
 """
 
 from __future__ import annotations

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -67,3 +71,58 @@ def test_stale_siblings_of_dead_processes_are_removed(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["m.gguf", live.name, f".other.tmp-{dead}"])
     assert atomic.remove_stale_in(tmp_path) == [tmp_path / f".other.tmp-{dead}"]
+
+
+@pytest.fixture
+def own_handlers():
+    """Python's default handlers for the test, then llmopt's installed; the previous ones put back after."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    atomic.install_signal_handlers()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def _wait(seconds: float) -> None:
+    for _ in range(int(seconds / 0.005)):
+        time.sleep(0.005)  # a signal handler runs in here
+
+
+def test_signals_deferred_holds_a_signal_another_thread_receives(own_handlers):
+    """Blocking the signals in the main thread deferred nothing: the kernel gives a process signal to a
+    thread that does not block it (torch's, the RSS sampler) and CPython runs the handler in the main
+    thread at once, inside the block."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    reached = False
+    try:
+        with pytest.raises(atomic.Interrupted) as e:
+            with atomic.signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                _wait(0.2)
+                reached = True
+    finally:
+        stop.set()
+        other.join()
+    assert reached and e.value.signum == signal.SIGTERM
+
+
+def test_a_signal_during_an_import_acts_once_the_import_is_done(tmp_path, monkeypatch, own_handlers):
+    """Like torch, whose start-up imports numpy and clears any error of that import: a KeyboardInterrupt
+    raised inside the import was dropped there, and the program went on."""
+    (tmp_path / "swallower.py").write_text(
+        "try:\n    import signalled\nexcept BaseException:\n    swallowed = True\nelse:\n    swallowed = False\n"
+    )
+    (tmp_path / "signalled.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\nfor _ in range(20):\n    time.sleep(0.005)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("swallower", "signalled"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(atomic.Interrupted):
+        importlib.import_module("swallower")
+        _wait(2)  # the held signal comes back ~10 ms after the import
+    assert sys.modules["swallower"].swallowed is False and "signalled" in sys.modules
