@@ -142,3 +142,58 @@ def test_llama_cpp_decodes_fewer_positions_per_batch_for_a_large_vocabulary(big_
     ref = TorchBackend.from_spec(str(big_vocab_folder), threads=2).logits(ids)
     assert (got - ref).abs().max().item() < 0.01 * ref.std().item()  # F16 KV cache
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+class _Tok:
+    eos_token_id, bos_token_id = 2, 1
+
+
+def test_harness_scores_blocks_like_whole_logits():
+    """lm-eval requests scored from blocks (any size) give what the whole (L, V) log-softmax gives."""
+    from llmopt.harness.backend_lm import BackendLM
+
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for _ in range(12):
+        ctx = torch.randint(3, 50, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        requests += [(None, ctx, [int(ctx[0])]), (None, ctx, torch.randint(0, 50, (4,), generator=g).tolist())]
+    table = {}
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:  # fixed logits per sequence, argmax mostly ids[0]
+        key = tuple(ids.tolist())
+        if key not in table:
+            table[key] = 3 * torch.randn(len(key), 50, generator=g)
+            table[key][:, key[0]] += 8
+        return table[key]
+
+    def whole(inp: list[int], cont: list[int]) -> tuple[float, bool]:  # the pre-block code, verbatim
+        rows = torch.log_softmax(logits_of(torch.tensor(inp)), -1)[len(inp) - len(cont) :]
+        target = torch.tensor(cont)
+        return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+    for max_length in (6, 64):
+        want = [whole((c + t)[-(max_length + 1) :][:-1], t) for _, c, t in requests]
+        assert 0 < sum(w[1] for w in want) < len(want)
+        for rows in (1, 5, 64):
+            engine = _Blocks({}, rows)
+            engine.logits = logits_of
+            got = BackendLM(engine, _Tok(), max_length, progress=False)._loglikelihood_tokens(requests)
+            assert got == want, (max_length, rows)
+
+
+def test_harness_loglikelihood_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder):
+    """A 2040-token context + 7-token continuation: whole logits + log-softmax would be 2 x 2 GiB."""
+    from llmopt.harness.backend_lm import BackendLM
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    engine = TorchBackend.from_spec(str(big_vocab_folder), threads=1)
+    lm = BackendLM(engine, _Tok(), max_length=2048, progress=False)
+    ids = (torch.arange(2047) * 7919 % 320).tolist()
+    short = lm._loglikelihood_tokens([(None, ids[-40:-7], ids[-7:])])  # warm-up (one block)
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    (ll, greedy), (ll1, _) = lm._loglikelihood_tokens([(None, ids[:-7], ids[-7:]), (None, ids[:-1], ids[-1:])])
+    grew = peak_rss_mib() - before
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"  # one 2047-row float32 logits: 2 GiB
+    assert math.isfinite(ll) and ll < ll1 < 0 and not greedy and ll != short[0][0]
