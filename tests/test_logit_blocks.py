@@ -197,3 +197,27 @@ def test_harness_loglikelihood_on_a_262k_vocabulary_in_bounded_memory(big_vocab_
     grew = peak_rss_mib() - before
     assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"  # one 2047-row float32 logits: 2 GiB
     assert math.isfinite(ll) and ll < ll1 < 0 and not greedy and ll != short[0][0]
+
+
+def test_onnx_blocks_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tmp_path):
+    """2048 positions through the ONNX graph in chunks on its KV cache: one run would return 2 GiB of logits."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("optimum.exporters.onnx")
+    from llmopt.backends.onnx_backend import OnnxBackend
+    from llmopt.exporters import export_onnx
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    export_onnx(str(big_vocab_folder), str(tmp_path / "onnx"))
+    be = OnnxBackend(tmp_path / "onnx", threads=1)
+    ids = torch.arange(2048) * 7919 % 320
+    tail = be.logits(ids[:64])  # warm-up: one block
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    rows, first = 0, None
+    for block in be.logit_blocks(ids):
+        first = block if first is None else first
+        rows += block.shape[0]
+    grew = peak_rss_mib() - before
+    assert rows == 2048 and grew < 700, f"peak RSS grew by {grew:.0f} MiB"
+    assert torch.allclose(first, tail, atol=1e-5)
