@@ -221,3 +221,40 @@ def test_onnx_blocks_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tm
     grew = peak_rss_mib() - before
     assert rows == 2048 and grew < 700, f"peak RSS grew by {grew:.0f} MiB"
     assert torch.allclose(first, tail, atol=1e-5)
+
+
+def test_teacher_topk_cache_fills_in_blocks(tmp_path, monkeypatch):
+    """The top-k summary is per position: blocks of 7 positions store what one 512-position chunk stores."""
+    from safetensors.torch import load_file
+
+    from llmopt.distill import teacher
+
+    model = make_tiny_model("gemma2", 300)  # soft-capped logits
+    windows = (torch.arange(2 * 40) * 7 % 300).view(2, 40)
+    whole = teacher.TopKCache(tmp_path / "whole", "fp", k=8, T=2.0)
+    assert whole.fill(model, windows) == 2
+    monkeypatch.setattr(teacher, "TOPK_BLOCK_BYTES", 7 * 4 * 300)
+    blocks = teacher.TopKCache(tmp_path / "blocks", "fp", k=8, T=2.0)
+    assert blocks.fill(model, windows) == 2
+    for w in windows:
+        a, b = load_file(str(whole.path(w))), load_file(str(blocks.path(w)))
+        assert torch.equal(a["index"], b["index"]) and a["top"].shape == (40, 8)
+        for name in ("top", "lse", "tail", "lse1", "tail1"):
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_teacher_topk_cache_on_a_262k_vocabulary_in_bounded_memory(tmp_path):
+    """One 1024-position window: 512-position chunks held 512 MiB of logits plus the summary's temporaries."""
+    from llmopt.distill.teacher import TopKCache
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(BIG_VOCAB).eval()
+    cache = TopKCache(tmp_path, "fp", k=64, T=1.0)
+    cache.fill(model, torch.arange(64).view(1, -1))  # warm-up: one block
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    assert cache.fill(model, (torch.arange(1024) * 7919 % 320).view(1, -1)) == 1
+    grew = peak_rss_mib() - before
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"
