@@ -10,8 +10,9 @@ The exported graph computes the logits of every prompt position (optimum's graph
 ``logits_to_keep``), so prefill includes the output head over the whole prompt, unlike the torch and
 llama.cpp backends, which compute the last position only; reported speeds say so in ``dtype``.
 
-Memory. :meth:`OnnxBackend.logit_blocks` (evaluation, the harness) runs a long window as consecutive chunks
-of positions on the KV cache, so at most one chunk's logits (64 MiB of float32) exist at a time.
+Memory. :meth:`OnnxBackend.logit_blocks` (evaluation, the harness) and the prefill of
+:meth:`OnnxBackend.greedy` run a long window as consecutive chunks of positions on the KV cache, so at most
+one chunk's logits (64 MiB of float32) exist at a time.
 """
 
 from __future__ import annotations
@@ -128,9 +129,14 @@ class OnnxBackend(Backend):
         return self._run(self._feed(ids, past, past_len))
 
     def greedy(self, ids: list[int], max_new: int) -> Iterator[int]:
-        """Incremental greedy decoding: one run over ``ids``, then yield up to ``max_new`` tokens, each the
-        argmax of the last logits row, fed back one at a time with the KV cache (:meth:`forward`)."""
-        logits, past = self.forward(np.array([ids], dtype=np.int64))  # logits: (1, L, V)
+        """Incremental greedy decoding: ``ids`` prefilled in chunks of :func:`~llmopt.backends.base.block_rows`
+        positions (one run when the graph has no KV cache inputs), then yield up to ``max_new`` tokens, each
+        the argmax of the last logits row, fed back one at a time with the KV cache (:meth:`forward`)."""
+        x = np.array([ids], dtype=np.int64)
+        step_rows = block_rows(self.vocab_size) if self._past else max(1, len(ids))
+        past = None
+        for start in range(0, max(1, len(ids)), step_rows):  # logits: (1, n, V), n <= step_rows
+            logits, past = self.forward(np.ascontiguousarray(x[:, start : start + step_rows]), past, start)
         for step in range(max_new):
             nxt = int(logits[0, -1].argmax())
             yield nxt
