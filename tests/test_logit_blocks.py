@@ -258,3 +258,30 @@ def test_teacher_topk_cache_on_a_262k_vocabulary_in_bounded_memory(tmp_path):
     assert cache.fill(model, (torch.arange(1024) * 7919 % 320).view(1, -1)) == 1
     grew = peak_rss_mib() - before
     assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"
+
+
+@pytest.mark.llamacpp
+def test_gguf_harness_loglikelihood_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tmp_path):
+    """The GGUF case: llama.cpp's batches of 128 positions scored as they come, never (2047, V) floats."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("lm_eval")
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+    from llmopt.exporters import export_gguf
+    from llmopt.harness.backend_lm import BackendLM
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    export_gguf(str(big_vocab_folder), str(tmp_path / "big.gguf"), type="f32")
+    engine = LlamaCppBackend(tmp_path / "big.gguf", threads=2, n_ctx=2048)
+    try:
+        lm = BackendLM(engine, _Tok(), max_length=2048, progress=False)
+        ids = (torch.arange(2047) * 7919 % 320).tolist()
+        lm._loglikelihood_tokens([(None, ids[-40:-7], ids[-7:])])  # warm-up (one batch)
+        if not reset_peak_rss() or rss_mib() is None:
+            pytest.skip("needs Linux's resettable VmHWM")
+        before = rss_mib()
+        ((ll, _),) = lm._loglikelihood_tokens([(None, ids[:-7], ids[-7:])])
+        grew = peak_rss_mib() - before
+    finally:
+        engine.close()
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"  # one 2047-row float32 logits: 2 GiB
+    assert math.isfinite(ll) and ll < 0
