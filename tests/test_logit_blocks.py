@@ -3,9 +3,11 @@
 
 Properties: a backend's blocks concatenate to its logits (torch: the trunk once and the head per block,
 Gemma's soft-capping included, the full forward where lm_head(hidden) is not the model's logits;
-llama.cpp: fewer positions per decode for a large vocabulary); perplexity and KL from misaligned blocks
-equal the plain whole-window computation; KL at 1024 positions on a 262,144-token model stays far below
-one window's logits.
+llama.cpp: fewer positions per decode for a large vocabulary; ONNX: chunks on the KV cache); perplexity and
+KL from misaligned blocks equal the plain whole-window computation; lm-eval requests scored from blocks
+equal the whole-sequence log-softmax exactly; the teacher top-k cache stores the same summary in blocks. On
+a 262,144-token model, KL at 1024 positions, a harness log-likelihood over a 2040-token context (torch and
+GGUF), 2048 ONNX positions and a 1024-position teacher cache fill all stay far below one window's logits.
 """
 
 from __future__ import annotations
