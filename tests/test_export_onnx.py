@@ -73,6 +73,28 @@ def test_f32_export_matches_torch_logits_and_kv_cache(tiny_model_dir, tiny_onnx)
     assert speed.dtype == "onnx float32"
 
 
+def test_logit_blocks_are_chunked_runs_on_the_kv_cache(tiny_model_dir, tiny_onnx, monkeypatch):
+    from llmopt.backends.onnx_backend import OnnxBackend
+
+    ids = _ids()
+    want = list(OnnxBackend(tiny_onnx, threads=1).greedy(ids[:30].tolist(), 6))  # prefill: one run
+    monkeypatch.setattr("llmopt.backends.onnx_backend.block_rows", lambda vocab: 7)
+    be = OnnxBackend(tiny_onnx, threads=1)
+    runs = []
+    run = be.session.run
+    monkeypatch.setattr(be.session, "run", lambda names, feed: runs.append(feed["input_ids"].shape) or run(names, feed))
+    blocks = list(be.logit_blocks(ids))
+    assert [b.shape for b in blocks] == [(7, be.vocab_size)] * 6 + [(6, be.vocab_size)]
+    assert runs == [(1, 7)] * 6 + [(1, 6)]  # one graph run per block: never the (48, V) logits at once
+    ref = _torch_logits(tiny_model_dir, ids)
+    assert float((torch.cat(blocks) - ref).abs().max()) <= LOGIT_ATOL
+    assert torch.allclose(torch.cat(blocks), be.logits(ids), atol=1e-5)
+    assert [b.shape[0] for b in be.logit_blocks(ids[:7])] == [7]  # one block: one run
+    runs.clear()
+    assert list(be.greedy(ids[:30].tolist(), 6)) == want
+    assert runs[:5] == [(1, 7)] * 4 + [(1, 2)] and set(runs[5:]) == {(1, 1)}  # prefill in blocks, then 1 per run
+
+
 def test_f32_export_loads_with_optimum_and_generates(tiny_model_dir, tiny_onnx):
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM

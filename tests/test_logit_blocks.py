@@ -3,9 +3,11 @@
 
 Properties: a backend's blocks concatenate to its logits (torch: the trunk once and the head per block,
 Gemma's soft-capping included, the full forward where lm_head(hidden) is not the model's logits;
-llama.cpp: fewer positions per decode for a large vocabulary); perplexity and KL from misaligned blocks
-equal the plain whole-window computation; KL at 1024 positions on a 262,144-token model stays far below
-one window's logits.
+llama.cpp: fewer positions per decode for a large vocabulary; ONNX: chunks on the KV cache); perplexity and
+KL from misaligned blocks equal the plain whole-window computation; lm-eval requests scored from blocks
+equal the whole-sequence log-softmax exactly; the teacher top-k cache stores the same summary in blocks. On
+a 262,144-token model, KL at 1024 positions, a harness log-likelihood over a 2040-token context (torch and
+GGUF), 2048 ONNX positions and a 1024-position teacher cache fill all stay far below one window's logits.
 """
 
 from __future__ import annotations
@@ -142,3 +144,146 @@ def test_llama_cpp_decodes_fewer_positions_per_batch_for_a_large_vocabulary(big_
     ref = TorchBackend.from_spec(str(big_vocab_folder), threads=2).logits(ids)
     assert (got - ref).abs().max().item() < 0.01 * ref.std().item()  # F16 KV cache
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+class _Tok:
+    eos_token_id, bos_token_id = 2, 1
+
+
+def test_harness_scores_blocks_like_whole_logits():
+    """lm-eval requests scored from blocks (any size) give what the whole (L, V) log-softmax gives."""
+    from llmopt.harness.backend_lm import BackendLM
+
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for _ in range(12):
+        ctx = torch.randint(3, 50, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        requests += [(None, ctx, [int(ctx[0])]), (None, ctx, torch.randint(0, 50, (4,), generator=g).tolist())]
+    table = {}
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:  # fixed logits per sequence, argmax mostly ids[0]
+        key = tuple(ids.tolist())
+        if key not in table:
+            table[key] = 3 * torch.randn(len(key), 50, generator=g)
+            table[key][:, key[0]] += 8
+        return table[key]
+
+    def whole(inp: list[int], cont: list[int]) -> tuple[float, bool]:  # the pre-block code, verbatim
+        rows = torch.log_softmax(logits_of(torch.tensor(inp)), -1)[len(inp) - len(cont) :]
+        target = torch.tensor(cont)
+        return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+    for max_length in (6, 64):
+        want = [whole((c + t)[-(max_length + 1) :][:-1], t) for _, c, t in requests]
+        assert 0 < sum(w[1] for w in want) < len(want)
+        for rows in (1, 5, 64):
+            engine = _Blocks({}, rows)
+            engine.logits = logits_of
+            got = BackendLM(engine, _Tok(), max_length, progress=False)._loglikelihood_tokens(requests)
+            assert got == want, (max_length, rows)
+
+
+def test_harness_loglikelihood_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder):
+    """A 2040-token context + 7-token continuation: whole logits + log-softmax would be 2 x 2 GiB."""
+    from llmopt.harness.backend_lm import BackendLM
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    engine = TorchBackend.from_spec(str(big_vocab_folder), threads=1)
+    lm = BackendLM(engine, _Tok(), max_length=2048, progress=False)
+    ids = (torch.arange(2047) * 7919 % 320).tolist()
+    short = lm._loglikelihood_tokens([(None, ids[-40:-7], ids[-7:])])  # warm-up (one block)
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    (ll, greedy), (ll1, _) = lm._loglikelihood_tokens([(None, ids[:-7], ids[-7:]), (None, ids[:-1], ids[-1:])])
+    grew = peak_rss_mib() - before
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"  # one 2047-row float32 logits: 2 GiB
+    assert math.isfinite(ll) and ll < ll1 < 0 and not greedy and ll != short[0][0]
+
+
+def test_onnx_blocks_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tmp_path):
+    """2048 positions through the ONNX graph in chunks on its KV cache: one run would return 2 GiB of logits."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("optimum.exporters.onnx")
+    from llmopt.backends.onnx_backend import OnnxBackend
+    from llmopt.exporters import export_onnx
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    export_onnx(str(big_vocab_folder), str(tmp_path / "onnx"))
+    be = OnnxBackend(tmp_path / "onnx", threads=1)
+    ids = torch.arange(2048) * 7919 % 320
+    tail = be.logits(ids[:64])  # warm-up: one block
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    rows, first = 0, None
+    for block in be.logit_blocks(ids):
+        first = block if first is None else first
+        rows += block.shape[0]
+    grew = peak_rss_mib() - before
+    assert rows == 2048 and grew < 700, f"peak RSS grew by {grew:.0f} MiB"
+    assert torch.allclose(first, tail, atol=1e-5)
+
+
+def test_teacher_topk_cache_fills_in_blocks(tmp_path, monkeypatch):
+    """The top-k summary is per position: blocks of 7 positions store what one 512-position chunk stores."""
+    from safetensors.torch import load_file
+
+    from llmopt.distill import teacher
+
+    model = make_tiny_model("gemma2", 300)  # soft-capped logits
+    windows = (torch.arange(2 * 40) * 7 % 300).view(2, 40)
+    whole = teacher.TopKCache(tmp_path / "whole", "fp", k=8, T=2.0)
+    assert whole.fill(model, windows) == 2
+    monkeypatch.setattr(teacher, "TOPK_BLOCK_BYTES", 7 * 4 * 300)
+    blocks = teacher.TopKCache(tmp_path / "blocks", "fp", k=8, T=2.0)
+    assert blocks.fill(model, windows) == 2
+    for w in windows:
+        a, b = load_file(str(whole.path(w))), load_file(str(blocks.path(w)))
+        assert torch.equal(a["index"], b["index"]) and a["top"].shape == (40, 8)
+        for name in ("top", "lse", "tail", "lse1", "tail1"):
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_teacher_topk_cache_on_a_262k_vocabulary_in_bounded_memory(tmp_path):
+    """One 1024-position window: 512-position chunks held 512 MiB of logits plus the summary's temporaries."""
+    from llmopt.distill.teacher import TopKCache
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(BIG_VOCAB).eval()
+    cache = TopKCache(tmp_path, "fp", k=64, T=1.0)
+    cache.fill(model, torch.arange(64).view(1, -1))  # warm-up: one block
+    if not reset_peak_rss() or rss_mib() is None:
+        pytest.skip("needs Linux's resettable VmHWM")
+    before = rss_mib()
+    assert cache.fill(model, (torch.arange(1024) * 7919 % 320).view(1, -1)) == 1
+    grew = peak_rss_mib() - before
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"
+
+
+@pytest.mark.llamacpp
+def test_gguf_harness_loglikelihood_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tmp_path):
+    """The GGUF case: llama.cpp's batches of 128 positions scored as they come, never (2047, V) floats."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("lm_eval")
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+    from llmopt.exporters import export_gguf
+    from llmopt.harness.backend_lm import BackendLM
+    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    export_gguf(str(big_vocab_folder), str(tmp_path / "big.gguf"), type="f32")
+    engine = LlamaCppBackend(tmp_path / "big.gguf", threads=2, n_ctx=2048)
+    try:
+        lm = BackendLM(engine, _Tok(), max_length=2048, progress=False)
+        ids = (torch.arange(2047) * 7919 % 320).tolist()
+        lm._loglikelihood_tokens([(None, ids[-40:-7], ids[-7:])])  # warm-up (one batch)
+        if not reset_peak_rss() or rss_mib() is None:
+            pytest.skip("needs Linux's resettable VmHWM")
+        before = rss_mib()
+        ((ll, _),) = lm._loglikelihood_tokens([(None, ids[:-7], ids[-7:])])
+        grew = peak_rss_mib() - before
+    finally:
+        engine.close()
+    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"  # one 2047-row float32 logits: 2 GiB
+    assert math.isfinite(ll) and ll < 0

@@ -9,6 +9,10 @@ The session is fed directly (no optimum wrapper in the timed loop): ``input_ids`
 The exported graph computes the logits of every prompt position (optimum's graphs have no
 ``logits_to_keep``), so prefill includes the output head over the whole prompt, unlike the torch and
 llama.cpp backends, which compute the last position only; reported speeds say so in ``dtype``.
+
+Memory. :meth:`OnnxBackend.logit_blocks` (evaluation, the harness) and the prefill of
+:meth:`OnnxBackend.greedy` run a long window as consecutive chunks of positions on the KV cache, so at most
+one chunk's logits (64 MiB of float32) exist at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmopt.backends.base import Backend, SpeedResult, resolve_threads
+from llmopt.backends.base import Backend, SpeedResult, block_rows, resolve_threads
 from llmopt.errors import LLMOptError
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -125,9 +129,14 @@ class OnnxBackend(Backend):
         return self._run(self._feed(ids, past, past_len))
 
     def greedy(self, ids: list[int], max_new: int) -> Iterator[int]:
-        """Incremental greedy decoding: one run over ``ids``, then yield up to ``max_new`` tokens, each the
-        argmax of the last logits row, fed back one at a time with the KV cache (:meth:`forward`)."""
-        logits, past = self.forward(np.array([ids], dtype=np.int64))  # logits: (1, L, V)
+        """Incremental greedy decoding: ``ids`` prefilled in chunks of :func:`~llmopt.backends.base.block_rows`
+        positions (one run when the graph has no KV cache inputs), then yield up to ``max_new`` tokens, each
+        the argmax of the last logits row, fed back one at a time with the KV cache (:meth:`forward`)."""
+        x = np.array([ids], dtype=np.int64)
+        step_rows = block_rows(self.vocab_size) if self._past else max(1, len(ids))
+        past = None
+        for start in range(0, max(1, len(ids)), step_rows):  # logits: (1, n, V), n <= step_rows
+            logits, past = self.forward(np.ascontiguousarray(x[:, start : start + step_rows]), past, start)
         for step in range(max_new):
             nxt = int(logits[0, -1].argmax())
             yield nxt
@@ -138,6 +147,23 @@ class OnnxBackend(Backend):
         x = ids.reshape(1, -1).to(torch.int64).numpy()
         out = self.session.run(["logits"], self._feed(x, None, 0))[0]  # (1, L, V)
         return torch.from_numpy(np.ascontiguousarray(out[0], dtype=np.float32))
+
+    def logit_blocks(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """ids (L,) → (n, V) float32 blocks of :func:`~llmopt.backends.base.block_rows` positions, one graph run
+        per block fed the previous blocks' KV cache (:meth:`forward`), so ONNX Runtime never allocates the
+        (L, V) logits. A window that fits one block, or a graph without ``past_key_values`` inputs, is one
+        run split. Chunked runs attend over the cache instead of the whole window at once: the same logits
+        up to float rounding."""
+        n = block_rows(self.vocab_size)
+        if ids.numel() <= n or not self._past:
+            yield from self.logits(ids).split(n)
+            return
+        x = ids.reshape(1, -1).to(torch.int64).numpy()
+        past = None
+        for start in range(0, x.shape[1], n):
+            out, past = self.forward(np.ascontiguousarray(x[:, start : start + n]), past, start)  # (1, n, V)
+            yield torch.from_numpy(np.array(out[0], dtype=np.float32))  # a copy: ORT's buffer is let go
+            del out
 
     def time_generation(self, prompt: torch.Tensor, new_tokens: int) -> SpeedResult:
         """One prefill run over ``prompt`` (P,), then ``new_tokens`` greedy one-token runs that feed the

@@ -29,6 +29,10 @@ from llmopt.kernels.distill import teacher_buckets, topk_summary
 
 log = logging.getLogger(__name__)
 
+#: float32 logits the cache fill summarises at once (positions x vocabulary x 4 bytes): at most
+#: ``chunk_tokens`` positions, fewer for a large vocabulary (Gemma 3's 262,144 tokens: 64 positions, not 512)
+TOPK_BLOCK_BYTES = 64 << 20
+
 CACHE_FORMAT = 1  # bump when the stored fields change
 
 
@@ -85,7 +89,11 @@ class TopKCache:
 
     @torch.no_grad()
     def fill(self, model: nn.Module, windows: torch.Tensor, chunk_tokens: int = 512) -> int:
-        """Run the teacher on every window not cached yet; returns how many were computed."""
+        """Run the teacher on every window not cached yet; returns how many were computed.
+
+        The trunk runs once per window; the output head and the top-k summary on blocks of at most
+        ``chunk_tokens`` positions and :data:`TOPK_BLOCK_BYTES` of float32 logits (the summary is per
+        position, so the block size changes no number beyond float rounding of the head's matmul)."""
         from safetensors.torch import save_file
 
         todo = self.missing(windows)
@@ -95,12 +103,14 @@ class TopKCache:
         remove_stale_in(self.dir)  # temp files of runs killed mid-write
         device = next(model.parameters()).device
         head = output_head(model)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        rows = max(1, min(chunk_tokens, TOPK_BLOCK_BYTES // (4 * vocab)))
         for i in tqdm(todo, desc="teacher top-k cache", unit="window"):
             ids = windows[i : i + 1].to(device)
             h = last_hidden(model, ids)[0]  # (L, H)
             parts = []
-            for c in range(0, len(h), chunk_tokens):
-                z = head(h[c : c + chunk_tokens])  # (c, V)
+            for c in range(0, len(h), rows):
+                z = head(h[c : c + rows])  # (rows, V)
                 top, index, lse, tail = topk_summary(z, self.k, self.T)
                 lse1, tail1 = (lse, tail) if self.T == 1.0 else topk_summary(z, self.k, 1.0)[2:]
                 parts.append((top, index.to(torch.int32), lse, tail, lse1, tail1))

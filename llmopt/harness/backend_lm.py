@@ -1,6 +1,6 @@
 """An lm-eval ``LM`` over any llmopt :class:`~llmopt.backends.Backend` (llama.cpp, ONNX Runtime).
 
-It feeds lm-eval's requests to ``Backend.logits`` (one sequence, no cache between calls) and follows
+It feeds lm-eval's requests to ``Backend.logit_blocks`` (one sequence, no cache between calls) and follows
 lm-eval's own ``HFLM`` token by token, so a model scored through it and through HFLM (torch) sees the same
 ids and windows and differs only in the logits its runtime computes:
 
@@ -9,7 +9,9 @@ ids and windows and differs only in the logits its runtime computes:
 * ``prefix_token_id``: BOS, else EOS, conditions an empty context and the first rolling window.
 * ``loglikelihood``: context + continuation encoded whole and split at the context's length
   (``TemplateLM._encode_pair``); the input ``(ctx + cont)[-(max_length + 1):][:-1]``; the last
-  ``len(cont)`` rows score the continuation; ``is_greedy`` when every argmax equals it.
+  ``len(cont)`` rows score the continuation; ``is_greedy`` when every argmax equals it. The logits are
+  consumed block by block (only the continuation's log-probabilities are kept), so a long context with a
+  large vocabulary (a GGUF's default ``max_length`` is its training context) never holds (L, V) floats.
 * ``loglikelihood_rolling``: ``lm_eval.utils.get_rolling_token_windows(ids, prefix, max_length, 1)``
   made disjoint, each window scored like a loglikelihood request, summed per document.
 * ``generate_until``: greedy, the context left-truncated to ``max_length - max_gen_toks`` tokens, stopped
@@ -46,7 +48,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # HFLM's max_gen_toks
 
 
 class BackendLM(TemplateLM):
-    """lm-eval's ``TemplateLM`` scoring with ``engine.logits``; see the module docstring for the rules."""
+    """lm-eval's ``TemplateLM`` scoring with ``engine.logit_blocks``; see the module docstring for the rules."""
 
     def __init__(self, engine: Backend, tokenizer, max_length: int, progress: bool = True):
         super().__init__()
@@ -92,30 +94,61 @@ class BackendLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ scoring
-    def _logprobs(self, inp: list[int]) -> torch.Tensor:
-        """inp (L,) → log-softmax over the vocabulary (L, V), float32 like HFLM's default."""
-        logits = self.engine.logits(torch.tensor(inp, dtype=torch.long))  # (L, V)
-        return F.log_softmax(logits.float(), dim=-1)
+    def _score(self, inp: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """One run over ``inp`` (L,) scoring every continuation in ``conts`` (each the last ``len(cont)``
+        predictions of ``inp``): (sum of log p(cont[t]), every cont[t] the argmax).
+
+        The logits arrive as blocks of positions (``engine.logit_blocks``); rows before the earliest
+        continuation are skipped, the rest get a float32 log-softmax (HFLM's default) per block, of which
+        only the continuation tokens' log-probabilities and the argmax check are kept: memory is one block,
+        not (L, V). Log-softmax is per row, so the numbers are those of the whole sequence's."""
+        length = len(inp)
+        first = length - max(len(c) for c in conts)  # the first row a continuation needs
+        picked: list[list[torch.Tensor]] = [[] for _ in conts]
+        greedy = [True] * len(conts)
+        start = 0
+        for block in self.engine.logit_blocks(torch.tensor(inp, dtype=torch.long)):  # (n, V)
+            end = start + block.shape[0]
+            if end > first:
+                lo = max(start, first)
+                logp = F.log_softmax(block[lo - start :].float(), dim=-1)  # rows lo..end-1
+                best = logp.argmax(-1)
+                for j, cont in enumerate(conts):
+                    c0 = length - len(cont)  # row c0 + t predicts cont[t]
+                    a = max(lo, c0)
+                    if a >= end:
+                        continue
+                    target = torch.tensor(cont[a - c0 : end - c0], dtype=torch.long)
+                    picked[j].append(logp[a - lo : end - lo].gather(1, target[:, None])[:, 0])
+                    greedy[j] = greedy[j] and bool((best[a - lo : end - lo] == target).all())
+                del logp, best
+            start = end
+        assert start == length, f"the backend returned {start} logit rows for {length} tokens"
+        return [(float(torch.cat(p).sum()), g) for p, g in zip(picked, greedy)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_) -> list[tuple[float, bool]]:
         """requests: [(cache key or None, context ids, continuation ids)] → [(log p(cont | ctx), is_greedy)].
 
-        Requests with the same model input (e.g. one-token continuations of one context) share a forward."""
+        Requests with the same model input (e.g. one-token continuations of one context) share a run."""
         inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in requests]
         order = sorted(range(len(requests)), key=lambda i: inputs[i])  # equal inputs become neighbours
+        groups: list[list[int]] = []
+        for i in order:
+            assert 0 < len(requests[i][2]) <= self.max_length, "continuation longer than the context window"
+            if groups and inputs[groups[-1][0]] == inputs[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        last_inp, logp = None, None
-        for i in tqdm(order, desc="loglikelihood", disable=disable_tqdm or not self.progress, leave=False):
-            key, _, cont = requests[i]
-            assert 0 < len(cont) <= self.max_length, "continuation longer than the context window"
-            if inputs[i] != last_inp:
-                last_inp, logp = inputs[i], self._logprobs(inputs[i])
-            rows = logp[len(inputs[i]) - len(cont) :]  # (len(cont), V): row t predicts cont[t]
-            target = torch.tensor(cont, dtype=torch.long)
-            answer = (float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all()))
-            out[i] = answer
-            if key is not None:
-                self.cache_hook.add_partial("loglikelihood", key, answer)
+        bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or not self.progress, leave=False)
+        for group in groups:
+            answers = self._score(inputs[group[0]], [requests[i][2] for i in group])
+            for i, answer in zip(group, answers):
+                out[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(group))
+        bar.close()
         return out  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

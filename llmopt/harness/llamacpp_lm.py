@@ -2,9 +2,9 @@
 
 lm-eval 0.4.13's own ``gguf`` model posts to a llama.cpp server's ``/v1/completions`` with ``echo`` and
 ``logprobs``, a protocol current llama.cpp servers no longer answer. Here the requests are scored by
-:class:`~llmopt.backends.llamacpp_backend.LlamaCppBackend` (``logits_all=True``: a logit row for every
-token, llama.cpp's own kernels, its F16 KV cache unless ``kv_type="f32"``, the cache cleared before
-every sequence), with
+:class:`~llmopt.backends.llamacpp_backend.LlamaCppBackend` (a logit row for every token, in batches of
+``n_batch`` positions consumed one at a time, llama.cpp's own kernels, its F16 KV cache unless
+``kv_type="f32"``, the cache cleared before every sequence), with
 :class:`~llmopt.harness.backend_lm.BackendLM`'s HFLM-equivalent token rules.
 
 Token ids come from :func:`llmopt.models.load_tokenizer` on the GGUF (llama.cpp's ids exactly, BOS only
