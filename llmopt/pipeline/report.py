@@ -225,6 +225,8 @@ def plot_reports(reports: list[dict], path: Path) -> bool:
             ax.set_axis_off()
             continue
         for k, p in enumerate(pts):
+            if p["role"] in ("input", "baseline"):  # reference lines on both panels, measured x or not
+                ax.axhline(p["ppl"], color=style[p["role"]]["color"], ls=":", lw=1, zorder=1)
             if p[key] is None:
                 continue
             st = dict(style[p["role"]])
@@ -233,8 +235,10 @@ def plot_reports(reports: list[dict], path: Path) -> bool:
             h = ax.scatter([p[key]], [p["ppl"]], zorder=3, label=f"{k + 1}. {p['label']}", **st)
             handles.setdefault(p["label"], h)
             ax.annotate(str(k + 1), (p[key], p["ppl"]), textcoords="offset points", xytext=(6, 5), fontsize=9)
-            if p["role"] in ("input", "baseline"):
-                ax.axhline(p["ppl"], color=st["color"], ls=":", lw=1, zorder=1)
+        for k, ref in enumerate(pts):  # a reference without this x (the input's size): its line, named at the edge
+            if ref[key] is None and ref["role"] in ("input", "baseline"):
+                ax.annotate(f"{k + 1}. {ref['label']}", (0.01, ref["ppl"]), xycoords=("axes fraction", "data"),
+                            textcoords="offset points", xytext=(0, 3), fontsize=8)  # fmt: skip
         rest = [p for p in sub if p["role"] != "input"]
         front = pareto([(p[key] if key == "size" else -p[key], p["ppl"]) for p in rest])
         fx = sorted((p[key], p["ppl"]) for p, f in zip(rest, front) if f)
@@ -242,7 +246,7 @@ def plot_reports(reports: list[dict], path: Path) -> bool:
             ax.plot([x for x, _ in fx], [y for _, y in fx], "--", color="tab:red", lw=1, zorder=2)
         # a readable range: every point with a margin of at least 2% of the best perplexity, never a zoom onto a
         # sliver that makes equal models look far apart
-        ys = [p["ppl"] for p in sub]
+        ys = [p["ppl"] for p in sub] + [p["ppl"] for p in pts if p["role"] in ("input", "baseline")]
         lo, hi = min(ys), max(ys)
         pad = max(0.08 * (hi - lo), 0.02 * lo)
         ax.set_ylim(lo - pad, hi + pad)

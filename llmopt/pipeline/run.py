@@ -66,6 +66,7 @@ def run_pipeline(
     out = Path(output)
     t0 = time.perf_counter()
     state = StepLog.load(out, model, recipe_to_yaml(rec)) if resume else None
+    resumed = state is not None
     if state is None:
         if resume and out.exists() and not overwrite:
             raise LLMOptError(
@@ -111,7 +112,9 @@ def run_pipeline(
             if a.get("role") == "baseline":
                 continue  # the baseline is a perplexity / KL / speed reference; lm-eval runs on llmopt's artifacts
             harness[name] = state.step(f"harness_{name}", lambda a=a, n=name: harness_one(n, a, out, opts, progress))
-    seconds = {**state.seconds, "total": round(state.seconds.get("compress", 0) + time.perf_counter() - t0, 2)}
+    # this run's wall time, plus the compression's when an earlier run did it (--resume)
+    earlier = state.seconds.get("compress", 0) if resumed else 0
+    seconds = {**state.seconds, "total": round(earlier + time.perf_counter() - t0, 2)}
     from llmopt.hub.card import build_card
     from llmopt.outputs import write_text
     from llmopt.pipeline.report import build_report, write_report_files
