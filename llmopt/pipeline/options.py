@@ -82,7 +82,7 @@ class PipelineOptions:
 def check_recipe(recipe, opts: PipelineOptions) -> None:
     """What can be known before any work: each ``--export`` target holds the recipe's formats exactly, the
     ``--harness`` tasks exist. (Per-Linear widths are checked by the stages' own pre-flight.)"""
-    fmts = [st.make_format() for st in recipe.stages if hasattr(st, "make_format")]
+    fmts = recipe_formats(recipe)
     for target in opts.export:
         for fmt in fmts:
             entry = {"format": fmt.name if fmt.gguf_type is not None else "int", "bits": fmt.bits,
@@ -107,12 +107,17 @@ def check_recipe(recipe, opts: PipelineOptions) -> None:
         resolve_tasks(parse_task_names(opts.harness_tasks), check_include_paths(opts.harness_include_path))
 
 
+def recipe_formats(recipe) -> list:
+    """The number format of each quantization stage of ``recipe``, in order."""
+    return [st.make_format() for st in recipe.stages if hasattr(st, "make_format")]
+
+
 def baseline_type(recipe) -> str | None:
     """The llama.cpp file type the recipe's quantization maps to (its last quantization stage: q4_0 → Q4_0;
     symmetric int4/int8 in blocks of 32k → Q4_0/Q8_0), or None when llama.cpp has no type of that format."""
     from llmopt.exporters.gguf.plan import LLAMA_FTYPES
 
-    fmts = [st.make_format() for st in recipe.stages if hasattr(st, "make_format")]
+    fmts = recipe_formats(recipe)
     if not fmts:
         return None
     fmt = fmts[-1]
