@@ -311,6 +311,8 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
             (f"{name}.scale", qp, torch.float32, lambda q=q: q.qparams.scale),
             (f"{name}.zero", qp, torch.float32, lambda q=q: q.qparams.zero),
         ]
+        extra = [k for k in q.qparams.stored() if k not in ("scale", "zero")]  # two-level formats (K-quants)
+        entries += [(f"{name}.{k}", qp, torch.float32, lambda q=q, k=k: getattr(q.qparams, k)) for k in extra]
         f = q.fmt
         index[name] = {
             "format": f.name,

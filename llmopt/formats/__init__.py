@@ -11,6 +11,8 @@ Modules, one job each:
 * :mod:`.base`: the :class:`QuantFormat` interface (groups, codes and values, the width check).
 * :mod:`.integer`: ``int{b}`` grids, b = 2..8 (:class:`IntFormat`).
 * :mod:`.ggml_legacy`: llama.cpp's q8_0 / q4_0 / q4_1 / q5_0 / q5_1 blocks and their GGUF bytes.
+* :mod:`.superblock`: the base of the two-level formats (K-quants, IQ4_XS): super-blocks of 256 weights
+  with fp16 d / dmin and integer sub-block scale codes, chosen per super-block as llama.cpp does.
 * :mod:`.search`: the scale / clipping search behind ``qparams(mse_grid > 0)``.
 * :mod:`.refit`: weighted least-squares steps (and offsets) for fixed codes, used by the search.
 * :mod:`.numeric`: elementwise helpers (fp16 rounding, C ``roundf``, division by scales that may be 0).

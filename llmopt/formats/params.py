@@ -28,12 +28,22 @@ class QParams:
         while it stores fp16 d and m; when present, ``quantize`` does the same, so RTN bytes equal
         ``gguf.quants.quantize``. :meth:`on_grid` drops them: codes are then the nearest points of
         the stored grid (what GPTQ and the clipping search use).
+    scale_code, zero_code, super_scale, super_zero: only for two-level formats (llama.cpp's K-quants and
+        IQ4_XS, :mod:`.superblock`), where a super-block of 256 weights stores fp16 ``d`` (and ``dmin``) and
+        each sub-block (the group) a small integer scale code (and min code). Per group: the integer codes
+        (float32 holding integers) and the super-block's fp16 d / dmin repeated for each of its groups;
+        ``scale`` and ``zero`` are then the effective values ggml computes from them (e.g. q4_K:
+        scale = d·sc, zero = −dmin·m, value = scale·q + zero), so every algorithm sees one grid per group.
     """
 
     scale: Tensor
     zero: Tensor
     ref_inv_scale: Tensor | None = None
     ref_min: Tensor | None = None
+    scale_code: Tensor | None = None
+    zero_code: Tensor | None = None
+    super_scale: Tensor | None = None
+    super_zero: Tensor | None = None
 
     @property
     def n_groups(self) -> int:
@@ -58,6 +68,12 @@ class QParams:
         """The same grid without llama.cpp's reference rounding: quantize picks the nearest grid point."""
         return replace(self, ref_inv_scale=None, ref_min=None)
 
+    def stored(self) -> dict[str, Tensor]:
+        """The fields an output folder keeps (``quantization.safetensors``): scale and zero always, the
+        two-level fields where the format has them; ``ref_*`` never (they only steer RTN's rounding)."""
+        names = ("scale", "zero", *STORED_EXTRA)
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
     @staticmethod
     def cat(parts: list[QParams]) -> QParams:
         """Concatenate parameters of consecutive groups along the group dim."""
@@ -76,8 +92,21 @@ class QParams:
         return QParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))
 
     def tensors(self) -> tuple[Tensor | None, ...]:
-        """The four fields in order (scale, zero, ref_inv_scale, ref_min); None where a format has none."""
-        return self.scale, self.zero, self.ref_inv_scale, self.ref_min
+        """All fields in their order (scale, zero, ref_inv_scale, ref_min, scale_code, zero_code,
+        super_scale, super_zero); None where a format has none."""
+        return (
+            self.scale,
+            self.zero,
+            self.ref_inv_scale,
+            self.ref_min,
+            self.scale_code,
+            self.zero_code,
+            self.super_scale,
+            self.super_zero,
+        )
+
+
+STORED_EXTRA = ("scale_code", "zero_code", "super_scale", "super_zero")  # saved besides scale / zero
 
 
 @dataclass

@@ -56,14 +56,22 @@ from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_e
 log = logging.getLogger(__name__)
 
 
-def search_weights(W: torch.Tensor, importance: torch.Tensor, kind: str, sigma2: torch.Tensor | None = None):
+def search_weights(
+    W: torch.Tensor,
+    importance: torch.Tensor,
+    kind: str,
+    sigma2: torch.Tensor | None = None,
+    fmt: QuantFormat | None = None,
+):
     """Weights of the scale search's error Σ_j weight_j (w_j − ŵ_j)² for the weights W: (rows, g).
 
     "hessian": the column importance diag(H)_j, (g,). "imatrix": diag(H)_j · sqrt(σ² + w_ij²) per weight,
     (rows, g), σ² = the row's mean squared weight (``sigma2``: (rows, 1), default from W), as llama.cpp's
     importance-matrix quantization weighs its block-scale fits (ggml-quants.c ``quantize_row_q4_0_impl``).
+    A format that takes an imatrix itself (``fmt.takes_imatrix``: the super-block formats, which run
+    llama.cpp's own ``quantize_row_*_impl`` and form those per-weight weights inside) gets diag(H) either way.
     """
-    if kind == "hessian":
+    if kind == "hessian" or getattr(fmt, "takes_imatrix", False):
         return importance
     if sigma2 is None:
         sigma2 = W.square().mean(1, keepdim=True)
@@ -132,7 +140,8 @@ def gptq_quantize(
     sigma2 = W.square().mean(1, keepdim=True) if cfg.search_weight == "imatrix" else None
     qp_static = None
     if static:
-        qp_static = fmt.qparams(W, cfg.mse_grid, search_weights(W, importance, cfg.search_weight, sigma2)).on_grid()
+        weight = search_weights(W, importance, cfg.search_weight, sigma2, fmt)
+        qp_static = fmt.qparams(W, cfg.mse_grid, weight).on_grid()
     col = torch.arange(cols, device=W.device)  # original index of the j-th column walked
     if cfg.act_order:
         col = torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -180,15 +189,18 @@ def _walk(
     ``SUB_BLOCK`` columns after each column (rank-1), to the rest of the block of ``block_size`` columns
     after each sub-block, and to all later columns after each block (one matrix product each). This is
     the same arithmetic as the paper's single level, reordered; it cuts the rank-1 traffic, which
-    dominated the walk. With dynamic groups every group also starts a block, so when a group's
+    dominated the walk. With dynamic groups every parameter block (a group; a super-block of 256 columns
+    for the K-quants, whose groups' parameters are chosen together) also starts a block, so when its
     parameters are chosen all of its columns hold every update from the columns before it.
     Returns (Q, codes, dynamic params), Q and codes (out, in) in walk order.
     """
     cols, rows = WT.shape
     g = fmt.group_size
+    pb = getattr(fmt, "param_block", None) or g  # columns whose parameters are chosen together (K-quants: 256)
     starts = set(range(0, cols, cfg.block_size))
     if per_group is None:  # dynamic groups (always with a group size: per-channel parameters are static)
-        starts |= set(range(0, cols, g))
+        starts |= set(range(0, cols, pb))
+    block_groups: list[QParams] = []
     bounds = sorted(starts) + [cols]
     d = U.diagonal()
     QT = torch.empty_like(WT)
@@ -202,14 +214,18 @@ def _walk(
             for j in range(k1, k2):
                 if per_group is not None:
                     qp = per_group[group_of[j]]  # (out, 1, 1)
-                elif j % g == 0:  # a group's first column: parameters from the weights as updated so far
-                    Wg = WT[j : j + g].t().contiguous()  # (out, g): every earlier column's update is applied
+                elif j % pb == 0:  # a parameter block's first column: parameters from the weights as updated so far
+                    Wg = WT[j : j + pb].t().contiguous()  # (out, pb): every earlier column's update is applied
                     if keepT is not None:
-                        Wg = Wg * keepT[j : j + g].t()
-                    imp = importance[j : j + g]
-                    chosen = fmt.qparams(Wg, cfg.mse_grid, search_weights(Wg, imp, cfg.search_weight, sigma2)).on_grid()
+                        Wg = Wg * keepT[j : j + pb].t()
+                    imp = importance[j : j + pb]
+                    weight = search_weights(Wg, imp, cfg.search_weight, sigma2, fmt)
+                    chosen = fmt.qparams(Wg, cfg.mse_grid, weight).on_grid()  # (out, pb / g)
                     dynamic.append(chosen)
-                    qp = chosen.grouped()
+                    block_groups = [chosen.select(k).grouped() for k in range(chosen.n_groups)]
+                    qp = block_groups[0]
+                elif j % g == 0:
+                    qp = block_groups[(j % pb) // g]
                 w = WT[j]  # (out,)
                 target = w if keepT is None else w * keepT[j]  # pruned → 0 (SparseGPT §3.5)
                 c, q = fmt.round_column(target, qp)

@@ -30,6 +30,7 @@ import torch
 
 from llmopt.errors import LLMOptError, read_json
 from llmopt.formats import GGUF_BLOCK, GGUF_FORMATS, IntFormat, QParams, QuantFormat, make_format
+from llmopt.formats.params import STORED_EXTRA
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def load_stored(folder: str | Path) -> dict[str, StoredLinear]:
     tensors = load_file(str(Path(folder) / CODES_FILE))
     out = {}
     for linear, entry in index.items():
-        qp = QParams(tensors[f"{linear}.scale"].float(), tensors[f"{linear}.zero"].float())
+        extra = {k: tensors[f"{linear}.{k}"].float() for k in STORED_EXTRA if f"{linear}.{k}" in tensors}
+        qp = QParams(tensors[f"{linear}.scale"].float(), tensors[f"{linear}.zero"].float(), **extra)
         out[linear] = StoredLinear(entry_format(entry), tensors[f"{linear}.codes"], qp, bool(entry.get("transposed")))
     return out
 
