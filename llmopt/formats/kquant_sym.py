@@ -103,8 +103,8 @@ class _SymKQuant(SuperBlockFormat):
         return qp.scale * (codes.to(torch.float32) - self.offset)  # gguf-py: (d·sc) · (q − offset)
 
     def levels(self, codes: Tensor, qp: QParams) -> None:
-        """None: a sub-block's scale is d·sc with an integer sc shared grid of the super-block's d, so a free
-        per-group refit (GPTQ's ``refit``) would leave the format; it leaves these formats unchanged."""
+        """None: a sub-block's scale is d·sc, an integer multiple of its super-block's d, so a free per-group
+        refit of the scales (GPTQ's ``refit``) would leave the format; the refit leaves these formats unchanged."""
         return None
 
     def _pack_check(self, codes: Tensor, qp: QParams) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
