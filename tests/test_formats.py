@@ -123,8 +123,8 @@ def test_bad_input_messages():
             make_format("int", bits)
     with pytest.raises(LLMOptError, match="bits must be in 2..8, got 9"):
         make_format("int9")
-    with pytest.raises(LLMOptError, match="unknown quantization format 'q3_k'; valid: int, q8_0, q4_0"):
-        make_format("q3_k")
+    with pytest.raises(LLMOptError, match="unknown quantization format 'q9_k'; valid: int, q8_0, q4_0"):
+        make_format("q9_k")
     with pytest.raises(LLMOptError, match="q4_0 uses fixed blocks of 32"):
         make_format("q4_0", group_size=64)
     fmt = make_format("int", 4, 128)

@@ -84,5 +84,9 @@ class SuperBlockFormat(QuantFormat):
         """llama.cpp's choice of every super-block's parameters: W (rows, cols), imatrix (cols,) or None."""
         raise NotImplementedError
 
+    def levels(self, codes: Tensor, qp: QParams) -> None:
+        """None: GPTQ's per-group scale refit would leave the two-level grid (a scale must stay d·code)."""
+        return None
+
     def _range_params(self, Wg: Tensor, shrink: float | Tensor) -> QParams:
         raise LLMOptError(f"{self.name} chooses its parameters per super-block (qparams), not per group")
