@@ -106,6 +106,27 @@ def test_bytes_equal_llama_cpp(name, cols, with_imatrix):
     assert qp2.stored().keys() == qp.stored().keys()
 
 
+@pytest.mark.parametrize("name", ["iq4_nl", "iq4_xs"])
+def test_bytes_equal_llama_cpp_on_many_blocks(name):
+    """8192 blocks of plain and heavy-tailed weights under two imatrices (smooth, and 0/1/2 with many ties):
+    enough blocks that an ulp anywhere in the fit (e.g. a sqrtf that is not correctly rounded, which changed
+    ~1 block in 1000) changes some d."""
+    fmt = make_format(name)
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(256, 1024, generator=g)
+    W[128:] = W[128:] / (torch.rand(128, 1024, generator=g) + 0.05)  # heavy tails
+    for imp in (torch.rand(1024, generator=g) ** 3, torch.randint(0, 3, (1024,), generator=g).float()):
+        qp = fmt.qparams(W, 1, imp)
+        ours = fmt.to_gguf_blocks(fmt.quantize(W, qp), qp)
+        assert np.array_equal(ours, ggml_quantize(W.numpy(), fmt.gguf_type, imp.numpy()))
+
+
+def test_sqrtf_is_correctly_rounded():
+    bits = torch.randint(0, 0x7F800000, (1 << 20,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    x = bits.view(torch.float32)  # positive finite float32s, uniform over bit patterns
+    assert np.array_equal(iq4._sqrtf(x).numpy().view(np.int32), np.sqrt(x.numpy()).view(np.int32))
+
+
 def test_imatrix_changes_the_choice():
     """The imatrix reaches llama.cpp's fit: different bytes than without it, both llama.cpp's."""
     for name in ("iq4_nl", "iq4_xs"):
