@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmopt.formats.numeric import fp16
+from llmopt.formats.numeric import fp16, sqrtf
 
 Tensor = torch.Tensor
 
@@ -213,7 +213,7 @@ def q3_K_fit(x: Tensor, imatrix: Tensor | None) -> SuperBlockFit:
         sumx2 = sumx2 + xb[:, j] * xb[:, j]
     sigma2 = (2 * sumx2 / QK_K).view(R, nb, 1)
     # sqrtf is correctly rounded; torch's vectorised float32 sqrt is not, the float64 one rounded to float32 is
-    weight = imatrix.view(1, nb, QK_K) * torch.sqrt((sigma2 + x * x).double()).float()  # (R, nb, 256)
+    weight = imatrix.view(1, nb, QK_K) * sqrtf(sigma2 + x * x)  # (R, nb, 256)
     weight = weight.reshape(-1, SUB)
     sw = torch.zeros(weight.shape[0])
     for l in range(SUB):

@@ -12,9 +12,10 @@ from llmopt.errors import LLMOptError
 from llmopt.formats.base import QuantFormat
 from llmopt.formats.ggml_legacy import LEGACY_FORMATS
 from llmopt.formats.integer import IntFormat
+from llmopt.formats.iq4 import IQ4_FORMATS
 from llmopt.formats.kquant_sym import KQUANT_SYM_FORMATS
 
-GGUF_FAMILIES: tuple[tuple[QuantFormat, ...], ...] = (LEGACY_FORMATS, KQUANT_SYM_FORMATS)
+GGUF_FAMILIES: tuple[tuple[QuantFormat, ...], ...] = (LEGACY_FORMATS, KQUANT_SYM_FORMATS, IQ4_FORMATS)
 GGUF_FORMATS: dict[str, QuantFormat] = {f.name: f for family in GGUF_FAMILIES for f in family}
 FORMAT_NAMES = ("int", *GGUF_FORMATS)
 
