@@ -12,8 +12,9 @@ from llmopt.errors import LLMOptError
 from llmopt.formats.base import QuantFormat
 from llmopt.formats.ggml_legacy import LEGACY_FORMATS
 from llmopt.formats.integer import IntFormat
+from llmopt.formats.kquant_min import KQUANT_MIN_FORMATS
 
-GGUF_FAMILIES: tuple[tuple[QuantFormat, ...], ...] = (LEGACY_FORMATS,)
+GGUF_FAMILIES: tuple[tuple[QuantFormat, ...], ...] = (LEGACY_FORMATS, KQUANT_MIN_FORMATS)
 GGUF_FORMATS: dict[str, QuantFormat] = {f.name: f for family in GGUF_FAMILIES for f in family}
 FORMAT_NAMES = ("int", *GGUF_FORMATS)
 
@@ -40,7 +41,7 @@ def make_format(
         if group_size is not None and group_size < 1:
             raise LLMOptError(f"group size must be a positive integer or None (per channel), got {group_size}")
         return IntFormat(bits, group_size, symmetric)
-    fmt = GGUF_FORMATS.get(key)
+    fmt = next((f for n, f in GGUF_FORMATS.items() if n.lower() == key), None)  # "q4_k" is "q4_K"
     if fmt is None:
         raise LLMOptError(f"unknown quantization format {name!r}; valid: {', '.join(FORMAT_NAMES)}")
     if group_size not in (None, fmt.group_size):
