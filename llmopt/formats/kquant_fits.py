@@ -89,11 +89,14 @@ def make_qkx_quants(
     buf = np.empty_like(x)  # (n, B) scratch: the full-size passes write into it
 
     def codes(iscale: np.ndarray, origin: np.ndarray) -> np.ndarray:
-        """clamp(nearest_int(iscale·(x − origin)), 0, nmax) as float32 (the product is in [0, nmax + 1] or
-        NaN for a flat block, so rint is nearest_int here)."""
-        L = np.subtract(x, origin)
-        L *= iscale
-        return np.clip(np.rint(L, out=L), 0, nmax, out=L)
+        """clamp(nearest_int(iscale·(x − origin)), 0, nmax) as float32 (codes 0..nmax are exact in float32)."""
+        v = np.subtract(x, origin)
+        v *= iscale
+        v += F(12582912.0)  # nearest_int in place: the 1.5·2²³ trick
+        L = v.view(np.int32)
+        L &= 0x007FFFFF
+        L -= 0x00400000
+        return np.clip(L, 0, nmax, out=L).astype(F)
 
     def error(scale: np.ndarray, L: np.ndarray, the_min: np.ndarray) -> np.ndarray:
         diff = np.multiply(L, scale, out=buf)  # diff = scale·L + min − x

@@ -44,6 +44,11 @@ from llmopt.formats.superblock import QK_K, SuperBlockFormat
 Tensor = torch.Tensor
 
 
+def _nearest_int(v: Tensor) -> Tensor:
+    """ggml's ``nearest_int`` of float32 v (round half to even; its exact bits also outside |v| < 2²²)."""
+    return ((v + 12582912.0).view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
 class _KMinFormat(SuperBlockFormat):
     """A K-quant with mins: value = scale·q + zero per sub-block, scale = d·sc, zero = −(dmin·m)."""
 
@@ -76,11 +81,12 @@ class _KMinFormat(SuperBlockFormat):
 
     # --- codes and values ---------------------------------------------------------------------------------
     def _q(self, Wg: Tensor, qp: QParams) -> Tensor:
-        q = torch.round(safe_div(Wg - qp.zero, qp.scale)).clamp_(0, self.nmax)  # ggml: nearest_int((x + dm)/d)
-        if qp.ref_inv_scale is not None and qp.ref_min is not None:  # d·sc = 0: the search's codes
-            found = torch.round(qp.ref_inv_scale * (Wg - qp.ref_min)).clamp_(0, self.nmax)
-            q = torch.where(qp.scale == 0, found, q)
-        return q.to(torch.uint8)
+        x = safe_div(Wg - qp.zero, qp.scale)  # ggml: nearest_int((x + dm)/d), x − (−dm) = x + dm exactly
+        if qp.ref_inv_scale is None or qp.ref_min is None:  # on the stored grid
+            return torch.round(x).clamp_(0, self.nmax).to(torch.uint8)
+        found = qp.ref_inv_scale * (Wg - qp.ref_min)  # d·sc = 0: the search's codes
+        q = _nearest_int(torch.where(qp.scale == 0, found, x))
+        return q.clamp_(0, self.nmax).to(torch.uint8)
 
     def _dq(self, codes: Tensor, qp: QParams) -> Tensor:
         return qp.scale * codes.to(torch.float32) + qp.zero  # gguf-py: (d·sc)·q − dmin·m
