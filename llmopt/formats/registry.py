@@ -13,11 +13,19 @@ from llmopt.formats.base import QuantFormat
 from llmopt.formats.ggml_legacy import LEGACY_FORMATS
 from llmopt.formats.integer import IntFormat
 from llmopt.formats.iq4 import IQ4_FORMATS
+from llmopt.formats.kquant_min import KQUANT_MIN_FORMATS
 from llmopt.formats.kquant_sym import KQUANT_SYM_FORMATS
 
-GGUF_FAMILIES: tuple[tuple[QuantFormat, ...], ...] = (LEGACY_FORMATS, KQUANT_SYM_FORMATS, IQ4_FORMATS)
+# The registry's order: legacy blocks, K-quants (q2_K, q3_K, q4_K, q5_K, q6_K as families), IQ4
+GGUF_FAMILIES: tuple[tuple[QuantFormat, ...], ...] = (
+    LEGACY_FORMATS,
+    KQUANT_MIN_FORMATS,
+    KQUANT_SYM_FORMATS,
+    IQ4_FORMATS,
+)
 GGUF_FORMATS: dict[str, QuantFormat] = {f.name: f for family in GGUF_FAMILIES for f in family}
 FORMAT_NAMES = ("int", *GGUF_FORMATS)
+_BY_KEY = {n.lower(): f for n, f in GGUF_FORMATS.items()}
 
 
 def make_format(
@@ -42,9 +50,10 @@ def make_format(
         if group_size is not None and group_size < 1:
             raise LLMOptError(f"group size must be a positive integer or None (per channel), got {group_size}")
         return IntFormat(bits, group_size, symmetric)
-    fmt = {n.lower(): f for n, f in GGUF_FORMATS.items()}.get(key)  # q6_K, q3_K: any case
+    fmt = _BY_KEY.get(key)  # any case: "q4_k" is "q4_K"
     if fmt is None:
         raise LLMOptError(f"unknown quantization format {name!r}; valid: {', '.join(FORMAT_NAMES)}")
+    key = fmt.name
     if group_size not in (None, fmt.group_size):
         block = fmt.group_size
         raise LLMOptError(f"{key} uses fixed blocks of {block}; set group_size to {block} or leave it out")
