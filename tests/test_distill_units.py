@@ -1,0 +1,75 @@
+"""Pieces of the distill stage tested alone on toy tensors (milliseconds each): the gradual pruner's
+sparsity follows the cubic schedule exactly, whatever the rows' starting sparsities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmopt.distill.config import GradualConfig
+from llmopt.distill.schedules import cubic_sparsity
+from llmopt.distill.sparsity import GradualPruner
+from llmopt.kernels.pruning import n_pruned
+from llmopt.kernels.wanda import wanda_prune
+
+
+def uneven_mask(out: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Keep-mask whose rows start at very different sparsities (0% to 90%), 50% overall on average."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(out, cols, dtype=torch.bool)
+    for i in range(out):
+        k = round(0.9 * cols * i / (out - 1))
+        mask[i, torch.randperm(cols, generator=g)[:k]] = False
+    return mask
+
+
+@pytest.mark.parametrize("score", ["wanda", "magnitude"])
+def test_gradual_pruner_follows_the_cubic_schedule_from_uneven_rows(score):
+    """Each update ends at exactly round(s_j · numel) pruned (s_j the cubic schedule's value), pruned
+    weights stay pruned. Wanda compares within rows: rows already above s_j must not push the layer past it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 16, bias=False))
+    mask = uneven_mask(16, 48)
+    masks = {"0": mask.clone()}
+    cfg = GradualConfig(target=0.8, start=0.0, end=1.0, updates=4, score=score)
+    pruner = GradualPruner(cfg, model, ["0"], masks)
+    s_i = pruner.initial["0"]
+    prev = mask
+    for j in range(1, cfg.updates + 1):
+        model(torch.randn(5, 48))  # Σx² for the Wanda scores
+        assert pruner.step(j / cfg.updates)
+        want = n_pruned(cubic_sparsity(s_i, cfg.target, j, cfg.updates), mask.numel())
+        assert int((~masks["0"]).sum()) == want, j
+        assert not bool((masks["0"] & ~prev).any())  # never regrows
+        prev = masks["0"]
+    assert pruner.sparsity() == pytest.approx(n_pruned(0.8, mask.numel()) / mask.numel())
+    pruner.remove()
+
+
+def test_wanda_prior_mask_tops_rows_up_evenly():
+    """With ``prior``, the already pruned weights count toward the target: the layer ends with exactly
+    round(s · numel) pruned, rows below the common level are raised to it (±1), rows above keep theirs."""
+    torch.manual_seed(1)
+    W, act = torch.randn(16, 48), torch.rand(48)
+    prior = uneven_mask(16, 48)
+    res = wanda_prune(W * prior, act, 0.6, prior=prior)
+    assert int((~res.mask).sum()) == n_pruned(0.6, W.numel())
+    assert not bool((res.mask & ~prior).any())
+    before, after = (~prior).sum(1), (~res.mask).sum(1)  # (out,) per-row pruned counts
+    raised = after > before
+    assert raised.any() and (after[~raised] == before[~raised]).all()
+    level = int(after[raised].min())
+    assert int(after[raised].max()) <= level + 1 and bool((before[~raised] >= level).all())
+
+
+def test_topup_quotas_water_fills():
+    """Rows below the level are raised to it, rows above keep theirs, the leftover spread one per row."""
+    from llmopt.kernels.pruning import topup_quotas
+
+    already = torch.tensor([0, 9, 2, 5, 0])
+    assert topup_quotas(already, 20).tolist() == [2, 9, 2, 5, 2]
+    assert topup_quotas(already, 22).tolist() == [3, 9, 2, 5, 3]
+    assert topup_quotas(already, 27).tolist() == [4, 9, 5, 5, 4]  # level 4; the one left over: a row at it
+    assert topup_quotas(already, 10).tolist() == already.tolist()  # below what is pruned: nothing revived
+    assert topup_quotas(torch.zeros(4, dtype=torch.long), 10).tolist() == [2, 3, 3, 2]
