@@ -79,6 +79,15 @@ def recipe(stages: list[dict]) -> dict:
     return {"calibration": CAL, "stages": stages}
 
 
+def final_sparsity(report: dict) -> float | None:
+    """The sparsity the saved model ends at: gradual distillation's if a distill stage raised it, else the
+    last pruning stage's (None without one)."""
+    for d in reversed(list(report.get("model_stages", {}).values())):
+        if d.get("gradual_sparsity") is not None:
+            return d["gradual_sparsity"]
+    return next((s["sparsity"] for s in reversed(list(report["stages"].values())) if "sparsity" in s), None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=30.0, help="training wall clock per row (max_minutes)")
@@ -118,9 +127,12 @@ def main() -> None:
             r0 = evaluate_folder(str(work / f"{name}-0"), dense, args.seq_len, args.windows)
             cleanup(work / f"{name}-0")
             if name in args.before_only.split(","):
-                sparsity = next((s.get("sparsity") for s in rep0["stages"].values() if "sparsity" in s), None)
                 rec = dict(
-                    row=name, label=label, ppl_before=r0.perplexity, kl_before=r0.kl.mean, final_sparsity=sparsity
+                    row=name,
+                    label=label,
+                    ppl_before=r0.perplexity,
+                    kl_before=r0.kl.mean,
+                    final_sparsity=final_sparsity(rep0),
                 )
                 rec.update(compress_seconds_before=rep0["total_seconds"], peak_rss_mib_before=rep0["peak_rss_mib"])
                 records.append(rec)
@@ -138,7 +150,6 @@ def main() -> None:
             cleanup(work / name)
             gap = math.log(r0.perplexity) - math.log(dense_r.perplexity)
             recovered = (math.log(r0.perplexity) - math.log(r1.perplexity)) / gap if gap > 0 else float("nan")
-            sparsity = next((s.get("sparsity") for s in rep1["stages"].values() if "sparsity" in s), None)
             rec = dict(
                 row=name,
                 label=label,
@@ -158,7 +169,7 @@ def main() -> None:
                 total_minutes=round(wall / 60, 2),
                 peak_rss_mib=rep1["peak_rss_mib"],
                 peak_rss_mib_before=rep0["peak_rss_mib"],
-                final_sparsity=sparsity,
+                final_sparsity=final_sparsity(rep1),
                 heldout_kl_before=d["heldout_before"]["kl"],
                 heldout_kl_after=d["heldout_after"]["kl"],
                 curve=curve,

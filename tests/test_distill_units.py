@@ -73,3 +73,20 @@ def test_topup_quotas_water_fills():
     assert topup_quotas(already, 27).tolist() == [4, 9, 5, 5, 4]  # level 4; the one left over: a row at it
     assert topup_quotas(already, 10).tolist() == already.tolist()  # below what is pruned: nothing revived
     assert topup_quotas(torch.zeros(4, dtype=torch.long), 10).tolist() == [2, 3, 3, 2]
+
+
+def test_bench_distill_records_the_final_sparsity(monkeypatch):
+    """A gradual row ends at the distill stage's sparsity, not at the one-shot stage's it started from."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "eval"))
+    import bench_distill
+
+    gradual = {
+        "stages": {"0:sparsegpt": {"sparsity": 0.5}, "1:distill": {"tokens": 10}},
+        "model_stages": {"1:distill": {"gradual_sparsity": 0.7}},
+    }
+    assert bench_distill.final_sparsity(gradual) == 0.7
+    two = {"stages": {"0:sparsegpt": {"sparsity": 0.5}, "1:magnitude": {"sparsity": 0.6}}, "model_stages": {}}
+    assert bench_distill.final_sparsity(two) == 0.6
+    assert bench_distill.final_sparsity({"stages": {"0:gptq": {}}, "model_stages": {}}) is None
