@@ -1,5 +1,6 @@
-"""Pieces of the distill stage tested alone on toy tensors (milliseconds each): the gradual pruner's
-sparsity follows the cubic schedule exactly, whatever the rows' starting sparsities."""
+"""Pieces of the distill stage tested alone on toy tensors (milliseconds each), and its checks on the
+tiny model (seconds): the gradual pruner's sparsity follows the cubic schedule exactly, whatever the rows'
+starting sparsities; SquareHead is checked against the student the structured stages leave."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from llmopt.compression import compress
 from llmopt.distill.config import GradualConfig
 from llmopt.distill.schedules import cubic_sparsity
 from llmopt.distill.sparsity import GradualPruner
+from llmopt.errors import LLMOptError
 from llmopt.kernels.pruning import n_pruned
 from llmopt.kernels.wanda import wanda_prune
 
@@ -90,3 +93,40 @@ def test_bench_distill_records_the_final_sparsity(monkeypatch):
     two = {"stages": {"0:sparsegpt": {"sparsity": 0.5}, "1:magnitude": {"sparsity": 0.6}}, "model_stages": {}}
     assert bench_distill.final_sparsity(two) == 0.6
     assert bench_distill.final_sparsity({"stages": {"0:gptq": {}}, "model_stages": {}}) is None
+
+
+@pytest.fixture
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "llmopt-cache"))
+
+
+def structured_distill(tiny_text_file, cut: dict, **distill) -> dict:
+    entry = {"stage": "distill", "max_tokens": 128, "seq_len": 32, "top_k": 8, "heldout_windows": 1}
+    return {
+        "calibration": {"data": f"text:{tiny_text_file}#0:0.5", "samples": 4, "seq_len": 32},
+        "stages": [{"stage": "structured", **cut}, {**entry, "max_minutes": None, "eval_every": 2, **distill}],
+    }
+
+
+@pytest.mark.parametrize("cut", [{"hidden_size": 32}, {"num_layers": 1}])
+def test_squarehead_checks_the_cut_student_before_any_stage(cut, tiny_model_dir, tiny_text_file, tmp_path, _cache):
+    """A structured cut of the width or depth before a SquareHead distill: one-line LLMOptError before the
+    cut runs (it used to pass the check on the uncut model and fail in training on the shapes)."""
+    import llmopt.structured as structured
+
+    calls = []
+    real = structured.prune
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(structured, "prune", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with pytest.raises(LLMOptError, match="hidden_weight") as e:
+            compress(str(tiny_model_dir), structured_distill(tiny_text_file, cut, hidden_weight=0.5), tmp_path / "o")
+    assert "\n" not in str(e.value) and "set hidden_weight: 0" in str(e.value) and not calls
+
+
+def test_squarehead_after_a_cut_that_keeps_width_and_depth(tiny_model_dir, tiny_text_file, tmp_path, _cache):
+    res = compress(
+        str(tiny_model_dir),
+        structured_distill(tiny_text_file, {"intermediate_size": 64}, hidden_weight=0.5),
+        tmp_path / "o",
+    )
+    assert res.report["model_stages"]["1:distill"]["steps"] > 0
