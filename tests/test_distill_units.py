@@ -130,3 +130,31 @@ def test_squarehead_after_a_cut_that_keeps_width_and_depth(tiny_model_dir, tiny_
         tmp_path / "o",
     )
     assert res.report["model_stages"]["1:distill"]["steps"] > 0
+
+
+@pytest.mark.parametrize("spec", [dict(name="int", bits=4, group_size=32), dict(name="q4_0"), dict(name="q4_1")])
+def test_learned_scales_train_on_the_fp16_grid_the_export_writes(spec):
+    """With learn_scales the forward rounds the scales (and q4_1's minima) to the fp16 the folder stores,
+    straight-through: the weights trained on are bit for bit the weights :func:`finish` exports."""
+    from llmopt.core.state import QuantizedLinear
+    from llmopt.distill import fakequant
+    from llmopt.formats import make_format, rtn_quantize
+
+    torch.manual_seed(0)
+    fmt = make_format(**spec)
+    model = nn.Sequential(nn.Linear(64, 8, bias=False))
+    q = rtn_quantize(model[0].weight.detach(), fmt)
+    quantized = {"0": QuantizedLinear(q.codes, q.qparams, fmt)}
+    fqs = fakequant.attach(model, quantized, {}, learn_scales=True)
+    fq = fqs["0"]
+    with torch.no_grad():  # as after some AdamW steps: values between fp16 numbers
+        fq.scale.mul_(1 + 3e-4 * torch.rand_like(fq.scale))
+        if fq.zero is not None:
+            fq.zero.add_(1e-5 * torch.rand_like(fq.zero))
+    trained = model[0].weight.detach().clone()
+    model[0].weight.sum().backward()
+    assert float(fq.scale.grad.abs().sum()) > 0  # the rounding passes the gradient straight through
+    fakequant.finish(model, fqs, quantized)
+    assert torch.equal(model[0].weight.detach(), trained)
+    assert torch.equal(quantized["0"].qparams.scale, quantized["0"].qparams.scale.half().float())
+
