@@ -158,3 +158,29 @@ def test_learned_scales_train_on_the_fp16_grid_the_export_writes(spec):
     assert torch.equal(model[0].weight.detach(), trained)
     assert torch.equal(quantized["0"].qparams.scale, quantized["0"].qparams.scale.half().float())
 
+
+def test_scales_get_their_own_learning_rate():
+    """learn_scales: the scales and minima train at ``scale_lr`` (default lr · SCALE_LR_RATIO), in their own
+    AdamW group without weight decay; the schedule multiplies every group's own base rate."""
+    from llmopt.core.state import QuantizedLinear
+    from llmopt.distill import fakequant, loop
+    from llmopt.distill.config import SCALE_LR_RATIO, DistillConfig
+    from llmopt.formats import make_format, rtn_quantize
+
+    model = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8))
+    q = rtn_quantize(model[0].weight.detach(), make_format("q4_1"))
+    fqs = fakequant.attach(model, {"0": QuantizedLinear(q.codes, q.qparams, make_format("q4_1"))}, {}, True)
+    for cfg, want in [
+        (DistillConfig(stage="distill", lr=2e-4, weight_decay=0.1, learn_scales=True), 2e-4 * SCALE_LR_RATIO),
+        (DistillConfig(stage="distill", lr=2e-4, learn_scales=True, scale_lr=3e-6), 3e-6),
+    ]:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        opt = loop._optimizer(params, cfg)
+        by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+        for p in (fqs["0"].scale, fqs["0"].zero):
+            assert by_param[id(p)]["lr"] == pytest.approx(want) and by_param[id(p)]["weight_decay"] == 0.0
+        assert by_param[id(fakequant.latent(model, "0"))]["lr"] == pytest.approx(2e-4)
+        loop.set_lr(opt, 0.5)
+        assert by_param[id(fqs["0"].scale)]["lr"] == pytest.approx(want / 2)
+        assert by_param[id(model[1].weight)]["lr"] == pytest.approx(1e-4)
+

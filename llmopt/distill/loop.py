@@ -160,11 +160,27 @@ def _trainable(model: nn.Module, cfg: DistillConfig) -> dict[str, nn.Parameter]:
 
 
 def _optimizer(params: dict[str, nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
-    # weight decay on matrices only, never on norms, biases or quantization scales
+    """AdamW with weight decay on matrices only (never norms, biases, quantization scales), and the learned
+    scales / minima (FakeQuant's parameters) at their own rate ``cfg.scales_lr``. Each group keeps its base
+    rate in ``base_lr`` for :func:`set_lr`."""
+    scales = [p for n, p in params.items() if ".parametrizations.weight.0." in n]
     decay = [p for n, p in params.items() if p.dim() >= 2 and ".parametrizations.weight.0." not in n]
-    rest = [p for n, p in params.items() if not (p.dim() >= 2 and ".parametrizations.weight.0." not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    rest = [p for n, p in params.items() if p.dim() < 2 and ".parametrizations.weight.0." not in n]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": rest, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0, "base_lr": cfg.scales_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    set_lr(opt, 1.0)
+    return opt
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Every group at ``factor`` (the schedule's) times its own base rate."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
 
 
 @torch.no_grad()
@@ -262,8 +278,7 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
                 stopped_by = "minutes"
                 break
             p_next = progress(ls.tokens + per_step, cfg.max_tokens, ls.seconds / 60, cfg.max_minutes)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio)
+            set_lr(opt, lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio))
             t_step = time.perf_counter()
             total, parts_sum = 0.0, {}
             for micro in range(cfg.grad_accum):
