@@ -184,3 +184,35 @@ def test_scales_get_their_own_learning_rate():
         assert by_param[id(fqs["0"].scale)]["lr"] == pytest.approx(want / 2)
         assert by_param[id(model[1].weight)]["lr"] == pytest.approx(1e-4)
 
+
+@pytest.mark.parametrize("top_k", [8, None])
+def test_heldout_kl_says_what_it_is(top_k, tiny_model_dir, tiny_text_file, tmp_path, _cache, capsys, caplog):
+    """With cached top-k teacher logits the held-out number is the KL between k + 1 buckets, a lower bound
+    of the KL: its JSON key, the report, the CLI line, the log and the plot say so; full logits: the KL."""
+    import json
+    import logging
+
+    import yaml
+
+    from llmopt.cli import main
+    from llmopt.distill.curve import figure
+
+    entry = {"stage": "distill", "max_tokens": 128, "seq_len": 32, "top_k": top_k, "heldout_windows": 1}
+    rec = {
+        "calibration": {"data": f"text:{tiny_text_file}#0:0.5", "samples": 4, "seq_len": 32},
+        "stages": [{"stage": "magnitude", "sparsity": 0.5}, {**entry, "max_minutes": None, "eval_every": 2}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    out = tmp_path / "o"
+    with caplog.at_level(logging.INFO, logger="llmopt.distill.loop"):
+        assert main(["compress", str(tiny_model_dir), "--recipe", str(tmp_path / "r.yaml"), "--output", str(out)]) == 0
+    key, words = ("kl", "held-out KL (T=1, full vocabulary)") if top_k is None else ("kl_topk_bound", "bound")
+    d = json.loads((out / "llmopt_report.json").read_text())["model_stages"]["1:distill"]
+    curve = json.loads((out / "distill_curve.json").read_text())
+    for r in [d["heldout_before"], d["heldout_after"], *curve["heldout"]]:
+        assert key in r and ({"kl", "kl_topk_bound"} - {key}).isdisjoint(r), r
+    assert words in d["heldout_kl"] and words in curve["heldout_kl"]
+    assert words in capsys.readouterr().out
+    assert any(words in m for m in caplog.messages)
+    legend = [t.get_text() for t in figure(curve, "t").axes[0].get_legend().get_texts()]
+    assert any(words in t for t in legend)
