@@ -375,3 +375,28 @@ def test_rms_norm_rescale_is_exact_math():
     # x/sqrt(a*m + eps) == a^-1/2 * x/sqrt(m + eps/a), the identity prune_hidden relies on
     a, m, eps = 48 / 64, 0.37, 1e-6
     assert 1 / math.sqrt(a * m + eps) == pytest.approx(a**-0.5 / math.sqrt(m + eps / a), rel=1e-14)
+
+
+def test_qwen3_hidden_cut_is_exact_with_a_large_eps(tmp_path):
+    """Qwen3's per-head q/k RMSNorms normalise over head_dim, which a hidden cut keeps, but read the one
+    config ε the residual norms need rescaled: the cut must leave their output unchanged (a large ε makes a
+    changed ε visible), also after a save and reload (every norm built from the saved config)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny("qwen3")
+    model.config.rms_norm_eps = 0.05
+    for m in model.modules():
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 0.05
+    ids = windows(2, 40, seed=4)
+    imp = measure(model, windows(), progress=False)
+    c = cfg(hidden_size=32)
+    ref, _ = zeroed_reference(model, imp, c)
+    prune(model, c, imp)
+    want = logits(ref, ids)
+    got = logits(model, ids)
+    assert (got - want).abs().max().item() < TOL * want.abs().max().item(), (got - want).abs().max()
+    model.save_pretrained(tmp_path / "cut")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", torch_dtype=torch.float32)
+    again = logits(reloaded, ids)  # summation order may differ (attention implementation), ε may not
+    assert (again - got).abs().max().item() < TOL * want.abs().max().item()

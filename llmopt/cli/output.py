@@ -48,9 +48,10 @@ def model_stage_summary(d: dict) -> str:
     """One line for a whole-model stage's report (distill or structured), from the keys that stage writes."""
     if "heldout_before" in d:  # distill
         before, after = d["heldout_before"], d["heldout_after"]
+        key = "kl" if "kl" in before else "kl_topk_bound"  # the full KL, or its top-k bucket bound
         return (
             f"{d['tokens']} tokens in {d['steps']} steps, {d['minutes']:.1f} min "
-            f"(stopped by {d['stopped_by']}), held-out KL {before['kl']:.4f} -> {after['kl']:.4f}"
+            f"(stopped by {d['stopped_by']}), {d['heldout_kl']} {before[key]:.4f} -> {after[key]:.4f}"
         )
     if "non_embedding_fraction" in d:  # structured
         sizes = ", ".join(f"{k} {d['before'][k]} -> {v}" for k, v in d["after"].items() if v != d["before"].get(k))

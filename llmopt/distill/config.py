@@ -8,6 +8,12 @@ from pydantic import Field, field_validator, model_validator
 
 from llmopt.core.config import StageConfig, StrictModel
 
+# The learned scales' rate as a fraction of the weights'. Adam moves every parameter by about the rate
+# per step whatever its gradient, and a scale step moves each weight of its group by code × step (up to
+# 2ᵇ⁻¹ of them), so scales want a smaller rate than weights (LSQ, Esser et al. 2019, §2.2, scales the step
+# size's gradient for SGD; with Adam only the rate does it). Chosen a priori; eval/bench_qat_scale_lr.py measures it.
+SCALE_LR_RATIO = 0.1
+
 
 class GradualConfig(StrictModel):
     """Gradual magnitude / Wanda pruning during distillation (Zhu & Gupta 2017, §3, Eq. 1):
@@ -67,6 +73,7 @@ class DistillConfig(StageConfig):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     train_embeddings: bool = False  # also train the input/output embeddings (large, untouched by compression)
     learn_scales: bool = False  # QAT: learn the quantization scales (and q4_1/q5_1 minima), else fixed
+    scale_lr: float | None = Field(None, gt=0.0)  # learn_scales: their AdamW rate; None = lr · SCALE_LR_RATIO
     # budget, evaluation, checkpoints
     max_tokens: int = Field(1_000_000, ge=1)  # trained tokens (all processes together)
     max_minutes: float | None = Field(30.0, gt=0.0)  # wall clock of the training loop; None = no limit
@@ -96,6 +103,11 @@ class DistillConfig(StageConfig):
         if self.loss_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise ValueError("loss_weight, ce_weight and hidden_weight are all 0: nothing to train on")
         return self
+
+    @property
+    def scales_lr(self) -> float:
+        """The AdamW rate of learned scales and minima (``scale_lr``, else lr · SCALE_LR_RATIO)."""
+        return self.scale_lr if self.scale_lr is not None else self.lr * SCALE_LR_RATIO
 
     @property
     def live_teacher(self) -> bool:

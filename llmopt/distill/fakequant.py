@@ -13,11 +13,14 @@ rule), times the mask. The format answers both questions (codes and values), so 
 llama.cpp blocks train alike. The group parameters qp are the stage's own (fixed), or with
 ``learn_scales`` the scales (and q4_1/q5_1's minima) are parameters too: ŵ is linear in them for fixed
 codes, so they get the gradient of the dequantization (codes held fixed, as in PEQA, Kim et al. 2023).
+Learned parameters enter the forward as the folder stores them, rounded to fp16 (int scales clamped to
+≥ 2⁻²⁴ as the format does) with a straight-through gradient, so the grid trained on is the grid exported
+(the loop gives them their own, smaller learning rate: ``scale_lr``).
 
 At the end :func:`finish` removes the parametrizations and re-quantizes each latent weight onto its
-grid: new codes, scales rounded to the fp16 the formats store (and clamped as the format does), the
-model's weight set to ``dequantize(codes, qp)`` exactly, ``CompressionState.quantized`` replaced, so
-the GGUF and ONNX exporters write the trained codes bit for bit.
+grid: new codes on the stored (rounded) parameters, the model's weight set to ``dequantize(codes, qp)``
+exactly (the last forward's weight), ``CompressionState.quantized`` replaced, so the GGUF and ONNX
+exporters write the trained codes bit for bit.
 """
 
 from __future__ import annotations
@@ -48,10 +51,17 @@ class FakeQuant(nn.Module):
         self.register_buffer("mask", None if mask is None else mask.to(torch.bool), persistent=False)
 
     def qparams(self) -> QParams:
-        return QParams(
-            self.scale if self.scale is not None else self.fixed_scale,
-            self.zero if self.zero is not None else self.fixed_zero,
-        )
+        """The group parameters of the forward: fixed ones as they are (already stored values), learned ones
+        rounded as the folder stores them, straight-through (value of the rounding, gradient of identity)."""
+        scale, zero = self.fixed_scale, self.fixed_zero
+        if self.scale is not None:
+            stored = self.scale.detach().to(torch.float16).float()
+            if isinstance(self.fmt, IntFormat):
+                stored = stored.clamp(min=2**-24)  # as IntFormat._range_params; zero points stay integers
+            scale = self.scale + (stored - self.scale.detach())
+        if self.zero is not None:  # q4_1/q5_1 min m, fp16 in the block
+            zero = self.zero + (self.zero.detach().to(torch.float16).float() - self.zero.detach())
+        return QParams(scale, zero)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         w = latent.t() if self.transposed else latent  # (out, in)
@@ -96,7 +106,8 @@ def finish(model: nn.Module, fqs: dict[str, FakeQuant], quantized: dict[str, Qua
         w = (w.t() if is_transposed(lin) else w).float()  # (out, in)
         if fq.mask is not None:
             w = w * fq.mask
-        qp = _stored_qparams(fq)
+        qp = fq.qparams()
+        qp = QParams(qp.scale.detach().float().contiguous(), qp.zero.detach().float().contiguous())
         codes = fq.fmt.quantize(w, qp)
         write_weight(lin, fq.fmt.dequantize(codes, qp))
         old = quantized[name]
@@ -106,14 +117,3 @@ def finish(model: nn.Module, fqs: dict[str, FakeQuant], quantized: dict[str, Qua
             entry["pruned_nonzero"] = int((fq.fmt.dequantize(codes, qp)[~fq.mask] != 0).sum())
         report[name] = entry
     return report
-
-
-def _stored_qparams(fq: FakeQuant) -> QParams:
-    """The parameters as the format stores them: fp16 scales (and minima), int scales ≥ 2⁻²⁴."""
-    scale = fq.qparams().scale.detach().float().to(torch.float16).float()
-    zero = fq.qparams().zero.detach().float()
-    if isinstance(fq.fmt, IntFormat):
-        scale = scale.clamp(min=2**-24)  # as IntFormat._range_params; zero points stay integers
-    elif fq.zero is not None:
-        zero = zero.to(torch.float16).float()  # q4_1/q5_1 min m
-    return QParams(scale.contiguous(), zero.contiguous())

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from llmopt.core.state import CompressionState
 from llmopt.distill import fakequant, resume
 from llmopt.distill.config import DistillConfig
+from llmopt.distill.curve import heldout_kl_key, heldout_kl_label
 from llmopt.distill.data import DistillData, batch_windows
 from llmopt.distill.heads import check_head, last_hidden, layer_outputs, ordered, output_head
 from llmopt.distill.schedules import lr_factor, progress
@@ -160,16 +161,33 @@ def _trainable(model: nn.Module, cfg: DistillConfig) -> dict[str, nn.Parameter]:
 
 
 def _optimizer(params: dict[str, nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
-    # weight decay on matrices only, never on norms, biases or quantization scales
+    """AdamW with weight decay on matrices only (never norms, biases, quantization scales), and the learned
+    scales / minima (FakeQuant's parameters) at their own rate ``cfg.scales_lr``. Each group keeps its base
+    rate in ``base_lr`` for :func:`set_lr`."""
+    scales = [p for n, p in params.items() if ".parametrizations.weight.0." in n]
     decay = [p for n, p in params.items() if p.dim() >= 2 and ".parametrizations.weight.0." not in n]
-    rest = [p for n, p in params.items() if not (p.dim() >= 2 and ".parametrizations.weight.0." not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    rest = [p for n, p in params.items() if p.dim() < 2 and ".parametrizations.weight.0." not in n]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": rest, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0, "base_lr": cfg.scales_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    set_lr(opt, 1.0)
+    return opt
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Every group at ``factor`` (the schedule's) times its own base rate."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
 
 
 @torch.no_grad()
 def heldout(module: DistillLoss, job: DistillJob, device: torch.device) -> dict:
-    """Mean objective and forward KL at T = 1 over the held-out windows."""
+    """Mean objective and forward KL at T = 1 over the held-out windows: the KL with full teacher logits,
+    its top-k bucket bound with cached ones (keys: :func:`~llmopt.distill.curve.heldout_kl_key`)."""
     model = module.student
     was_training = model.training
     model.eval()
@@ -182,7 +200,7 @@ def heldout(module: DistillLoss, job: DistillJob, device: torch.device) -> dict:
         kl1 += float(parts["kl1"]) * len(ids)
     if was_training:
         _train_mode(model)
-    return {"loss": loss / len(windows), "kl": kl1 / len(windows)}
+    return {"loss": loss / len(windows), heldout_kl_key(job.cfg.top_k): kl1 / len(windows)}
 
 
 def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, dict[str, dict]]:
@@ -242,10 +260,12 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
         resume.save(job.checkpoints, job.key, ls, params, opt.state_dict(), masks, acts)
         last_save = time.perf_counter()
 
+    kl_key, kl_label = heldout_kl_key(cfg.top_k), heldout_kl_label(cfg.top_k)
+
     def evaluate() -> None:
         r = heldout(raw, job, acc.device)
         ls.curve["heldout"].append({"step": ls.step, "tokens": ls.tokens, **r})
-        log.info("step %d: held-out loss %.4f, KL %.4f", ls.step, r["loss"], r["kl"])
+        log.info("step %d: held-out loss %.4f, %s %.4f", ls.step, r["loss"], kl_label, r[kl_key])
 
     t0 = time.perf_counter() - ls.seconds
     t_run, first_step = time.perf_counter(), ls.step
@@ -262,8 +282,7 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
                 stopped_by = "minutes"
                 break
             p_next = progress(ls.tokens + per_step, cfg.max_tokens, ls.seconds / 60, cfg.max_minutes)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio)
+            set_lr(opt, lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio))
             t_step = time.perf_counter()
             total, parts_sum = 0.0, {}
             for micro in range(cfg.grad_accum):
@@ -350,6 +369,7 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
         "heldout_windows": len(job.data.heldout),
         "heldout_before": held[0],
         "heldout_after": held[-1],
+        "heldout_kl": kl_label,  # what the held-out records' kl_key holds, in words
         "masks_exact": exact,
         "masked_linears": len(masks),
         "qat_linears": len(fqs),

@@ -79,7 +79,23 @@ def _load_teacher(spec: str, device) -> nn.Module:
     return model.eval()
 
 
-def _check_compatible(teacher: nn.Module, student: nn.Module, cfg: DistillConfig) -> None:
+def _student_shape(model: nn.Module, ctx: RunContext, index: int) -> tuple[int, int]:
+    """(layers, hidden size) of the student the distill stage at ``index`` will train: ``model`` (uncut, no
+    stage has run yet) after the structured stages before it, their target sizes taken as they will be."""
+    cuts = [c for c in (ctx.recipe.stages[:index] if ctx.recipe is not None else []) if c.stage == "structured"]
+    if not cuts:
+        return model.config.num_hidden_layers, model.config.hidden_size
+    from llmopt.structured.layout import check_supported, sizes_of
+    from llmopt.structured.plan import target_sizes
+
+    flags, s = check_supported(model), sizes_of(model)
+    for c in cuts:
+        s = target_sizes(c, s, flags)
+    return s.layers, s.hidden
+
+
+def _check_compatible(teacher: nn.Module, student: nn.Module, cfg: DistillConfig, shape: tuple[int, int]) -> None:
+    """``shape``: the trained student's (layers, hidden size), which a structured stage may have cut."""
     vt = teacher.get_output_embeddings().weight.shape[0]
     vs = student.get_output_embeddings().weight.shape[0]
     if vt != vs:
@@ -87,12 +103,14 @@ def _check_compatible(teacher: nn.Module, student: nn.Module, cfg: DistillConfig
     if cfg.top_k is not None and cfg.top_k >= vs:
         raise LLMOptError(f"top_k {cfg.top_k} is not below the vocabulary size {vs}: use top_k: null for full logits")
     if cfg.hidden_weight > 0:
-        nt, ns = teacher.config.num_hidden_layers, student.config.num_hidden_layers
-        ht, hs = teacher.config.hidden_size, student.config.hidden_size
+        nt, ht = teacher.config.num_hidden_layers, teacher.config.hidden_size
+        ns, hs = shape
         if (nt, ht) != (ns, hs):
+            cut = "" if (ns, hs) == (student.config.num_hidden_layers, student.config.hidden_size) else " after the cut"
             raise LLMOptError(
                 f"hidden_weight (SquareHead) needs the teacher's layers and width ({nt} x {ht}) to equal the "
-                f"student's ({ns} x {hs}); set hidden_weight: 0"
+                f"student's{cut} ({ns} x {hs}); set hidden_weight: 0"
+                + (", or let the structured stage cut only the mlp and heads axes" if cut else "")
             )
 
 
@@ -105,7 +123,7 @@ def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -
     seed = cfg.seed if cfg.seed is not None else ctx.recipe.calibration.seed
     t0 = time.perf_counter()
     source = model if cfg.teacher is None else _load_teacher(cfg.teacher, ctx.device)
-    _check_compatible(source, model, cfg)
+    _check_compatible(source, model, cfg, _student_shape(model, ctx, index))
     fingerprint = model_fingerprint(source)
     data = distill_windows(
         data_spec(cfg, ctx),

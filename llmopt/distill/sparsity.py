@@ -11,8 +11,9 @@ cubic schedule of Zhu & Gupta (2017, Eq. 1): at the j-th of n updates (j = 1..n,
 fractions of the training budget between ``start`` and ``end``) s_j = s_f + (s_i − s_f)(1 − j/n)³. Each
 update recomputes the mask with the pruning kernels (:func:`~llmopt.kernels.magnitude.magnitude_prune`
 per matrix, or :func:`~llmopt.kernels.wanda.wanda_prune` per output row on Σx² gathered from the
-training forwards since the last update) and intersects it with the previous one, so a pruned weight
-never comes back.
+training forwards since the last update, the previous mask passed as ``prior`` so the rows are topped up
+to exactly s_j of the layer however uneven they start) and intersects it with the previous one, so a
+pruned weight never comes back.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class GradualPruner:
             s = cubic_sparsity(self.initial[n], self.cfg.target, j, self.cfg.updates)
             W = weight_oi(self.model.get_submodule(n)).float() * self.masks[n]
             if self.cfg.score == "wanda":
-                res = wanda_prune(W, self.act_sq[n], s)
+                res = wanda_prune(W, self.act_sq[n], s, prior=self.masks[n])
             else:
                 res = magnitude_prune(W, s)
             self.masks[n] = res.mask.to(W.device) & self.masks[n]

@@ -98,10 +98,37 @@ def row_topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     layer total is exactly round(sparsity · numel).
     """
     out, cols = scores.shape
-    q = torch.tensor(cumulative_quotas(sparsity, [cols] * out), device=scores.device)  # (out,)
+    return row_quota_mask(scores, torch.tensor(cumulative_quotas(sparsity, [cols] * out), device=scores.device))
+
+
+def row_quota_mask(scores: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Keep-mask pruning the q_i lowest scores of row i: scores (out, in), q (out,) ints; ties by lower index."""
+    cols = scores.shape[1]
     order = torch.argsort(scores, dim=1, stable=True)  # (out, in) ascending
     rank_kept = torch.arange(cols, device=scores.device)[None, :] >= q[:, None]  # (out, in) by rank
     return torch.empty_like(rank_kept).scatter_(1, order, rank_kept)
+
+
+def topup_quotas(already: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-row pruned counts t ≥ ``already`` (out,) adding up to max(``total``, Σ already), as even as can be.
+
+    Water-filling: t_i = max(already_i, L) for the largest level L that fits, and the r left over go one
+    each to r of the rows at the level, spread as :func:`cumulative_quotas` spreads. Rows already above
+    the level keep their count, so rows that start uneven never push the layer past ``total``.
+    """
+    already = already.to(torch.int64)
+    total = max(total, int(already.sum()))  # a pruned weight is never revived
+    lo, hi = 0, total  # the level L = lo fits; search (lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if int(already.clamp_min(mid).sum()) <= total else (lo, mid - 1)
+    t = already.clamp_min(lo)
+    at_level = torch.nonzero(already <= lo).flatten()  # rows where +1 keeps the spread within 1
+    r = total - int(t.sum())
+    if r > 0:
+        extra = cumulative_quotas(r / len(at_level), [1] * len(at_level))
+        t[at_level] += torch.tensor(extra, dtype=t.dtype, device=t.device)
+    return t
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -76,7 +76,8 @@ class DistillStage(Stage):
                 }
             )
         curve = report.pop("curve")
-        state.files.update(curve_files(curve, f"distill: {self.cfg.loss}, T={self.cfg.temperature:g}"))
+        title = f"distill: {self.cfg.loss}, T={self.cfg.temperature:g}"
+        state.files.update(curve_files(curve, title, report["heldout_kl"]))
         self._prepared = None  # the live teacher, if any, can go
         return report
 

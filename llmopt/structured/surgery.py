@@ -6,7 +6,10 @@ config. Every cut equals zeroing what it removes in the original model (tested):
 * hidden channel c: column c of the embedding (and output matrix), of every Linear reading the
   residual stream, row c of every Linear writing it, entry c of every RMSNorm. RMSNorm averages x²
   over the hidden size, so on H' of H channels the norms get weight · √(H/H') and ε · H/H'
-  (x/√(a·m + ε) = a^(-½) · x/√(m + ε/a) with a = H'/H): exact, not an approximation;
+  (x/√(a·m + ε) = a^(-½) · x/√(m + ε/a) with a = H'/H): exact, not an approximation. Qwen3's per-head
+  q/k norms average over head_dim, which the cut keeps, yet read the same config ε (one
+  ``rms_norm_eps`` for all norms, in transformers and in llama.cpp): q_proj and k_proj rows (and
+  biases) are multiplied by k = √(H/H'), so with ε·k² they give k·q/√(k²·m + k²·ε) = q/√(m + ε), exact;
 * decoder layer: removed from the list (a layer with o and down zeroed is the identity), the kept
   layers renumbered for the KV cache.
 """
@@ -102,12 +105,22 @@ def prune_hidden(model: nn.Module, keep: torch.Tensor) -> float:
         w = norm.weight.data.index_select(0, keep.to(norm.weight.device))
         norm.weight = nn.Parameter((w.double() * scale).to(w.dtype))
         norm.variance_epsilon = eps
-    for layer in body.layers:  # Qwen3's q/k norms read config.rms_norm_eps too: the same ε on reload
-        for attr in ("q_norm", "k_norm"):
-            n = getattr(layer.self_attn, attr, None)
+    for layer in body.layers:  # Qwen3's q/k norms read config.rms_norm_eps too: its new ε, inputs × √(H/H')
+        a = layer.self_attn
+        for attr, proj in (("q_norm", "q_proj"), ("k_norm", "k_proj")):
+            n = getattr(a, attr, None)
             if n is not None:
+                _scale_rows(getattr(a, proj), scale)
                 n.variance_epsilon = eps
     return eps
+
+
+@torch.no_grad()
+def _scale_rows(lin: nn.Linear, factor: float) -> None:
+    """Multiply a Linear's outputs by ``factor`` (weight rows and bias), rounded once from float64."""
+    lin.weight.copy_((lin.weight.double() * factor).to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_((lin.bias.double() * factor).to(lin.bias.dtype))
 
 
 def drop_layers(model: nn.Module, keep: list[int]) -> None:
