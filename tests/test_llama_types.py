@@ -1,4 +1,4 @@
-"""llmopt's port of llama.cpp's tensor-type choice (:mod:`llmopt.exporters.gguf.llama_types`) against
+"""llmopt's port of llama.cpp's tensor-type choice (:mod:`llmopt.core.llama_types`) against
 llama.cpp's own quantizer: small random F32 GGUF files (llama and falcon layouts, widths 256 / 512 / 576,
 1 to 80 layers, GQA, tied and separate output heads, 4 and 8 experts, an ffn width that is not a multiple
 of 32) quantized by ``llama_model_quantize`` to every file type, with and without an importance matrix;
@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from llmopt.exporters.gguf.llama_types import DEFAULT_TYPE, ModelFacts, is_70b, model_types, tensor_type
+from llmopt.core.llama_types import DEFAULT_TYPE, ModelFacts, is_70b, model_types, tensor_type
 
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")

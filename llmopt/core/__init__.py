@@ -3,6 +3,9 @@
 * :mod:`llmopt.core.config` — the strict pydantic base of recipe entries and the stage-config base;
 * :mod:`llmopt.core.state` — calibration statistics, a stage's outcome per Linear, compact quantized codes,
   the compression state handed from stage to stage, the run context of whole-model stages;
-* :mod:`llmopt.core.stage` — the stage interface the engine calls.
+* :mod:`llmopt.core.stage` — the stage interface the engine calls;
+* :mod:`llmopt.core.llama_types` — the ggml type llama.cpp's quantizer gives each tensor of a file type (its
+  ``llama_tensor_get_type``, pure): the GGUF exporter's ``--type auto`` and the quantization stage's
+  ``head: auto`` read the same rule.
 
 Nothing here imports the engine, the stages, the registry or the recipe parser (ARCHITECTURE.md)."""

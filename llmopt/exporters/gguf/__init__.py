@@ -9,7 +9,7 @@ Three ways to fill the tensors, chosen by ``type``:
     each checked bit for bit; an int format no GGUF type holds exactly is refused, never widened to F32.
     When most Linears are in one llama.cpp block format, every other 2-D tensor (token embedding, output
     head, Linears without codes) gets the type llama.cpp's quantizer picks for that file type
-    (:mod:`.auto_types`, :mod:`.llama_types`: for SmolLM2 q4_0 the tied embedding in Q8_0, where llama.cpp's
+    (:mod:`.auto_types`, :mod:`llmopt.core.llama_types`: for SmolLM2 q4_0 the tied embedding in Q8_0, where llama.cpp's
     Q4_0 writes it too), converted by llama.cpp's quantizer when the writer cannot produce it (Q6_K, ...);
     else F16 (BF16 when saved in bfloat16). ``embedding_type`` / ``output_type`` override the token
     embedding / output head; 1-D norms and biases are F32.
@@ -25,9 +25,9 @@ under which llama.cpp splits text like the HF tokenizer (:mod:`.vocab`). Unsuppo
 settings llama.cpp would silently compute differently are refused from the config, before loading weights.
 
 Modules: ``plan`` (types), ``hparams`` (architectures, metadata), ``tensors`` (names, layouts),
-``codes`` (stored codes → exact blocks), ``llama_types`` (llama.cpp's type per tensor), ``auto_types``
-(its use by ``auto``), ``vocab`` (tokenizer), ``writer`` (file, report), ``quantize`` (llama.cpp quantizer),
-``imatrix`` (importance matrix).
+``codes`` (stored codes → exact blocks), ``auto_types`` (llama.cpp's type per tensor,
+:mod:`llmopt.core.llama_types`, as ``auto`` uses it), ``vocab`` (tokenizer), ``writer`` (file, report),
+``quantize`` (llama.cpp quantizer), ``imatrix`` (importance matrix).
 """
 
 from __future__ import annotations

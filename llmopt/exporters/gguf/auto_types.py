@@ -1,6 +1,6 @@
 """``--type auto`` on a folder quantized onto a llama.cpp block format (q4_0, q4_1, q5_0, q5_1, q8_0): every
 tensor without stored codes gets the type llama.cpp's quantizer gives it in a file of that type
-(:mod:`.llama_types`), so the file is never larger than llama.cpp's own.
+(:mod:`llmopt.core.llama_types`), so the file is never larger than llama.cpp's own.
 
 The file type is the format of most quantized Linears. Whether llama.cpp's choice "with an importance
 matrix" applies (Q4_0 / Q5_0: the first n_layer/8 ffn_down in Q4_1 / Q5_1) is read off the stored codes:
@@ -25,7 +25,7 @@ import gguf
 
 from llmopt.exporters.gguf.codes import GGUF_EXACT, StoredLinear
 from llmopt.exporters.gguf.hparams import ArchSpec
-from llmopt.exporters.gguf.llama_types import ModelFacts, is_70b, model_types
+from llmopt.core.llama_types import ModelFacts, is_70b, model_types
 
 log = logging.getLogger(__name__)
 

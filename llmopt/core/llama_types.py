@@ -11,6 +11,9 @@ llama.cpp visits tensors sorted by layer, then name, and counts attn_v-like and 
 :func:`model_types` does the same for a whole file, :func:`tensor_type` takes the tensor's own layer as
 its position (the same for every model with one such tensor per layer). Checked against llama.cpp's own
 quantizer in ``tests/test_llama_types.py``.
+
+It sits in the bottom layer (no llmopt import) because two layers read it: the GGUF exporter's ``--type auto``
+(:mod:`llmopt.exporters.gguf.auto_types`) and the quantization stage's ``head: auto`` (the output head's type).
 """
 
 from __future__ import annotations
