@@ -23,9 +23,9 @@ from typing import Any
 
 import gguf
 
+from llmopt.core.llama_types import ModelFacts, is_70b, model_types
 from llmopt.exporters.gguf.codes import GGUF_EXACT, StoredLinear
 from llmopt.exporters.gguf.hparams import ArchSpec
-from llmopt.core.llama_types import ModelFacts, is_70b, model_types
 
 log = logging.getLogger(__name__)
 
