@@ -227,3 +227,34 @@ def test_head_auto_is_llama_cpps_output_type(tiny_text_file, tmp_path):
     else:
         with pytest.raises(LLMOptError, match="head: auto is Q6_K for a Q4_0 file .* name the head's format"):
             head_format("auto", "q4_0", m256.lm_head, False, m256)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma2", "gemma3", "gpt2", "opt"])
+def test_head_statistics_are_the_models_own_head_inputs(arch):
+    """The engine's head statistics (the model's tail replayed on the last layer's outputs: Llama's and Gemma's
+    final norms, GPT-2's ln_f, OPT's final_layer_norm) equal the Hessian of the inputs the
+    head receives in the model's own forward; the layers are intact afterwards."""
+    from llmopt.calibration import LayerSource, capture_layer_inputs, find_decoder_layers, iterate_layers
+    from llmopt.calibration.head import head_statistics, output_head
+    from tests.tiny_archs import make_tiny_model
+
+    model = make_tiny_model(arch, 320)
+    windows = torch.randint(3, 320, (5, 24), generator=torch.Generator().manual_seed(0))
+    name, head, tied_to = output_head(model)
+    assert name == "lm_head" and tied_to in ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens")
+    xs = []
+    h = head.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits
+    h.remove()
+    X = torch.cat(xs)
+    prefix, layers = find_decoder_layers(model)
+    batches = capture_layer_inputs(model, layers, windows, batch_size=2)  # 3 batches: 2 + 2 + 1 windows
+    for _ in iterate_layers(LayerSource(layers, prefix), batches, "test", last_outputs=True):
+        pass
+    stats = head_statistics(model, layers, windows, batches, 2, name, head)
+    assert stats.tokens == X.shape[0] == 5 * 24
+    torch.testing.assert_close(stats.hessian, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+    assert all("forward" not in vars(layer) for layer in layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows, use_cache=False).logits, logits)
