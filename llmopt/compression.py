@@ -59,6 +59,19 @@ def _preflight(model: nn.Module, stages: list[Stage]) -> dict[int, list[tuple[st
     return targets
 
 
+def check_stage_order(stages: list[Stage]) -> None:
+    """Refuse, before any model is loaded, a whole-model stage (distillation, structured pruning) after a stage
+    that quantizes the output head: the head is quantized once every decoder layer is done, and training or
+    reshaping after it would act on a tensor that is also the (tied) token embedding."""
+    for i, st in enumerate(stages):
+        later = next((s for s in stages[i + 1 :] if s.whole_model), None)
+        if st.quantizes_head and later is not None:
+            raise LLMOptError(
+                f"stage {i + 1} ({st.name}) quantizes the output head and a later stage ({later.name}) works on the "
+                "whole model: put the head in the last quantization stage after it, or set head: none"
+            )
+
+
 def _plan_owl(model, windows, stages, state, batch_size) -> None:
     """OWL (Yin et al. 2024 §4): per-layer sparsities from outlier ratios of the dense model."""
     from llmopt.kernels.owl import layer_outlier_ratio, owl_sparsities
@@ -92,6 +105,7 @@ def compress_model(
     ``context``: what whole-model stages (distill) need (tokenizer, output, resume).
     Returns the state (masks, quantized tensors) and a timing summary."""
     stages = build_stages(recipe) if stages is None else stages
+    check_stage_order(stages)
     targets = _preflight(model, stages)
     state = CompressionState()
     t0 = time.perf_counter()
@@ -212,6 +226,7 @@ def compress(
         )
         out = preflight(output, overwrite=overwrite, kind="folder")  # before minutes of loading and compressing
         stages = build_stages(rec)
+        check_stage_order(stages)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         ctx = RunContext(model_spec=model, output=out, checkpoints=ckpt, resume=resume, recipe=rec)
         if any(s.whole_model for s in stages):  # their data and teacher specs, before any weights are loaded
@@ -292,6 +307,8 @@ def exact_float32_weights(model: nn.Module, state: CompressionState) -> None:
         lin = model.get_submodule(name)
         if lin.weight.dtype != torch.float32:
             set_weight_tensor(lin, q.fmt.dequantize(q.codes, q.qparams))
+            if name == state.head and state.head_tied_to is not None:  # the tied embedding is the same tensor
+                model.get_submodule(state.head_tied_to).weight = lin.weight
 
 
 def save_quantized(state: CompressionState, folder: Path) -> None:
@@ -323,5 +340,7 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
             "codes_dtype": str(q.code_dtype).removeprefix("torch."),
             "transposed": q.transposed,
         }
+        if name == state.head:  # the output head; on a tied model also the input embedding named here
+            index[name].update(head=True, tied_to=state.head_tied_to)
     write_safetensors(folder / "quantization.safetensors", entries)  # one Linear's codes unpacked at a time
     (folder / "quantization.json").write_text(json.dumps(index, indent=1))

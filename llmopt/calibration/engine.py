@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from llmopt import memory
 from llmopt.calibration.capture import Batch, StopForward, capture_layer_inputs, layer_forward
+from llmopt.calibration.head import head_statistics, output_head
 from llmopt.calibration.layers import LayerSource, find_decoder_layers
 from llmopt.calibration.stats import StatsAccumulator
 from llmopt.core.stage import Stage
@@ -70,14 +71,16 @@ def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator, i: i
             pass
 
 
-def iterate_layers(source: LayerSource, batches: list[Batch], desc: str) -> Iterator[tuple[int, nn.Module]]:
+def iterate_layers(
+    source: LayerSource, batches: list[Batch], desc: str, last_outputs: bool = False
+) -> Iterator[tuple[int, nn.Module]]:
     """Yield (index, layer) and afterwards replace each batch's hidden state by the layer's output
-    (not after the last layer: nothing reads its outputs)."""
+    (after the last layer only with ``last_outputs``: the output head's statistics read them)."""
     n = len(source)
     for i in tqdm(range(n), desc=desc, unit="layer"):
         layer = source.load(i)
         yield i, layer
-        if i < n - 1:
+        if i < n - 1 or last_outputs:
             with torch.no_grad(), memory.phase("layer_outputs"):
                 for b in batches:
                     # written over the batch's input (no longer needed), so the hidden states stay in the
@@ -135,7 +138,8 @@ def run_layerwise(
     with memory.phase("capture"):
         batches = capture_layer_inputs(model, layers, windows, batch_size)
     log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
-    for i, layer in iterate_layers(source, batches, "compressing"):
+    heads = [s for s in stages if s.quantizes_head]
+    for i, layer in iterate_layers(source, batches, "compressing", last_outputs=bool(heads)):
         for stage in stages:
             names = _layer_linears(layer, prefix, i, stage)
             if not names:
@@ -154,6 +158,23 @@ def run_layerwise(
                     release_freed_memory()  # the forward's temporaries, kept by the heap for reuse, before the kernels
                 with memory.phase("kernels"):
                     _apply_group(stage, group, names, acc, state, i)
+    if heads:
+        _compress_head(model, layers, windows, batches, batch_size, heads, state)
+
+
+def _compress_head(model, layers, windows, batches, batch_size, stages: list[Stage], state: CompressionState) -> None:
+    """After the last decoder layer: the output head (the tied embedding where tied) through each stage that
+    quantizes it, with the Hessian of the final normed hidden states (:mod:`llmopt.calibration.head`)."""
+    name, head, tied_to = output_head(model)
+    with memory.phase("statistics"):
+        stats = head_statistics(model, layers, windows, batches, batch_size, name, head)
+    release_freed_memory()
+    state.head, state.head_tied_to = name, tied_to
+    with memory.phase("kernels"):
+        for stage in stages:
+            apply_to_linear(stage, name, head, stats, state, None)
+            state.reports[-1].update(head=True, tied_to=tied_to)
+            release_freed_memory()
 
 
 def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: CompressionState, i: int) -> None:

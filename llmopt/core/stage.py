@@ -70,6 +70,13 @@ class Stage:
         """Calibration windows are needed: for the kernel, or to plan OWL layer sparsities."""
         return self.needs_calibration or getattr(self.cfg, "owl", None) is not None
 
+    @property
+    def quantizes_head(self) -> bool:
+        """The stage also compresses the model's output head (on a tied model the token embedding, the same
+        tensor) once every decoder layer is done, with the statistic of the head's input, the final normed
+        hidden states: the engine then calls ``compress_linear`` with the head's name and layer index None."""
+        return False
+
     def first_token_weight(self, name: str) -> float:
         """Weight of each calibration window's first token in Linear ``name``'s statistic, as a fraction of the
         window's token count (0 = the plain statistic: the first token counts as any other)."""

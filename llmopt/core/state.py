@@ -111,6 +111,10 @@ class CompressionState:
     # whole-model stages: their report by "index:name", and extra files for the output folder (name → bytes)
     stage_reports: dict[str, dict] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    # the output head when a stage quantized it (its module name in ``quantized``), and the input embedding
+    # module sharing its weight on a tied model (None: untied): exporters write the embedding from its codes
+    head: str | None = None
+    head_tied_to: str | None = None
 
 
 @dataclass

@@ -13,8 +13,9 @@ from llmopt.core.config import StageConfig
 from llmopt.core.stage import Stage
 from llmopt.core.state import LinearOutcome
 from llmopt.errors import LLMOptError
+from llmopt.formats import QuantFormat
 from llmopt.kernels.gptq import GPTQConfig, gptq_quantize
-from llmopt.linears import in_features, is_linear
+from llmopt.linears import in_features, is_linear, out_features
 
 FORMAT_NAMES = ("int", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type), given an importance matrix, writes the
@@ -186,6 +187,38 @@ class GPTQStageConfig(GPTQConfig, QuantConfig):
     # Applies to a separate value projection (gguf-py's attn_v: Llama, Qwen, Mistral, Gemma, ...; not
     # the fused qkv of GPT-2 or Phi-3). 0 = the plain Hessian.
     sink_weight: float = Field(1.0, ge=0.0)
+    # The output head (lm_head; on a tied model also the token embedding: one tensor, as llama.cpp's tied
+    # token_embd). "none": left to the exporter (the GGUF gets llama.cpp's round-to-nearest in the type it
+    # picks). Else GPTQ onto that format after the last decoder layer, with this entry's GPTQ settings and
+    # the Hessian of the final normed hidden states; its codes are stored like any Linear's, so the GGUF
+    # holds them byte for byte. "auto": the type llama.cpp's quantizer gives the output tensor in a file of
+    # this stage's format (q4_0 on SmolLM2, 576 wide: q8_0; on rows that are a multiple of 256: q6_K once
+    # llmopt has that format); or a GGUF block format by name (q8_0, q6_K, q5_0, q4_0, ...).
+    head: str = "none"
+
+    @field_validator("head")
+    @classmethod
+    def _head(cls, v: str) -> str:
+        from llmopt.formats import GGUF_FORMATS
+
+        key = v.strip().lower()
+        names = {n.lower(): n for n in GGUF_FORMATS}
+        if key in ("none", "auto"):
+            return key
+        if key not in names:
+            raise ValueError(f"unknown head format '{v}'; valid: none, auto, {', '.join(GGUF_FORMATS)}")
+        return names[key]
+
+    @model_validator(mode="after")
+    def _head_auto(self):
+        from llmopt.core.llama_types import DEFAULT_TYPE
+
+        if self.head == "auto" and self.format not in DEFAULT_TYPE:
+            raise ValueError(
+                f"head: auto takes llama.cpp's choice for a file of the stage's format, and '{self.format}' is "
+                "no llama.cpp file type: name the head's format (e.g. head: q8_0)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _act_order(self):
@@ -206,6 +239,30 @@ class GPTQStage(QuantStage):
     Config: ClassVar = GPTQStageConfig
     statistic = "hessian"
 
+    def __init__(self, cfg, index: int = 0):
+        super().__init__(cfg, index)
+        self._head: tuple[str, QuantFormat] | None = None  # (module name, format) of the output head, by targets
+
+    @property
+    def quantizes_head(self) -> bool:
+        return self.cfg.head != "none"
+
+    def targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        found = super().targets(model)
+        if self.quantizes_head:  # the head's format and width are checked with the targets, before any work
+            from llmopt.calibration.head import output_head
+
+            name, head, tied_to = output_head(model)
+            fmt = head_format(self.cfg.head, self.cfg.format, head, tied_to is not None, model)
+            fmt.check_width(in_features(head), name)
+            self._head = (name, fmt)
+        return found
+
+    def format_for(self, name: str, state):
+        if self._head is not None and name == self._head[0]:
+            return self._head[1]
+        return super().format_for(name, state)
+
     def first_token_weight(self, name: str) -> float:
         return self.cfg.sink_weight if gguf_layer(name, ("ATTN_V",)) is not None else 0.0
 
@@ -213,3 +270,27 @@ class GPTQStage(QuantStage):
         fmt = self.format_for(name, state)
         res = gptq_quantize(W, stats.hessian, fmt, self.cfg, keep_mask=state.masks.get(name), name=name)
         return self._outcome(name, res, state, fmt)
+
+
+def head_format(head: str, stage_format: str, module: nn.Module, tied: bool, model: nn.Module) -> QuantFormat:
+    """The format of the output head for a stage's ``head`` setting: a named one, or for ``auto`` the type
+    llama.cpp's ``llama_tensor_get_type`` gives the output tensor (the token embedding on a tied model, which
+    llama.cpp then types as the output) in a file of type ``stage_format`` (:mod:`llmopt.core.llama_types`)."""
+    from llmopt.formats import make_format
+
+    if head != "auto":
+        return make_format(head)
+    from llmopt.calibration import find_decoder_layers
+    from llmopt.core.llama_types import ModelFacts, tensor_type
+
+    shape = (out_features(module), in_features(module))  # numpy order (rows, columns), as gguf-py's
+    tensor = "token_embd.weight" if tied else "output.weight"
+    facts = ModelFacts(n_layer=len(find_decoder_layers(model)[1]), has_output=not tied)
+    t = tensor_type(stage_format, tensor, shape, facts, imatrix=True)
+    try:
+        return make_format(t.name.lower())
+    except LLMOptError:
+        raise LLMOptError(
+            f"head: auto is {t.name} for a {stage_format.upper()} file with a {shape[1]}-wide output head (llama.cpp's "
+            f"choice), and llmopt has no {t.name} format: name the head's format (e.g. head: q8_0)"
+        ) from None

@@ -6,7 +6,9 @@ Three ways to fill the tensors, chosen by ``type``:
     On an llmopt output folder (``quantization.json`` + ``quantization.safetensors``), every quantized
     Linear is written from its stored codes and scales (:mod:`.codes`): GGUF block formats as they are,
     int formats as the GGUF type with the same arithmetic (symmetric int4 in groups of 32k is q4_0, ...),
-    each checked bit for bit; an int format no GGUF type holds exactly is refused, never widened to F32.
+    each checked bit for bit; an int format no GGUF type holds exactly is refused, never widened to F32. An
+    output head a stage quantized (``head``) is written from its codes too: ``output``, or ``token_embd``
+    when tied (the same tensor).
     When most Linears are in one llama.cpp block format, every other 2-D tensor (token embedding, output
     head, Linears without codes) gets the type llama.cpp's quantizer picks for that file type
     (:mod:`.auto_types`, :mod:`llmopt.core.llama_types`: for SmolLM2 q4_0 the tied embedding in Q8_0, where llama.cpp's

@@ -42,13 +42,15 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 @dataclass
 class StoredLinear:
-    """One quantized Linear of a folder: codes (out, in), group parameters (out, n_groups), format, and
-    whether the model file stores the weight as (in, out) (transformers Conv1D)."""
+    """One quantized Linear of a folder: codes (out, in), group parameters (out, n_groups), format, whether
+    the model file stores the weight as (in, out) (transformers Conv1D), and for a quantized output head tied
+    to the token embedding, that embedding's module name (its tensor is written from these codes)."""
 
     fmt: QuantFormat
     codes: torch.Tensor
     qp: QParams
     transposed: bool = False
+    tied_to: str | None = None  # a tied output head: the input embedding module holding the same tensor
 
     def dequantize(self) -> torch.Tensor:
         """Float32 (out, in) values of the codes."""
@@ -134,7 +136,10 @@ def load_stored(folder: str | Path) -> dict[str, StoredLinear]:
     for linear, entry in index.items():
         extra = {k: tensors[f"{linear}.{k}"].float() for k in STORED_EXTRA if f"{linear}.{k}" in tensors}
         qp = QParams(tensors[f"{linear}.scale"].float(), tensors[f"{linear}.zero"].float(), **extra)
-        out[linear] = StoredLinear(entry_format(entry), tensors[f"{linear}.codes"], qp, bool(entry.get("transposed")))
+        tied = entry.get("tied_to") if isinstance(entry.get("tied_to"), str) else None
+        out[linear] = StoredLinear(
+            entry_format(entry), tensors[f"{linear}.codes"], qp, bool(entry.get("transposed")), tied
+        )
     return out
 
 

@@ -7,7 +7,8 @@ expects (``convert_hf_to_gguf.py`` ``modify_tensors`` of each model class).
 * fused tensors (phi3 ``qkv_proj`` / ``gate_up_proj``, GPT-2 ``c_attn``) written as they are: llama.cpp's
   ``attn_qkv`` / ``ffn_up`` split them in the same order;
 * Gemma's query scaling difference folded into ``q_proj`` or ``q_norm`` (:func:`attn_fold_factor`);
-* a tied output head is not written (llama.cpp reuses the token embedding).
+* a tied output head is not written (llama.cpp reuses the token embedding); when a stage quantized it, its
+  stored codes (``tied_to`` the embedding) are the token embedding's.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def iter_tensors(
     transposed = transposed_weights(model)
     buffers = {n for n, _ in model.named_buffers()}
     mix = _llama_mix(model, stored, spec, tmap, tied, transposed) if stored else None
+    stored = with_tied_embedding(stored)
     rope = llama3_rope_factors(cfg) if spec.arch == gguf.MODEL_ARCH.LLAMA else None
     if rope is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope, GGMLType.F32
@@ -120,6 +122,8 @@ def iter_tensors(
         linear = hf_name.removesuffix(".weight")
         entry = stored.get(linear) if hf_name.endswith(".weight") else None
         if entry is not None:
+            if (name, True) in ((EMBEDDING, plan.explicit_embedding), (OUTPUT, plan.explicit_output)):
+                log.warning("%s is written from its stored %s codes: its --*-type is ignored", name, entry.fmt)
             check_reproduces(linear, entry, t, dtypes.get(hf_name, torch.float32))
             blocks, qtype = to_blocks(linear, entry, q_factor)
             yield name, perm(blocks), qtype
@@ -155,6 +159,13 @@ def iter_tensors(
         yield name, data, qtype
 
 
+def with_tied_embedding(stored: dict[str, StoredLinear]) -> dict[str, StoredLinear]:
+    """``stored`` plus, for a quantized output head tied to the token embedding, the same codes under the
+    embedding's module name: the tied head is not written, the embedding (the same tensor) is, from them."""
+    tied = {s.tied_to: s for s in stored.values() if s.tied_to is not None and s.tied_to not in stored}
+    return {**stored, **tied} if tied else stored
+
+
 def _llama_mix(
     model: torch.nn.Module,
     stored: dict[str, StoredLinear],
@@ -166,12 +177,13 @@ def _llama_mix(
     """:func:`.auto_types.llama_mix` of ``model``: the GGUF name and shape of every tensor it writes."""
     shapes: dict[str, tuple[int, ...]] = {}
     coded: dict[str, GGMLType] = {}
+    entries = with_tied_embedding(stored)
     for hf_name, t in model.state_dict().items():
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None or (tied and hf_name == "lm_head.weight"):
             continue
         shapes[name] = tuple(t.shape)[::-1] if hf_name in transposed else tuple(t.shape)
-        entry = stored.get(hf_name.removesuffix(".weight")) if hf_name.endswith(".weight") else None
+        entry = entries.get(hf_name.removesuffix(".weight")) if hf_name.endswith(".weight") else None
         if entry is not None and entry.fmt.gguf_type is not None:
             coded[name] = entry.fmt.gguf_type
     return llama_mix(stored, shapes, coded, model.config, spec)

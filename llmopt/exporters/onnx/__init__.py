@@ -19,8 +19,9 @@ and ``present.{i}.key/value``. The folder (``model.onnx``, ``config.json``, toke
     a float32 MatMul with its exact saved weight, named in the report's ``linears_float``; when no stored
     Linear maps, the export is refused before any weight is loaded.
 
-The output head stays float32 in every mode (llmopt's recipes leave ``lm_head`` unquantized; a tied head
-is a Transpose of the embedding, which no quantizer touches). The folder is written to a temporary
+The output head stays float32 in every mode (a tied head is a Transpose of the embedding, which no quantizer
+touches); a head a recipe quantized (the gptq stage's ``head``) holds exactly its codes' values as floats and
+is named in the report's ``head_float``. The folder is written to a temporary
 sibling and renamed on success; on any failure or interruption nothing is left (:mod:`llmopt.outputs`).
 
 Modules: ``nbits`` (codes → MatMulNBits), ``graph`` (MatMul ↔ Linear mapping, rewriting, saving),
@@ -72,7 +73,8 @@ def export_onnx(
     Returns:
         {"output", "quant", "block_size", "accuracy_level", "architecture", "file_bytes", "matmul_nbits",
         "linears_exact" (Linears written from stored codes), "linears_float" (stored Linears kept float32
-        because MatMulNBits cannot hold their format), "seconds"}.
+        because MatMulNBits cannot hold their format), "head_float" (a quantized output head, kept float32),
+        "seconds"}.
     """
     t0 = time.perf_counter()
     if quant not in ONNX_QUANTS:
@@ -96,6 +98,8 @@ def export_onnx(
 
         check_architecture(read_config(folder).get("model_type"))
         index = read_index(folder)
+    heads = [n for n, e in index.items() if e.get("head")]  # quantized output heads stay float (exact values)
+    index = {n: e for n, e in index.items() if n not in heads}
     if quant == "auto":
         kept_float = _precheck_auto(model_spec, index, block_size)
 
@@ -105,7 +109,7 @@ def export_onnx(
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = check_architecture(model.config.model_type)
     stored = load_stored(folder) if quant == "auto" and folder is not None else {}
-    stored = {n: s for n, s in stored.items() if n not in kept_float}
+    stored = {n: s for n, s in stored.items() if n not in kept_float and n not in heads}
 
     with atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
         from llmopt.exporters.onnx import graph, ortquant
@@ -133,6 +137,7 @@ def export_onnx(
             architecture=arch,
             linears_exact=len(exact),
             linears_float=kept_float,
+            head_float=heads,
             source=model_spec,
             seconds=round(time.perf_counter() - t0, 2),
         )
