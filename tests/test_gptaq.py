@@ -150,14 +150,17 @@ class AsymRecordingStage(Stage):
     Config: ClassVar = StageConfig
     statistic = "hessian"
 
-    def __init__(self, scale: float, fp: bool = True):
+    def __init__(self, scale: float, fp: bool = True, sink: float = 0.0):
         super().__init__(StageConfig(stage="record"))
-        self.scale, self.fp = scale, fp
+        self.scale, self.fp, self.sink = scale, fp, sink
         self.seen: dict = {}
 
     @property
     def needs_fp_inputs(self) -> bool:
         return self.fp
+
+    def first_token_weight(self, name: str) -> float:
+        return self.sink if name.endswith("v_proj") else 0.0
 
     def compress_linear(self, name, W, stats, state, layer_index):
         self.seen[name] = stats
@@ -188,21 +191,26 @@ def linear_inputs(model, windows, scaled_layers: int, scale: float) -> dict[str,
     return {n: torch.cat(v).double() for n, v in xs.items()}
 
 
-def test_engine_gives_fp_and_compressed_statistics():
+@pytest.mark.parametrize("sink", [0.0, 0.5])
+def test_engine_gives_fp_and_compressed_statistics(sink):
     """With a stage asking for them, each Linear gets H = 2/N X̃ᵀX̃ from the inputs through the compressed
-    earlier layers and G = 2/N (X − X̃)ᵀX̃ with X from the uncompressed model, both as plain forwards give them;
+    earlier layers and G = 2/N (X − X̃)ᵀX̃ with X from the uncompressed model, both as plain forwards give them
+    (with a first-token weight, v_proj's first token of every window counted s² times in both);
     in layer 0 the two streams agree exactly (G = 0). Without the request there is no G."""
     model = make_tiny_llama(vocab_size=300, seed=1)
     windows = torch.randint(0, 300, (6, 32), generator=torch.Generator().manual_seed(0))
     fp = linear_inputs(model, windows, 0, 1.0)
-    st = AsymRecordingStage(0.8)
+    st = AsymRecordingStage(0.8, sink=sink)
     run_layerwise(__import__("copy").deepcopy(model), windows, [st], CompressionState(), batch_size=4)
     assert set(st.seen) == set(fp)
     for ell in (0, 1):
         comp = linear_inputs(model, windows, ell, 0.8)  # layers before ℓ compressed, ℓ itself not yet
         for n in [n for n in fp if n.startswith(f"model.layers.{ell}.")]:
             x, xt = fp[n], comp[n]
-            H, G = (2 * xt.t() @ xt / len(xt)).float(), (2 * (x - xt).t() @ xt / len(xt)).float()
+            c = torch.ones(len(xt), 1, dtype=torch.float64)  # (T, 1) token weights; tokens window by window
+            if n.endswith("v_proj") and sink:
+                c[:: windows.shape[1]] = max(1.0, sink * windows.shape[1])  # s²
+            H, G = (2 * (c * xt).t() @ xt / len(xt)).float(), (2 * (c * (x - xt)).t() @ xt / len(xt)).float()
             torch.testing.assert_close(st.seen[n].hessian, H, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(st.seen[n].dxxt, G, rtol=1e-4, atol=1e-5)
             if ell == 0:

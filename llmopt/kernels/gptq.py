@@ -33,6 +33,10 @@ Cholesky is retried with 10× the damping (:func:`inverse_hessian_cholesky`). Th
 is returned in :class:`QuantResult` and a warning names the Linear when it exceeds the configured value
 (at 1000× GPTQ degenerates towards RTN).
 
+Asymmetric calibration. ``asymmetric`` (GPTAQ, arXiv 2504.02692; :mod:`llmopt.kernels.gptaq`) targets the
+uncompressed model's outputs WX from the inputs X̃ the compressed model gives the layer; given the statistic
+G = 2/N (X − X̃) X̃ᵀ it changes only where the walk starts, the walk itself is the same.
+
 Sparsity. ``keep_mask`` (True = kept, from a pruning stage) is honoured as in SparseGPT §3.5 (joint
 sparsification + quantization): when a column is reached its pruned entries are set to 0 before
 rounding, and the error of doing so is compensated like any quantization error; so error propagation
