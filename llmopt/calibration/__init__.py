@@ -20,6 +20,11 @@ Data flow (SparseGPT §3 / GPTQ §4 "sequential" processing, IST-DASLab ``llama_
 3. run the compressed layer once more: its outputs become layer ℓ+1's inputs, so the error made so
    far is carried forward, as in the papers.
 
+When a stage asks for it (GPTAQ, ``Stage.needs_fp_inputs``), a second stream carries the same windows
+through the layers with their original weights (:class:`~llmopt.calibration.fp_stream.FPStream`): in 2a
+each batch first runs through a copy of the layer made before any stage changed it, and the statistics
+see each Linear's input in both models (X̃ through the compressed layers, X in the uncompressed model).
+
 Activations stay in the model's dtype, batch by batch; only one layer's activations live at a time.
 "Linear" means nn.Linear or transformers' Conv1D (GPT-2), see :mod:`llmopt.linears`. Layers come from
 a :class:`LayerSource`, so a later source can stream each layer's weights from safetensors shards
@@ -27,6 +32,7 @@ without changing anything here.
 
 The package, by job: :mod:`~llmopt.calibration.layers` (finding the decoder layers, the layer source),
 :mod:`~llmopt.calibration.capture` (step 1), :mod:`~llmopt.calibration.stats` (the statistics of 2a),
+:mod:`~llmopt.calibration.fp_stream` (the uncompressed model's stream),
 :mod:`~llmopt.calibration.engine` (the loop: true-sequential groups, kernels, layer outputs).
 """
 

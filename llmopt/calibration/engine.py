@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from llmopt import memory
 from llmopt.calibration.capture import Batch, StopForward, capture_layer_inputs, layer_forward
+from llmopt.calibration.fp_stream import FPStream
 from llmopt.calibration.head import head_statistics, output_head
 from llmopt.calibration.layers import LayerSource, find_decoder_layers
 from llmopt.calibration.stats import StatsAccumulator
@@ -61,10 +62,11 @@ def call_order_groups(layer: nn.Module, linears: dict[str, nn.Module], batch: Ba
     return groups + ([missing] if missing else [])
 
 
-def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator, i: int) -> None:
-    """One statistics pass of layer ``i`` over all batches (outputs are not needed)."""
-    for b in batches:
-        acc.new_forward()
+def _run_all(layer: nn.Module, batches: list[Batch], acc: StatsAccumulator, i: int, fp=None, names=()) -> None:
+    """One statistics pass of layer ``i`` over all batches (outputs are not needed); with an
+    :class:`FPStream` ``fp``, each batch's inputs of the Linears ``names`` in the uncompressed model too."""
+    for k, b in enumerate(batches):
+        acc.new_forward(None if fp is None else fp.inputs(k, b, i, list(names)))
         try:
             layer_forward(layer, b, i)
         except StopForward:
@@ -139,7 +141,11 @@ def run_layerwise(
         batches = capture_layer_inputs(model, layers, windows, batch_size)
     log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
     heads = [s for s in stages if s.quantizes_head]
+    # GPTAQ: the uncompressed model's activations beside the compressed ones, only when a stage asks
+    fp = FPStream(batches) if any(s.needs_fp_inputs for s in stages) else None
     for i, layer in iterate_layers(source, batches, "compressing", last_outputs=bool(heads)):
+        if fp is not None:
+            fp.begin_layer(layer, f"{prefix}.{i}")
         for stage in stages:
             names = _layer_linears(layer, prefix, i, stage)
             if not names:
@@ -153,11 +159,14 @@ def run_layerwise(
                     weights = {n: stage.first_token_weight(n) for n in group}
                     acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic, weights)
                     with memory.phase("statistics"):
-                        _run_all(layer, batches, acc, i)
+                        _run_all(layer, batches, acc, i, fp if stage.needs_fp_inputs else None, group)
                     acc.remove()
                     release_freed_memory()  # the forward's temporaries, kept by the heap for reuse, before the kernels
                 with memory.phase("kernels"):
                     _apply_group(stage, group, names, acc, state, i)
+        if fp is not None:
+            with memory.phase("layer_outputs"):
+                fp.end_layer(batches, i, advance=i < len(source) - 1)
     if heads:
         _compress_head(model, layers, windows, batches, batch_size, heads, state)
 

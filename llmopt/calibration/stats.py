@@ -20,6 +20,11 @@ class StatsAccumulator:
     the same tensor (q/k/v, gate/up) share one accumulation. Once every hooked Linear has seen its
     input, the layer's forward is cut short (:class:`StopForward`): the rest of the layer, e.g.
     down_proj's matmul, is not needed for statistics.
+
+    Given the same batch's inputs in the uncompressed model (``new_forward(fp_inputs)``, from
+    :class:`~llmopt.calibration.fp_stream.FPStream`), a Hessian also accumulates GPTAQ's asymmetry term
+    G = 2/N Σ_n (x_n − x̃_n)ᵀ x̃_n (``LinearStats.dxxt``, x̃ the input here, x the uncompressed model's), the same
+    way and with the same N, so G H⁻¹ does not depend on the number of windows.
     """
 
     def __init__(
@@ -32,6 +37,8 @@ class StatsAccumulator:
         # counted s² times, H' = H + 2/N (s² − 1) Σ_windows x₀ᵀx₀ (`_extra`, the raw sum, N = H's tokens).
         self._first = {n: w for n, w in (first_token_weight or {}).items() if w > 0}
         self._extra: dict[str, torch.Tensor] = {}
+        self._extra_dxxt: dict[str, torch.Tensor] = {}  # the same low-rank term for G: (s² − 1) Σ (x₀ − x̃₀)ᵀx̃₀
+        self._fp: dict[str, torch.Tensor] | None = None  # this forward's inputs in the uncompressed model
         self.stats: dict[str, LinearStats] = {}
         self._partial: set[str] = set()  # Hessians holding only their upper triangle so far (add_gram_upper_)
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
@@ -50,12 +57,17 @@ class StatsAccumulator:
                 self._alias[name] = self._last[1]  # q/k/v (gate/up) read the very same tensor
             else:
                 self._last = (x, name)
-                self._add(name, x.detach().reshape(-1, x.shape[-1]))
+                fp = None if self._fp is None else self._fp[name].reshape(-1, x.shape[-1])
+                self._add(name, x.detach().reshape(-1, x.shape[-1]), fp)
             if name in self._first and x.dim() == 3 and self.statistic == "hessian":  # x: (windows, tokens, in)
                 x0 = x.detach()[:, 0].to(torch.float32)  # (windows, in)
                 s2 = max(1.0, self._first[name] * x.shape[1])
                 e = self._extra.setdefault(name, torch.zeros(x.shape[-1], x.shape[-1], device=x0.device))
                 e.addmm_(x0.t(), x0, alpha=s2 - 1.0)
+                if self._fp is not None:
+                    d0 = self._fp[name][:, 0].to(torch.float32) - x0  # (windows, in)
+                    e = self._extra_dxxt.setdefault(name, torch.zeros_like(e))
+                    e.addmm_(d0.t(), x0, alpha=s2 - 1.0)
             self._seen.add(name)
             if len(self._seen) == self._n:
                 raise StopForward
@@ -63,7 +75,7 @@ class StatsAccumulator:
         return hook
 
     @torch.no_grad()
-    def _add(self, name: str, x: torch.Tensor) -> None:
+    def _add(self, name: str, x: torch.Tensor, fp: torch.Tensor | None = None) -> None:
         x = x.to(torch.float32)  # (T, in)
         s = self.stats.setdefault(name, LinearStats())
         t = x.shape[0]
@@ -73,13 +85,21 @@ class StatsAccumulator:
             s.hessian.mul_(s.tokens / (s.tokens + t))
             add_gram_upper_(s.hessian, x, alpha=2.0 / (s.tokens + t))  # the lower triangle is filled in get()
             self._partial.add(name)
+            if fp is not None:  # GPTAQ: G = 2/N Σ (x − x̃)ᵀ x̃, (in, in), not symmetric
+                if s.dxxt is None:
+                    s.dxxt = torch.zeros_like(s.hessian)
+                s.dxxt.mul_(s.tokens / (s.tokens + t))
+                s.dxxt.addmm_((fp.to(torch.float32) - x).t(), x, alpha=2.0 / (s.tokens + t))
         elif self.statistic == "act_sq_norm":
             if s.act_sq_norm is None:
                 s.act_sq_norm = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
             s.act_sq_norm.add_((x * x).sum(0))
         s.tokens += t
 
-    def new_forward(self) -> None:
+    def new_forward(self, fp_inputs: dict[str, torch.Tensor] | None = None) -> None:
+        """Before each batch; ``fp_inputs``: that batch's inputs of the hooked Linears in the uncompressed
+        model (name → (B, L, in)), to accumulate GPTAQ's G beside the Hessian."""
+        self._fp = fp_inputs
         self._last = None
         self._seen.clear()
 
@@ -91,7 +111,9 @@ class StatsAccumulator:
             self._partial.discard(key)
         if name not in self._extra:
             return st
-        return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens))
+        extra = self._extra_dxxt.get(name)
+        dxxt = st.dxxt if extra is None else st.dxxt + extra * (2.0 / st.tokens)
+        return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens), dxxt=dxxt)
 
     def has(self, name: str) -> bool:
         """False for a Linear that never ran (no statistics)."""

@@ -66,6 +66,12 @@ class Stage:
         return self.statistic != "none"
 
     @property
+    def needs_fp_inputs(self) -> bool:
+        """The statistic also needs each Linear's inputs in the uncompressed model (GPTAQ's ΔX X̃ᵀ): the engine
+        then carries the uncompressed activations beside the compressed ones."""
+        return False
+
+    @property
     def needs_data(self) -> bool:
         """Calibration windows are needed: for the kernel, or to plan OWL layer sparsities."""
         return self.needs_calibration or getattr(self.cfg, "owl", None) is not None

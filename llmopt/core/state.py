@@ -19,6 +19,9 @@ class LinearStats:
 
     hessian: torch.Tensor | None = None  # (in, in) float32, 2/N Σ xᵀx
     act_sq_norm: torch.Tensor | None = None  # (in,) float32, Σ_n x_nj²
+    # (in, in) float32, 2/N Σ (x − x̃)ᵀ x̃: GPTAQ's asymmetry term, x̃ = X's rows (inputs through the compressed
+    # earlier layers, those of ``hessian``), x the same tokens' inputs in the uncompressed model
+    dxxt: torch.Tensor | None = None
     tokens: int = 0
 
 

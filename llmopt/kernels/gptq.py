@@ -33,6 +33,10 @@ Cholesky is retried with 10× the damping (:func:`inverse_hessian_cholesky`). Th
 is returned in :class:`QuantResult` and a warning names the Linear when it exceeds the configured value
 (at 1000× GPTQ degenerates towards RTN).
 
+Asymmetric calibration. ``asymmetric`` (GPTAQ, arXiv 2504.02692; :mod:`llmopt.kernels.gptaq`) targets the
+uncompressed model's outputs WX from the inputs X̃ the compressed model gives the layer; given the statistic
+G = 2/N (X − X̃) X̃ᵀ it changes only where the walk starts, the walk itself is the same.
+
 Sparsity. ``keep_mask`` (True = kept, from a pruning stage) is honoured as in SparseGPT §3.5 (joint
 sparsification + quantization): when a column is reached its pruned entries are set to 0 before
 rounding, and the error of doing so is compensated like any quantization error; so error propagation
@@ -46,11 +50,12 @@ import logging
 from typing import Literal
 
 import torch
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from llmopt.core.config import StrictModel
 from llmopt.errors import LLMOptError
 from llmopt.formats import QParams, QuantFormat, QuantResult
+from llmopt.kernels.gptaq import asymmetric_start
 from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_error
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,14 @@ class GPTQConfig(StrictModel):
     # after the walk, refit every group's scale for the codes GPTQ chose, minimising the layer objective
     # tr((W − Ŵ) H (W − Ŵ)ᵀ) with all groups of a row coupled through H (:func:`refit_scales`)
     refit: bool = False
+    # GPTAQ (arXiv 2504.02692, :mod:`llmopt.kernels.gptaq`): minimise ‖WX − ŴX̃‖², X the Linear's inputs in the
+    # uncompressed model, X̃ those through the compressed earlier layers, instead of ‖WX̃ − ŴX̃‖². The engine then
+    # carries both activation streams (twice the activations' memory, one more forward per statistics pass)
+    asymmetric: bool = False
+    asym_alpha: NonNegativeFloat = 0.25  # weight of the asymmetric term: GPTQModel's alpha; 1 = the paper's Eq. 18
+    # "gptaq": the paper's decomposition (each column's asymmetry absorbed by the columns after it);
+    # "exact": start from the least-squares optimum W + α W G H⁻¹ (kernels.gptaq, for comparison)
+    asym_form: Literal["gptaq", "exact"] = "gptaq"
 
 
 def gptq_quantize(
@@ -106,11 +119,15 @@ def gptq_quantize(
     cfg: GPTQConfig = GPTQConfig(),  # noqa: B008 (frozen, immutable default)
     keep_mask: torch.Tensor | None = None,
     name: str | None = None,
+    dxxt: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize W onto ``fmt`` minimising ‖WX − ŴX‖² (GPTQ Algorithm 1).
 
     W: (out, in); H: (in, in) = 2 X Xᵀ / N from calibration inputs X: (in, N); keep_mask: (out, in)
-    bool, True = kept. ``name`` (the layer) only makes error messages precise.
+    bool, True = kept. ``name`` (the layer) only makes error messages precise. With ``cfg.asymmetric`` and
+    ``dxxt`` = 2/N (X − X̃) X̃ᵀ (in, in), H from X̃: GPTAQ, minimising ‖WX − ŴX̃‖² instead (GPTQ's walk from
+    :func:`~llmopt.kernels.gptaq.asymmetric_start`; ``dxxt`` None: X = X̃, plain GPTQ; ``refit`` then fits the
+    scales to that start, and ``loss`` stays GPTQ's).
     Returns codes and dequantized weights in the original column order, group parameters (rows,
     n_groups) in the original group order, and ``loss`` = tr((W − Ŵ) H (W − Ŵ)ᵀ).
     Dead input columns (diag H == 0) are zeroed before quantization (their inputs are always 0).
@@ -134,6 +151,9 @@ def gptq_quantize(
     keep = None if keep_mask is None else keep_mask.to(device=W.device, dtype=torch.bool)
     if keep is not None:
         W = W * keep  # pruned weights start (and will end) at 0
+    start = None
+    if cfg.asymmetric and dxxt is not None:  # GPTAQ: the walk starts where it minimises ‖WX − ŴX̃‖²
+        W = start = asymmetric_start(W, H, dxxt, cfg.act_order, cfg.asym_alpha, cfg.damp, cfg.asym_form, name)
     importance = torch.diag(H)  # (in,) column weights for the optional clipping search
 
     # (out, 1) row mean of w² for the "imatrix" search weights, from the whole row also for dynamic groups
@@ -161,7 +181,7 @@ def gptq_quantize(
         Q, codes = Q[:, inv], codes[:, inv]
     qparams = qp_static if qp_static is not None else QParams.cat(dynamic)
     if cfg.refit:
-        qparams, Q = refit_scales(W_orig, H_orig, codes, qparams, fmt)
+        qparams, Q = refit_scales(W_orig if start is None else start, H_orig, codes, qparams, fmt)
     pruned_nonzero = 0 if keep_mask is None else int(((Q != 0) & ~keep_mask.to(torch.bool)).sum())
     loss = weighted_error(W_orig, Q, H_orig)
     log.debug("GPTQ %s %s %dx%d: loss %.4g, damp %g", name or "", fmt, rows, cols, loss, damp)

@@ -266,9 +266,14 @@ class GPTQStage(QuantStage):
     def first_token_weight(self, name: str) -> float:
         return self.cfg.sink_weight if gguf_layer(name, ("ATTN_V",)) is not None else 0.0
 
+    @property
+    def needs_fp_inputs(self) -> bool:
+        return self.cfg.asymmetric  # GPTAQ
+
     def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
         fmt = self.format_for(name, state)
-        res = gptq_quantize(W, stats.hessian, fmt, self.cfg, keep_mask=state.masks.get(name), name=name)
+        mask = state.masks.get(name)
+        res = gptq_quantize(W, stats.hessian, fmt, self.cfg, keep_mask=mask, name=name, dxxt=stats.dxxt)
         return self._outcome(name, res, state, fmt)
 
 
