@@ -53,6 +53,9 @@ def compress_command(a: argparse.Namespace) -> int:
     opts = _pipeline_options(a)
     if opts is not None:
         return _run_pipeline(a, opts)
+    rec = _recipe(a)
+    preflight(a.output, overwrite=a.overwrite, kind="folder")  # an output error comes before the estimate
+    _print_estimate(a, rec, None)
     res = compress(
         a.model,
         a.recipe,
@@ -94,13 +97,10 @@ def _pipeline_options(a: argparse.Namespace):
     )
 
 
-def _run_pipeline(a: argparse.Namespace, opts) -> int:
-    """``compress`` with ``--export``/``--eval``/``--harness``/``--push-to-hub``: the whole pipeline."""
-    from llmopt.pipeline import estimate_seconds, run_pipeline
-    from llmopt.pipeline.report import HEADER, markdown_table, table_rows
+def _recipe(a: argparse.Namespace):
     from llmopt.recipe import apply_calibration_overrides, parse_recipe
 
-    rec = apply_calibration_overrides(
+    return apply_calibration_overrides(
         parse_recipe(a.recipe),
         data=a.calib,
         samples=a.calib_samples,
@@ -108,13 +108,27 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
         seed=a.seed,
         true_sequential=a.true_sequential,
     )
-    opts = opts.with_recipe(rec)
-    opts.check()  # bad export target, data, include path, repo id: before any model is loaded
+
+
+def _print_estimate(a: argparse.Namespace, rec, opts) -> None:
+    """The expected duration, before any model is loaded (none for a Hub id: its size is not known yet)."""
+    from llmopt.pipeline import PipelineOptions, estimate
     from llmopt.pipeline.options import model_parameter_count
 
     n = model_parameter_count(a.model)
     if n:
-        print(format_estimate(n, estimate_seconds(n, rec, opts)))
+        print(format_estimate(n, estimate(n, rec, opts or PipelineOptions().with_recipe(rec))), flush=True)
+
+
+def _run_pipeline(a: argparse.Namespace, opts) -> int:
+    """``compress`` with ``--export``/``--eval``/``--harness``/``--push-to-hub``: the whole pipeline."""
+    from llmopt.pipeline import run_pipeline
+    from llmopt.pipeline.report import HEADER, markdown_table, table_rows
+
+    rec = _recipe(a)
+    opts = opts.with_recipe(rec)
+    opts.check()  # bad export target, data, include path, repo id: before any model is loaded
+    _print_estimate(a, rec, opts)
     report = run_pipeline(
         a.model,
         rec,

@@ -19,10 +19,14 @@ def write_json(path: str, result: dict) -> None:
         raise LLMOptError(f"{e} (the JSON result is printed above)") from None
 
 
-def format_estimate(n_params: int, seconds: float) -> str:
-    """The line printed before a pipeline run: its expected duration and the model's size."""
-    minutes = max(1, round(seconds / 60))
-    return f"expected duration: ~{minutes} min on this machine's scale ({n_params / 1e6:.0f}M parameters)"
+def format_estimate(n_params: int, est) -> str:
+    """The line printed before a run: its expected duration, the model's size and the parts of at least
+    half a minute (``est``: :class:`llmopt.pipeline.estimate.Estimate`)."""
+    minutes = max(1, round(est.seconds / 60))
+    parts = ", ".join(f"{k} {v / 60:.1f}" if v < 600 else f"{k} {v / 60:.0f}" for k, v in est.parts.items() if v >= 30)
+    return f"expected duration: ~{minutes} min on this machine's scale ({n_params / 1e6:.0f}M parameters)" + (
+        f": {parts} min" if parts else ""
+    )
 
 
 def format_compress(output, r: dict) -> str:

@@ -38,7 +38,8 @@ class DistillConfig(StageConfig):
     """Logit distillation of the compressed student on a teacher (see :mod:`llmopt.distill`).
 
     Defaults suit the embedded SmolLM2-135M on a 2-core CPU: 2048 tokens per step, 30 minutes or 1M
-    tokens (about 100k tokens fit in 30 minutes there).
+    tokens (about 250k tokens fit in 30 minutes there; the teacher cache holds what the budget can train,
+    :mod:`llmopt.distill.budget`).
 
     ``targets`` / ``ignore`` name the Linears gradual sparsity prunes; masks of earlier pruning stages
     and the formats of earlier quantization stages are kept wherever they are.

@@ -9,8 +9,10 @@ teacher forward in the cache). ``c4`` samples windows inside its train-shard doc
 samples N sequences from the model (the teacher); their last ``heldout`` windows are held out.
 
 :func:`batch_windows` gives the windows of any (step, micro-batch, process) without state, so a resumed
-run draws exactly the batches an uninterrupted one would: epoch e visits the training windows in the
-order of ``random.Random(seed + e)``.
+run draws exactly the batches an uninterrupted one would. The first epoch visits the training windows in
+the order they were drawn (already random), so the first n steps touch only a prefix of them: the teacher
+cache holds the prefix the time budget can train (:mod:`llmopt.distill.budget`). Epoch e ≥ 1 visits them
+in the order of ``random.Random(seed + e)``.
 """
 
 from __future__ import annotations
@@ -95,14 +97,15 @@ def batch_windows(
 ) -> list[int]:
     """Indices into the training windows for one micro-batch of one process.
 
-    The global sample stream is epoch after epoch of permutations (``random.Random(seed + epoch)``);
-    step s, micro-batch m takes ``batch_size · world`` consecutive samples of it, process r its slice."""
+    The global sample stream is the windows in order, then epoch after epoch of permutations
+    (``random.Random(seed + epoch)``); step s, micro-batch m takes ``batch_size · world`` consecutive
+    samples of it, process r its slice. Windows at stream position p < n_train: window p."""
     per_micro = batch_size * world
     start = (step * grad_accum + micro) * per_micro + rank * batch_size
     out = []
     for pos in range(start, start + batch_size):
         epoch, i = divmod(pos, n_train)
-        out.append(_epoch_order(n_train, seed, epoch)[i])
+        out.append(i if epoch == 0 else _epoch_order(n_train, seed, epoch)[i])
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmopt.core.state import RunContext
+from llmopt.distill.budget import cache_windows, student_params
 from llmopt.distill.config import DistillConfig
 from llmopt.distill.data import DistillData, check_data, distill_windows, windows_needed
 from llmopt.distill.teacher import Teacher, TopKCache, model_fingerprint
@@ -70,10 +71,10 @@ def check_inputs(cfg: DistillConfig, ctx: RunContext, index: int) -> None:
             )
 
 
-def _load_teacher(spec: str, device) -> nn.Module:
+def _load_teacher(spec: str, device, dtype: str | torch.dtype = "auto") -> nn.Module:
     from llmopt.models import load_model
 
-    model = load_model(spec, device=None if device is None else str(device)).model
+    model = load_model(spec, device=None if device is None else str(device), dtype=dtype).model
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -114,8 +115,30 @@ def _check_compatible(teacher: nn.Module, student: nn.Module, cfg: DistillConfig
             )
 
 
+def _teacher_loader(spec: str | None, device, dtype: torch.dtype, fingerprint: str):
+    """A function loading the teacher again (None without a spec), for a cache the loop must extend;
+    it returns None when the weights loaded differ from those the cache was filled with."""
+    if not spec:
+        return None
+
+    def load() -> nn.Module | None:
+        model = _load_teacher(spec, device, dtype)
+        if model_fingerprint(model) != fingerprint:
+            log.warning("teacher %s loaded again holds other weights than at the start: not used", spec)
+            return None
+        return model
+
+    return load
+
+
 def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -> Prepared:
-    """``model`` is the uncompressed input model (no stage has run yet)."""
+    """``model`` is the uncompressed input model (no stage has run yet).
+
+    The teacher's top-k logits are cached for the held-out windows and for the training windows the time
+    budget is planned to reach (:func:`llmopt.distill.budget.cache_windows`); the loop caches more if it
+    outruns them, with the live teacher or one loaded again (the input model's spec, or ``teacher``).
+    Without a way to load it again every training window is cached now."""
+    from llmopt import memory
     from llmopt.models import cache_root
 
     if ctx.tokenizer is None:
@@ -134,25 +157,36 @@ def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -
         windows_needed(cfg.max_tokens, cfg.seq_len),
         model=source,
     )
-    cache, computed = None, 0
-    if cfg.top_k is not None:  # also for hidden / CE-only runs: the held-out KL reads it
-        cache = TopKCache(cache_root(), fingerprint, cfg.top_k, cfg.temperature)
-        computed = cache.fill(source, torch.cat([data.train, data.heldout]), cfg.chunk_tokens)
     live = None
     if cfg.live_teacher:
         live = copy.deepcopy(model) if cfg.teacher is None else source
         for p in live.parameters():
             p.requires_grad_(False)
         live.eval()
+    cache, computed, ready, loader = None, 0, len(data.train), None
+    if cfg.top_k is not None:  # also for hidden / CE-only runs: the held-out KL reads it
+        spec = cfg.teacher if cfg.teacher is not None else ctx.model_spec
+        loader = _teacher_loader(spec, ctx.device, next(source.parameters()).dtype, fingerprint)
+        if live is not None or loader is not None:
+            n_student = student_params(ctx.recipe.stages, index, sum(p.numel() for p in model.parameters()))
+            ready = min(ready, cache_windows(cfg, n_student))
+        cache = TopKCache(cache_root(), fingerprint, cfg.top_k, cfg.temperature)
+        with memory.phase("distill.teacher_cache"):
+            computed = cache.fill(source, torch.cat([data.train[:ready], data.heldout]), cfg.chunk_tokens)
+        memory.release_freed_memory()  # the fill's logits blocks and forward activations
+        log.info("teacher cache: %d of %d training windows (the time budget's, with a margin)", ready, len(data.train))
     h = hashlib.blake2b(digest_size=12)
     recipe_text = ctx.recipe.model_dump_json() if ctx.recipe is not None else ""
     for part in (recipe_text, str(ctx.model_spec), str(index), fingerprint):
         h.update(part.encode() + b"\0")
     h.update(data.train.numpy().tobytes())
     h.update(data.heldout.numpy().tobytes())
+    teacher = Teacher(
+        cache, live, cfg.hidden_weight > 0, pool=data.train, ready=ready, loader=loader, chunk_tokens=cfg.chunk_tokens
+    )
     return Prepared(
         data=data,
-        teacher=Teacher(cache, live, want_hidden=cfg.hidden_weight > 0),
+        teacher=teacher,
         seed=seed,
         key=h.hexdigest(),
         teacher_seconds=round(time.perf_counter() - t0, 2),

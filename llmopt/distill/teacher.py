@@ -10,12 +10,16 @@ entries, and any budget, epoch count or rerun reuses every window already there.
 temporary name, fsynced and renamed (:func:`llmopt.atomic.atomic_write`): a killed run leaves only
 complete entries (and temp files the next fill removes). A position costs k·8 + 16
 bytes (k = 64: 270 KB per 512-token window; SmolLM2's full float32 logits would take 100 MB).
+
+Only the training windows the time budget is planned to reach are cached before training
+(:mod:`llmopt.distill.budget`); :meth:`Teacher.ensure` caches more when training outruns them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,12 +143,70 @@ class TopKCache:
 
 class Teacher:
     """What the loop asks for per batch: cached top-k targets, and/or a live forward (full logits when
-    ``top_k`` is None, hidden states for SquareHead)."""
+    ``top_k`` is None, hidden states for SquareHead).
 
-    def __init__(self, cache: TopKCache | None, model: nn.Module | None, want_hidden: bool):
+    ``pool``: the training windows (N, L) in the order the first epoch visits them; the first ``ready``
+    are cached (those the time budget is planned to train, :mod:`llmopt.distill.budget`). ``loader``
+    gives the teacher model again when training outruns that prefix (:meth:`ensure`)."""
+
+    def __init__(
+        self,
+        cache: TopKCache | None,
+        model: nn.Module | None,
+        want_hidden: bool,
+        pool: torch.Tensor | None = None,
+        ready: int = 0,
+        loader: Callable[[], nn.Module | None] | None = None,
+        chunk_tokens: int = 512,
+    ):
         self.cache = cache
         self.model = model
         self.want_hidden = want_hidden
+        self.pool = pool
+        self.ready = ready if pool is not None else 0
+        self.loader = loader
+        self.chunk_tokens = chunk_tokens
+        self.extended = 0  # windows cached during training
+        self._dead_end = False  # the teacher could not be had again: train on the cached windows
+
+    def ensure(self, idx: list[int]) -> list[int]:
+        """Training window indices ``idx`` with their teacher targets cached: when one lies beyond the
+        cached prefix, the teacher (the live one, else ``loader()``) fills the next windows, at least as
+        many as are cached already (so a badly planned budget costs a few teacher loads, not one per
+        step), and is released again. Without a teacher to run, ``idx`` wrap onto the cached windows
+        (logged once): training continues, on windows it has seen."""
+        if self.cache is None or self.pool is None or max(idx) < self.ready:
+            return idx
+        if not self._dead_end:
+            self.ready = self._cached_prefix()  # a resumed run, another process
+        if max(idx) >= self.ready and not self._dead_end:
+            upto = min(len(self.pool), max(max(idx) + 1, 2 * self.ready))
+            model = self.model if self.model is not None else (self.loader() if self.loader else None)
+            if model is None:
+                self._dead_end = True
+                log.warning(
+                    "training outran the %d cached teacher windows and the teacher cannot be loaded again: "
+                    "later steps reuse the cached windows",
+                    self.ready,
+                )
+            else:
+                from llmopt import memory
+
+                with memory.phase("distill.teacher_extend"):
+                    log.info("training outran the teacher cache: caching windows %d..%d", self.ready, upto)
+                    self.extended += self.cache.fill(model, self.pool[self.ready : upto], self.chunk_tokens)
+                self.ready = upto
+                del model
+                memory.release_freed_memory()
+        if self._dead_end:
+            return [i % max(1, self.ready) for i in idx]
+        return idx
+
+    def _cached_prefix(self) -> int:
+        n = self.ready
+        while n < len(self.pool) and self.cache.path(self.pool[n]).is_file():
+            n += 1
+        return n
 
     @torch.no_grad()
     def targets(self, ids: torch.Tensor) -> Targets:

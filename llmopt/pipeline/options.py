@@ -1,5 +1,6 @@
 """What happens after a recipe's stages (``--export``, ``--eval``, ``--harness``, ``--push-to-hub``): the
-options, the checks made before any work, the llama.cpp type of the baseline row, the duration estimate."""
+options, the checks made before any work, the llama.cpp type of the baseline row, a model's size from its
+file headers (the duration estimate is :mod:`llmopt.pipeline.estimate`)."""
 
 from __future__ import annotations
 
@@ -151,38 +152,3 @@ def model_parameter_count(spec: str) -> int | None:
     except (LLMOptError, OSError, ValueError):
         return None
     return None
-
-
-def estimate_seconds(n_params: int, recipe, opts: PipelineOptions) -> float:
-    """A rough duration, scaled from this project's measurements on the embedded model (SmolLM2-135M,
-    2 CPU cores; the quickstart measured 9 min 20 s): a GPTQ/SparseGPT pass over 32 x 512 calibration tokens
-    ~110 s, distillation at ~80 tokens/s up to its wall-clock budget, a GGUF export ~10 s, an ONNX export ~40 s,
-    the llama.cpp baseline ~60 s, one row's evaluation: ~60 s per 8 x 2048 tokens (with the base's KL) and
-    ~35 s of timing."""
-    scale = n_params / 135e6
-    cal = recipe.calibration
-    tokens = cal.samples * cal.seq_len / (32 * 512)
-    s = 30.0  # start-up, loading (measured ~30 s with the GGUF conversion cached)
-    for st in recipe.stages:
-        name = st.stage
-        if name in ("gptq", "sparsegpt", "wanda"):
-            s += 110 * scale * tokens
-        elif name in ("rtn", "magnitude"):
-            s += 5 * scale
-        elif name == "structured":
-            s += 30 * scale * tokens  # one forward pass with importance hooks
-        elif name == "distill":  # ~80 (QAT) to ~110 trained tokens/s; teacher top-k ~1.4 s per 512 tokens, cached
-            train = st.max_tokens * scale / 80
-            if st.max_minutes:
-                train = min(train, 60 * st.max_minutes)
-            s += train + min(st.max_tokens / 512, 240) * 1.4 * scale
-    s += (10 * ("gguf" in opts.export) + 40 * ("onnx" in opts.export)) * scale
-    baseline = bool(opts.eval and opts.baseline and baseline_type(recipe))
-    if baseline:  # llama.cpp's own quantization: an importance-matrix pass over the calibration windows + quantizer
-        s += (40 * tokens + 20) * scale
-    if opts.eval:  # per row: scoring (~60 s per 8 x 2048 tokens with the base's KL) + timing (~35 s)
-        windows = (opts.eval_windows or 32) * opts.eval_seq_len / (8 * 2048)
-        s += (2 + len(opts.export) + baseline) * (60 * windows + 35 * opts.speed) * scale
-    if opts.harness_tasks:
-        s += (1 + len(opts.export)) * 60 * scale
-    return s

@@ -39,6 +39,7 @@ class DistillStage(Stage):
     def run_model(self, model: nn.Module, state: CompressionState, ctx: RunContext) -> dict:
         import torch
 
+        from llmopt import memory
         from llmopt.distill import loop
         from llmopt.distill.curve import curve_files
 
@@ -61,8 +62,14 @@ class DistillStage(Stage):
             resume=ctx.resume,
         )
         device = ctx.device if ctx.device is not None else next(model.parameters()).device
-        report, linears = loop.run(model, job, torch.device(device))
-        report.update(teacher_seconds=p.teacher_seconds, teacher_windows_computed=p.teacher_windows)
+        with memory.phase("distill.train"):  # loop.run switches to distill.finish after its last step
+            report, linears = loop.run(model, job, torch.device(device))
+        report.update(
+            teacher_seconds=p.teacher_seconds,
+            teacher_windows_computed=p.teacher_windows,
+            teacher_windows_cached=p.teacher.ready,
+            peak_rss_mib_by_phase=_distill_peaks(),
+        )
         for name, entry in linears.items():
             lin = model.get_submodule(name)
             state.reports.append(
@@ -95,6 +102,21 @@ def _checkpoints(ctx: RunContext):
     if ctx.checkpoints is not None:
         return ctx.checkpoints
     return checkpoint_dir(ctx.output) if ctx.output is not None else None
+
+
+def _distill_peaks() -> dict[str, float]:
+    """Peak RSS (MiB) of the phases a distillation goes through, so far: the model's loading, the teacher
+    cache, training (student, AdamW state, activations), its extension of the cache, the finish (final
+    held-out loss, checkpoint, re-quantization). The folder's save comes after (the run's report)."""
+    import logging
+
+    from llmopt.memory import phase_peaks
+
+    names = ("load", "distill.teacher_cache", "distill.train", "distill.teacher_extend", "distill.finish")
+    peaks = {n.removeprefix("distill."): v for n, v in phase_peaks().items() if n in names}
+    if peaks:
+        logging.getLogger(__name__).info("distill peak RSS by phase (MiB): %s", peaks)
+    return peaks
 
 
 def _shape(lin: nn.Module) -> tuple[int, int]:
