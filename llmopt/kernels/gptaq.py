@@ -8,10 +8,10 @@ so each layer also corrects what the layers before it got wrong. With ΔX = X �
 
     WX − ŴX̃ = (W − Ŵ) X̃ + W ΔX,
 
-and besides H = 2/N X̃X̃ᵀ the objective needs one more statistic, G = 2/N ΔX X̃ᵀ (in, in) (the reference's
-``dXXT``; rows: the input whose asymmetry, columns: the input it is compensated on).
+and besides H = 2/N X̃X̃ᵀ the objective needs one more statistic, G = 2/N ΔX X̃ᵀ (in, in), G[a, b] =
+2/N Σ_n Δx_a x̃_b (the reference's ``dXXT``).
 
-The column walk (paper §3, Eq. 18, "neuron decomposition"). When column q is fixed to q̂, what the remaining
+The column walk (the paper's Eq. 18 and its "neuron decomposition"). When column q is fixed to q̂, what the remaining
 columns F = {q+1, …} must absorb is its quantization error (w_q − q̂) x̃_q, as in GPTQ, *and* its share of the
 asymmetry, w_q Δx_q. The least-squares answer on X̃_F adds, to GPTQ's update of the later columns,
 
@@ -57,12 +57,12 @@ def asymmetric_start(
 ) -> torch.Tensor:
     """The weights GPTQ's walk starts from so that it minimises ‖WX − ŴX̃‖² (see the module docstring).
 
-        W: (out, in) float32, dead columns already zeroed; H: (in, in) = 2/N X̃X̃ᵀ with dead columns on a unit
-        diagonal; G: (in, in) = 2/N (X − X̃) X̃ᵀ (its dead columns are 0 already: x̃ is 0 there, and its dead rows
-        meet W's zero columns); ``act_order``: the walk goes by decreasing diag H, as :func:`gptq_quantize`'s
-    (P depends on the order; the exact form does not).
-        Damping as the walk's own (λ = damp · mean diag H, raised on failure).
-        Returns W + α W P (form "gptaq", Eq. 18) or W + α W G (H + λI)⁻¹ (form "exact"), (out, in), original order.
+    W: (out, in) float32, dead columns already zeroed; H: (in, in) = 2/N X̃X̃ᵀ with dead columns on a unit
+    diagonal; G: (in, in) = 2/N (X − X̃) X̃ᵀ (its dead columns are 0 already: x̃ is 0 there, and its dead rows
+    meet W's zero columns); ``act_order``: the walk goes by decreasing diag H, as in :func:`gptq_quantize`
+    (P depends on the order; the exact form does not). Damping as the walk's own (λ = damp · mean diag H,
+    raised on failure). Returns W + α W P (form "gptaq", Eq. 18) or W + α W G (H + λI)⁻¹ (form "exact"),
+    (out, in), in the original column order.
     """
     G = G.to(device=W.device, dtype=torch.float32)
     if form == "exact":
