@@ -315,11 +315,13 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
     """Per quantized Linear: integer codes and scales (``quantization.safetensors``) plus a JSON index
     of formats, so exporters write them without re-quantizing. Codes are (out, in) whatever the
     module's layout; ``transposed`` says the model file stores that Linear's weight as (in, out)
-    (transformers Conv1D)."""
+    (transformers Conv1D); ``llama_ftype`` names the llama.cpp file type whose tensor types (with an importance
+    matrix) the quantization followed, from its stage report, so ``--type auto`` types the other tensors so."""
     if not state.quantized:
         return
     from llmopt.safetensors_io import write_safetensors
 
+    mixes = {r["linear"]: r.get("llama_ftype") for r in state.reports if "format" in r}  # each Linear's last
     entries, index = [], {}
     for name, q in state.quantized.items():
         qp = q.qparams_shapes()
@@ -342,5 +344,7 @@ def save_quantized(state: CompressionState, folder: Path) -> None:
         }
         if name == state.head:  # the output head; on a tied model also the input embedding named here
             index[name].update(head=True, tied_to=state.head_tied_to)
+        if mixes.get(name):
+            index[name].update(llama_ftype=mixes[name], llama_imatrix=True)
     write_safetensors(folder / "quantization.safetensors", entries)  # one Linear's codes unpacked at a time
     (folder / "quantization.json").write_text(json.dumps(index, indent=1))

@@ -261,17 +261,6 @@ def test_gptq_q4_0_has_llama_cpps_tensor_types_and_file_size(tiny_text_file, tmp
             assert tensor_bytes(out) == tensor_bytes(ref)
 
 
-def test_ffn_down_names_follow_gguf_py():
-    from llmopt.stages.quantization import ffn_down_layer
-
-    assert ffn_down_layer("model.layers.3.mlp.down_proj") == 3
-    assert ffn_down_layer("model.layers.12.mlp.experts.7.down_proj") == 12
-    assert ffn_down_layer("model.layers.2.mlp.shared_expert.down_proj") == 2
-    assert ffn_down_layer("transformer.h.5.mlp.c_proj") == 5  # GPT-2
-    for other in ("model.layers.3.mlp.up_proj", "transformer.h.5.attn.c_proj", "lm_head", "model.layers.3.mlp"):
-        assert ffn_down_layer(other) is None, other
-
-
 def test_sink_weight_applies_to_value_projections_only():
     from llmopt.recipe import parse_recipe
     from llmopt.stages import build_stages

@@ -70,14 +70,13 @@ def _quant_cases() -> dict[tuple[str, str], list[str]]:
     """(format, mixture) of the quantization stage of every shipped recipe that quantizes onto a llama.cpp
     block format → the recipes (mixture "none" where it changes nothing: every format but q4_0 / q5_0)."""
     from llmopt.recipe import parse_recipe, shipped_recipes
-    from llmopt.stages.quantization import LLAMA_FFN_DOWN_GUARD
 
     cases: dict[tuple[str, str], list[str]] = {}
     for name, path in shipped_recipes().items():
         for stage in parse_recipe(path).stages:
             fmt = getattr(stage, "format", None)
             if fmt in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
-                mixture = stage.mixture if fmt in LLAMA_FFN_DOWN_GUARD else "none"
+                mixture = stage.mixture if fmt in ("q4_0", "q5_0") else "none"
                 cases.setdefault((fmt, mixture), []).append(name)
     return cases
 

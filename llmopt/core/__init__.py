@@ -6,6 +6,9 @@
 * :mod:`llmopt.core.stage` — the stage interface the engine calls;
 * :mod:`llmopt.core.llama_types` — the ggml type llama.cpp's quantizer gives each tensor of a file type (its
   ``llama_tensor_get_type``, pure): the GGUF exporter's ``--type auto`` and the quantization stage's
-  ``head: auto`` read the same rule.
+  ``head: auto`` read the same rule;
+* :mod:`llmopt.core.llama_mix` — that rule on an HF model: each Linear's GGUF name, and its type and llmopt
+  format in a llama.cpp file type (``format: q4_k_m``), for the quantization stages, the exporter and the
+  pipeline's checks.
 
 Nothing here imports the engine, the stages, the registry or the recipe parser (ARCHITECTURE.md)."""

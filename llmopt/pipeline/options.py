@@ -83,6 +83,8 @@ class PipelineOptions:
 def check_recipe(recipe, opts: PipelineOptions) -> None:
     """What can be known before any work: each ``--export`` target holds the recipe's formats exactly, the
     ``--harness`` tasks exist. (Per-Linear widths are checked by the stages' own pre-flight.)"""
+    if "onnx" in opts.export and opts.onnx_quant == "auto":
+        _check_onnx_mixes(recipe)
     fmts = recipe_formats(recipe)
     for target in opts.export:
         for fmt in fmts:
@@ -108,22 +110,48 @@ def check_recipe(recipe, opts: PipelineOptions) -> None:
         resolve_tasks(parse_task_names(opts.harness_tasks), check_include_paths(opts.harness_include_path))
 
 
+def _check_onnx_mixes(recipe) -> None:
+    """Refuse ``--export onnx`` of a llama.cpp mix that writes K-quant or IQ4 blocks (its mix may give any
+    Linear such a type): ``MatMulNBits`` holds 4-bit blocks with one scale and zero point, not two-level
+    super-blocks (6-/8-bit sub-block scales under an fp16 d) or IQ4's non-linear grid."""
+    from llmopt.core.llama_mix import candidate_types
+
+    for st in recipe.stages:
+        ftype = getattr(st, "file_type", None)
+        blocks = sorted(t.name for t in candidate_types(ftype) if _superblock_or_iq(t)) if ftype else []
+        if blocks:
+            raise LLMOptError(
+                f"--export onnx cannot hold llama.cpp's {ftype} mix ({', '.join(blocks)} blocks; MatMulNBits holds "
+                "4-bit blocks with one scale and zero point): drop onnx from --export, or quantize to q4_0"
+            )
+
+
+def _superblock_or_iq(t) -> bool:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[t][0] == 256 or t.name.startswith("IQ")
+
+
 def recipe_formats(recipe) -> list:
-    """The number format of each quantization stage of ``recipe``, in order."""
+    """The number format of each quantization stage of ``recipe``, in order (a llama.cpp mix: its default
+    type's, q4_k_m: q4_K; the other types of the mix are all GGUF block formats)."""
     return [st.make_format() for st in recipe.stages if hasattr(st, "make_format")]
 
 
 def baseline_type(recipe) -> str | None:
-    """The llama.cpp file type the recipe's quantization maps to (its last quantization stage: q4_0 → Q4_0;
-    symmetric int4/int8 in blocks of 32k → Q4_0/Q8_0), or None when llama.cpp has no type of that format."""
+    """The llama.cpp file type the recipe's quantization maps to (its last quantization stage: q4_0 → Q4_0,
+    q4_k_m → Q4_K_M, q6_K → Q6_K; symmetric int4/int8 in blocks of 32k → Q4_0/Q8_0), or None when llama.cpp
+    has no type of that format."""
+    from llmopt.core.llama_mix import file_type
     from llmopt.exporters.gguf.plan import LLAMA_FTYPES
 
-    fmts = recipe_formats(recipe)
-    if not fmts:
+    stages = [st for st in recipe.stages if hasattr(st, "make_format")]
+    if not stages:
         return None
-    fmt = fmts[-1]
-    if fmt.name in LLAMA_FTYPES:
-        return fmt.name
+    named = file_type(stages[-1].format)
+    if named in LLAMA_FTYPES:
+        return named
+    fmt = stages[-1].make_format()
     if fmt.gguf_type is None and fmt.symmetric and fmt.bits in (4, 5, 8):
         g = fmt.group_size
         if g is not None and g % 32 == 0:

@@ -15,14 +15,7 @@ from llmopt.core.state import LinearOutcome
 from llmopt.errors import LLMOptError
 from llmopt.formats import QuantFormat
 from llmopt.kernels.gptq import GPTQConfig, gptq_quantize
-from llmopt.linears import in_features, is_linear, out_features
-
-FORMAT_NAMES = ("int", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-# llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type), given an importance matrix, writes the
-# ffn_down tensors of the first n_layer/8 layers of a Q4_0 / Q5_0 file as Q4_1 / Q5_1 ("guard against
-# craziness in the first few ffn_down layers"). `mixture: llama.cpp` picks the same types, so a GGUF export
-# has the tensor types and file size of llama.cpp's own file of that type.
-LLAMA_FFN_DOWN_GUARD = {"q4_0": "q4_1", "q5_0": "q5_1"}
+from llmopt.linears import in_features, out_features
 
 
 @cache
@@ -44,35 +37,46 @@ def gguf_layer(name: str, kinds: tuple[str, ...]) -> int | None:
     return None if m is None else int(next(g for g in m.groups() if g is not None))
 
 
-def ffn_down_layer(name: str) -> int | None:
-    """Layer index of an MLP down projection as llama.cpp names them (ffn_down, _exps, _shexp), else None."""
-    return gguf_layer(name, ("FFN_DOWN", "FFN_DOWN_EXP", "FFN_DOWN_SHEXP"))
-
-
 class QuantConfig(StageConfig):
-    format: str = "int"  # "int" (bits, group_size, symmetric) or a llama.cpp block type: q8_0, q4_0, ...
+    # "int" (bits, group_size, symmetric), a format of llmopt.formats (q4_0, q6_K, iq4_nl, ...) or a llama.cpp
+    # file type (q4_k_m, q5_k_s, q3_k_m, iq4_xs, ...: llmopt.core.llama_mix.FILE_TYPES), any case
+    format: str = "int"
     bits: int | None = None  # 2..8 for "int"; implied by block formats
     group_size: int | None = None  # along the input dim; None = one scale per output channel
     symmetric: bool = True
     # > 0: per-group scale search (shrunk ranges on this grid + least-squares refits; GPTQ weights the
     # error by diag H, RTN by nothing), for every format (llmopt.formats.QuantFormat.qparams)
     mse_grid: NonNegativeInt = 0
-    # "llama.cpp": the tensor types llama.cpp picks for this format's file type with an importance matrix
-    # (q4_0 / q5_0: the first n_layer/8 ffn_down Linears in q4_1 / q5_1; other formats: unchanged);
-    # "none": every target in `format`. Linears pruned by an earlier stage keep `format` (q4_1/q5_1 have
-    # no exact 0). GPTQ defaults to llama.cpp's mixture, RTN (data-free, as llama.cpp without an importance
-    # matrix) to none.
+    # "llama.cpp": when `format` names a llama.cpp file type (q4_0, q6_k, q4_k_m, iq4_xs, ...), each target
+    # gets the type llama.cpp's quantizer picks for that tensor in that file type made with an importance
+    # matrix (llama_tensor_get_type: q4_k_m's attn_v / ffn_down of some layers in q6_K, q4_0's first
+    # n_layer/8 ffn_down in q4_1, rows that are not whole 256-blocks in q5_0 / q8_0 / iq4_nl, ...), so the
+    # GGUF export has the tensor types and size of llama.cpp's own file; other formats: unchanged.
+    # "none": every target in `format` (a file type that is no single format, q4_k_m, needs llama.cpp's).
+    # A Linear pruned by an earlier stage whose type has no exact 0 (q4_1, q5_1, K-quants with mins, IQ4)
+    # takes the same-size type with one (llama_mix.ZERO_EXACT). GPTQ defaults to llama.cpp's mixture, RTN
+    # (data-free) to none.
     mixture: Literal["llama.cpp", "none"] = "none"
 
     @field_validator("format")
     @classmethod
     def _fmt(cls, v: str) -> str:
-        if v not in FORMAT_NAMES:
-            raise ValueError(f"unknown format '{v}'; valid formats: {', '.join(FORMAT_NAMES)}")
-        return v
+        from llmopt.core.llama_mix import FILE_TYPES, file_type
+        from llmopt.formats import FORMAT_NAMES
+
+        named = {n.lower(): n for n in FORMAT_NAMES}
+        key = file_type(v) or named.get(v.strip().lower())
+        if key is None:
+            raise ValueError(
+                f"unknown format '{v}'; valid formats: {', '.join(FORMAT_NAMES)}; llama.cpp file types: "
+                f"{', '.join(FILE_TYPES)}"
+            )
+        return key
 
     @model_validator(mode="after")
     def _check(self):
+        from llmopt.core.llama_mix import is_mix_only
+
         if self.format == "int":
             if self.bits is None:
                 raise ValueError("format 'int' needs bits (2..8)")
@@ -80,15 +84,35 @@ class QuantConfig(StageConfig):
                 raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if is_mix_only(self.format):  # its formats are checked per Linear when the stage meets the model
+            if self.mixture != "llama.cpp":
+                raise ValueError(
+                    f"{self.format} is llama.cpp's mix of tensor types, not one format: set mixture: llama.cpp"
+                )
+            if self.bits is not None or self.group_size is not None:
+                raise ValueError(f"{self.format} is a llama.cpp file type: leave bits and group_size out")
+            return self
         try:
             self.make_format()
         except LLMOptError as e:
             raise ValueError(str(e)) from None
         return self
 
+    @property
+    def file_type(self) -> str | None:
+        """The llama.cpp file type whose tensor types the stage follows (``mixture: llama.cpp`` and a format
+        that names one), else None."""
+        from llmopt.core.llama_mix import file_type
+
+        return file_type(self.format) if self.mixture == "llama.cpp" else None
+
     def make_format(self):
+        """The stage's format; for a file type that is no single format (q4_k_m), its default type's (q4_K)."""
+        from llmopt.core.llama_mix import default_type, format_of, is_mix_only
         from llmopt.formats import make_format
 
+        if is_mix_only(self.format):
+            return format_of(default_type(self.format))
         return make_format(self.format, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
 
@@ -97,33 +121,38 @@ class QuantStage(Stage):
 
     def __init__(self, cfg, index: int = 0):
         super().__init__(cfg, index)
-        self.fmt = cfg.make_format()
-        self._guard = None  # (format, number of layers with an ffn_down) of llama.cpp's mixture, set by targets
-        if cfg.mixture == "llama.cpp" and cfg.format in LLAMA_FFN_DOWN_GUARD:
-            self._guard = (cfg.model_copy(update={"format": LLAMA_FFN_DOWN_GUARD[cfg.format]}).make_format(), None)
+        self.fmt = None if cfg.file_type else cfg.make_format()
+        self._types = None  # llama.cpp's mix: Linear name → ggml type, set by targets
 
     def targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         found = super().targets(model)
-        if self._guard is not None:  # llama.cpp counts the layers over the whole model, targets or not
-            layers = {ffn_down_layer(n) for n, m in model.named_modules() if is_linear(m)} - {None}
-            self._guard = (self._guard[0], len(layers))
+        if self.cfg.file_type:  # llama.cpp's choice reads the whole model (positions, head, layer count)
+            from llmopt.core.llama_mix import linear_types
+
+            self._types = linear_types(model, self.cfg.file_type)
         return found
 
     def format_for(self, name: str, state):
-        """The format of Linear ``name``: the stage's, or llama.cpp's guard format for an early ffn_down. A
-        pruned Linear keeps the stage's format: the guard formats (q4_1, q5_1) have no exact 0."""
-        if self._guard is None or state.masks.get(name) is not None:
+        """The format of Linear ``name``: the stage's, or the one of the type llama.cpp's mix gives it. A pruned
+        Linear whose type has no exact 0 takes the same-size type that has one (llama_mix.ZERO_EXACT)."""
+        if not self.cfg.file_type:
             return self.fmt
-        fmt, n_layer = self._guard
-        if n_layer is None:
+        from llmopt.core.llama_mix import ZERO_EXACT, format_of
+
+        if self._types is None or name not in self._types:
             raise LLMOptError(f"internal: stage '{self.name}' quantized {name} before its targets were listed")
-        i = ffn_down_layer(name)
-        return fmt if i is not None and i < n_layer // 8 else self.fmt
+        t = self._types[name]
+        if state is not None and state.masks.get(name) is not None:
+            t = ZERO_EXACT.get(t, t)
+        return format_of(t)
 
     def check(self, name: str, linear: nn.Linear) -> None:
-        self.fmt.check_width(in_features(linear), name)
-        if self._guard is not None:
-            self._guard[0].check_width(in_features(linear), name)
+        if self.cfg.file_type and self._types is not None and self._types.get(name) is None:
+            raise LLMOptError(
+                f"llama.cpp's {self.cfg.file_type} leaves {name} unquantized (rows of {in_features(linear)} weights "
+                "fit no block): add it to the stage's ignore list"
+            )
+        self.format_for(name, None).check_width(in_features(linear), name)  # ZERO_EXACT's types fit it too
 
     def _outcome(self, name, res, state, fmt) -> LinearOutcome:
         report = {
@@ -131,13 +160,16 @@ class QuantStage(Stage):
             "bits_per_weight": fmt.bits_per_weight(res.weight.shape[1]),
             "loss": res.loss,
         }
+        if self.cfg.file_type:  # saved in quantization.json: --type auto writes the other tensors for this file type
+            report["llama_ftype"] = self.cfg.file_type
         if res.damp is not None:
             report["damp"] = res.damp  # damping fraction actually used (the Cholesky retry may raise it)
         mask = state.masks.get(name)
         if mask is not None:
             pruned = ~mask
             report["sparsity"] = float((res.weight == 0).float().mean())
-            # formats whose grid has no exact 0 (q4_1, q5_1) take the nearest code: say how many
+            # grids without an exact 0 (asymmetric int, and with mixture: none q4_1, q5_1, q4_K, iq4_xs, ...)
+            # take the nearest code: say how many
             report["pruned_nonzero"] = int((res.weight[pruned] != 0).sum())
         return LinearOutcome(weight=res.weight, quant=res, fmt=fmt, report=report)
 
@@ -167,8 +199,8 @@ class RTNStage(QuantStage):
     def compress_linear(self, name, W, stats, state, layer_index) -> LinearOutcome:
         from llmopt.formats import rtn_quantize
 
-        # Pruned weights are already 0 in W; every grid with an exact 0 (int, q8_0, q4_0, q5_0) keeps
-        # them at 0, and the report counts those that moved (q4_1/q5_1).
+        # Pruned weights are already 0 in W; every grid with an exact 0 (int, q8_0, q4_0, q5_0, q6_K, ...)
+        # keeps them at 0, and the report counts those that moved (q4_1 / q5_1 with mixture: none).
         fmt = self.format_for(name, state)
         return self._outcome(name, rtn_quantize(W, fmt, mse_grid=self.cfg.mse_grid), state, fmt)
 

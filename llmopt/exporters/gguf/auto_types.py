@@ -1,11 +1,14 @@
-"""``--type auto`` on a folder quantized onto a llama.cpp block format (q4_0, q4_1, q5_0, q5_1, q8_0): every
-tensor without stored codes gets the type llama.cpp's quantizer gives it in a file of that type
-(:mod:`llmopt.core.llama_types`), so the file is never larger than llama.cpp's own.
+"""``--type auto`` on a folder quantized onto llama.cpp block formats: every tensor without stored codes gets
+the type llama.cpp's quantizer gives it in a file of the folder's file type (:mod:`llmopt.core.llama_types`),
+so the file has llama.cpp's tensor types and is never larger than llama.cpp's own.
 
-The file type is the format of most quantized Linears. Whether llama.cpp's choice "with an importance
-matrix" applies (Q4_0 / Q5_0: the first n_layer/8 ffn_down in Q4_1 / Q5_1) is read off the stored codes:
-the choice that more of them follow (a GPTQ ``mixture: llama.cpp`` folder: with; RTN: without). Folders
-quantized to an ``int`` format have no llama.cpp file type and keep F16 for the rest.
+The file type is what the folder records: a stage that followed llama.cpp's mix (``mixture: llama.cpp``,
+formats such as q4_k_m or q4_0) writes it into ``quantization.json`` (``llama_ftype``, with an importance
+matrix: the stage calibrates). A folder without the record (made before it existed, or ``mixture: none``) is
+read as the file type of the block format of most quantized Linears, and whether llama.cpp's choice "with an
+importance matrix" applies (Q4_0 / Q5_0: the first n_layer/8 ffn_down in Q4_1 / Q5_1) off the stored codes:
+the choice that more of them follow. Folders quantized to an ``int`` format have no llama.cpp file type and
+keep F16 for the rest.
 
 Types the writer produces itself (gguf-py's reference quantizers: q8_0, q4_0, q4_1, q5_0, q5_1, and F16)
 are written directly; others (Q6_K for a head whose rows are a multiple of 256, ...) are written F32 and
@@ -23,7 +26,8 @@ from typing import Any
 
 import gguf
 
-from llmopt.core.llama_types import ModelFacts, is_70b, model_types
+from llmopt.core.llama_mix import model_facts
+from llmopt.core.llama_types import DEFAULT_TYPE, model_types
 from llmopt.exporters.gguf.codes import GGUF_EXACT, StoredLinear
 from llmopt.exporters.gguf.hparams import ArchSpec
 
@@ -51,22 +55,17 @@ class Deferred:
     types: dict[str, GGMLType] = field(default_factory=dict)
 
 
-def file_type(stored: Mapping[str, StoredLinear]) -> str | None:
-    """llama.cpp's file type of a quantized folder: the block format of most Linears, else None."""
+def file_type(stored: Mapping[str, StoredLinear]) -> tuple[str, bool | None] | None:
+    """llama.cpp's file type of a quantized folder and whether with an importance matrix (None: to be read off
+    the codes): the recorded one, else the block format of most Linears when it is a file type, else None."""
+    recorded = Counter(s.llama_ftype for s in stored.values() if s.llama_ftype)
+    if recorded:
+        if len(recorded) > 1:
+            log.warning("the folder's Linears follow several llama.cpp file types %s: using the most common", recorded)
+        return recorded.most_common(1)[0][0], True
     counts = Counter(s.fmt.name for s in stored.values())
     name = counts.most_common(1)[0][0] if counts else None
-    return name if name in GGUF_EXACT else None
-
-
-def model_facts(cfg: Any, spec: ArchSpec) -> ModelFacts:
-    """The model facts llama.cpp's choice reads, from an HF config."""
-    n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    n_head = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    n_expert = next((getattr(cfg, k) for k in ("num_local_experts", "num_experts") if getattr(cfg, k, None)), 0)
-    return ModelFacts(
-        n_layer, n_head, n_kv, int(n_expert), arch=spec.name, is_70b=is_70b(spec.name, n_layer, n_head, n_kv)
-    )
+    return (name.lower(), None) if name in GGUF_EXACT and name.lower() in DEFAULT_TYPE else None
 
 
 def llama_mix(
@@ -80,15 +79,16 @@ def llama_mix(
 
     shapes: every GGUF tensor (name → numpy shape); coded: the GGUF type of those written from stored codes.
     """
-    ftype = file_type(stored)
-    if ftype is None:
+    found = file_type(stored)
+    if found is None:
         return None
-    facts = model_facts(cfg, spec)
+    ftype, recorded = found
+    facts = model_facts(cfg, spec.name)
     agree = {}
-    for imatrix in (False, True):
+    for imatrix in (False, True) if recorded is None else (recorded,):
         types = model_types(ftype, shapes, facts, imatrix)
         agree[imatrix] = (sum(types.get(n) == t for n, t in coded.items()), types)
-    imatrix = agree[True][0] > agree[False][0]
+    imatrix = recorded if recorded is not None else agree[True][0] > agree[False][0]
     mix = LlamaMix(ftype, imatrix, agree[imatrix][1])
     off = {n: (t.name, mix.types.get(n)) for n, t in coded.items() if mix.types.get(n) != t}
     if off:

@@ -4,7 +4,8 @@ An llmopt folder keeps, for every quantized Linear, its integer codes (out, in) 
 parameters (``quantization.safetensors`` / ``quantization.json``). ``--type auto`` writes those codes,
 never the float weight:
 
-* GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1) are already GGUF blocks.
+* GGUF block formats (q8_0, q4_0, q4_1, q5_0, q5_1, the K-quants, IQ4_NL / IQ4_XS: ``GGUF_EXACT``) are already
+  GGUF blocks.
 * An int format is written as the GGUF type whose arithmetic is the same when its groups are whole
   multiples of 32 columns: symmetric int4 / int5, value = s·(q − 2ᵇ⁻¹), IS q4_0 / q5_0 with d = s
   (one group of 64 is two blocks sharing d); asymmetric int4 / int5, value = s·(q − z), is q4_1 / q5_1
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
+from llmopt.core.llama_types import DEFAULT_TYPE
 from llmopt.errors import LLMOptError, read_json
 from llmopt.formats import GGUF_BLOCK, GGUF_FORMATS, IntFormat, QParams, QuantFormat, make_format
 from llmopt.formats.params import STORED_EXTRA
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "quantization.json"
 CODES_FILE = "quantization.safetensors"
-GGUF_EXACT = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+# formats whose codes are GGUF blocks: every registered GGUF format that packs itself (q4_0 ... q8_0, K-quants, IQ4)
+GGUF_EXACT = tuple(n for n, f in GGUF_FORMATS.items() if type(f).to_gguf_blocks is not QuantFormat.to_gguf_blocks)
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -51,6 +54,7 @@ class StoredLinear:
     qp: QParams
     transposed: bool = False
     tied_to: str | None = None  # a tied output head: the input embedding module holding the same tensor
+    llama_ftype: str | None = None  # the llama.cpp file type whose mix the stage followed (quantization.json)
 
     def dequantize(self) -> torch.Tensor:
         """Float32 (out, in) values of the codes."""
@@ -78,6 +82,8 @@ def read_index(folder: str | Path) -> dict[str, dict]:
             entry_format(entry)
         except LLMOptError as e:
             raise LLMOptError(f"{path}: {linear}: {e}") from None
+        if entry.get("llama_ftype") is not None and entry["llama_ftype"] not in DEFAULT_TYPE:
+            raise LLMOptError(f"{path}: {linear} names an unknown llama.cpp file type {entry['llama_ftype']!r}: {hint}")
     if index:
         codes = Path(folder) / CODES_FILE
         if not codes.is_file():
@@ -138,7 +144,12 @@ def load_stored(folder: str | Path) -> dict[str, StoredLinear]:
         qp = QParams(tensors[f"{linear}.scale"].float(), tensors[f"{linear}.zero"].float(), **extra)
         tied = entry.get("tied_to") if isinstance(entry.get("tied_to"), str) else None
         out[linear] = StoredLinear(
-            entry_format(entry), tensors[f"{linear}.codes"], qp, bool(entry.get("transposed")), tied
+            entry_format(entry),
+            tensors[f"{linear}.codes"],
+            qp,
+            bool(entry.get("transposed")),
+            tied_to=tied,
+            llama_ftype=entry.get("llama_ftype"),
         )
     return out
 
@@ -215,7 +226,13 @@ def to_blocks(linear: str, stored: StoredLinear, factor: float = 1.0) -> tuple[n
                 f"{linear} must be scaled by {factor:.6g} for llama.cpp (query_pre_attn_scalar), which its "
                 "quantized codes cannot absorb exactly; export with --type f32 or f16"
             )
-        qp = QParams(qp.scale * factor, qp.zero * factor if gfmt.name.endswith("_1") else qp.zero)
+        # every value is linear in the fp16 super-/block scales and offsets; integer codes stay (zero is 0
+        # or an offset in value units for GGUF formats)
+        qp = replace(qp.on_grid(), scale=qp.scale * factor, zero=qp.zero * factor)
+        if qp.super_scale is not None:
+            qp = replace(qp, super_scale=qp.super_scale * factor)
+        if qp.super_zero is not None:
+            qp = replace(qp, super_zero=qp.super_zero * factor)
         want = want * factor
     blocks = gfmt.to_gguf_blocks(codes, qp)
     got = torch.from_numpy(gguf.quants.dequantize(blocks, gfmt.gguf_type).reshape(want.shape).astype(np.float32))

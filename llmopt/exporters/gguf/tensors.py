@@ -97,6 +97,8 @@ def iter_tensors(
     buffers = {n for n, _ in model.named_buffers()}
     mix = _llama_mix(model, stored, spec, tmap, tied, transposed) if stored else None
     stored = with_tied_embedding(stored)
+    if mix is not None and deferred is not None:
+        deferred.ftype = mix.ftype  # the file's general.file_type
     rope = llama3_rope_factors(cfg) if spec.arch == gguf.MODEL_ARCH.LLAMA else None
     if rope is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope, GGMLType.F32
@@ -150,7 +152,6 @@ def iter_tensors(
             if kind not in WRITER_TYPES:  # llama.cpp quantizes it afterwards, from F32
                 if deferred is None:
                     raise LLMOptError(f"internal: {name} needs llama.cpp's quantizer ({chosen.name})")
-                deferred.ftype = mix.ftype
                 deferred.types[name] = chosen
                 kind = "f32"
         if plan.mode == "auto" and not explicit and kind == "f16" and dtypes.get(hf_name) == torch.bfloat16:

@@ -11,7 +11,7 @@ import numpy as np
 
 from llmopt.exporters.gguf.auto_types import Deferred
 from llmopt.exporters.gguf.hparams import ArchSpec, write_hparams
-from llmopt.exporters.gguf.plan import FILE_TYPE, Plan
+from llmopt.exporters.gguf.plan import FILE_TYPE, LLAMA_FTYPES, Plan
 from llmopt.exporters.gguf.tensors import is_linear_tensor, iter_tensors
 from llmopt.exporters.gguf.vocab import add_tokenizer
 
@@ -30,7 +30,10 @@ def write_gguf(path: Path, loaded: Any, spec: ArchSpec, plan: Plan, deferred: De
         if is_linear_tensor(name, arr.shape):
             counts[qtype] += int(arr.shape[0])
     main_type = counts.most_common(1)[0][0] if counts else gguf.GGMLQuantizationType.F32
-    w.add_file_type(FILE_TYPE.get(main_type, gguf.LlamaFileType.GUESSED))
+    ftype = FILE_TYPE.get(main_type, gguf.LlamaFileType.GUESSED)
+    if deferred is not None and deferred.ftype:  # --type auto of a folder with a llama.cpp file type (q4_k_m, ...)
+        ftype = gguf.LlamaFileType(LLAMA_FTYPES[deferred.ftype])
+    w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.write_header_to_file()
     w.write_kv_data_to_file()
