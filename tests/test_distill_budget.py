@@ -165,7 +165,9 @@ def test_cache_sized_by_budget_and_extended_to_the_same_result(tiny_model_dir, t
     a, b = _weights(tmp_path / "planned"), _weights(tmp_path / "all")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
-    assert d["heldout_after"]["kl"] == pytest.approx(res_all.report["model_stages"]["1:distill"]["heldout_after"]["kl"])
+    assert d["heldout_after"]["kl_topk_bound"] == pytest.approx(
+        res_all.report["model_stages"]["1:distill"]["heldout_after"]["kl_topk_bound"]
+    )
 
 
 def test_without_a_teacher_to_reload_training_reuses_cached_windows(tiny_model_dir, tiny_text_file, tmp_path):
