@@ -147,7 +147,8 @@ class Teacher:
 
     ``pool``: the training windows (N, L) in the order the first epoch visits them; the first ``ready``
     are cached (those the time budget is planned to train, :mod:`llmopt.distill.budget`). ``loader``
-    gives the teacher model again when training outruns that prefix (:meth:`ensure`)."""
+    gives the teacher model again when training outruns that prefix (:meth:`ensure`); that teacher time
+    counts in the loop's ``max_minutes`` clock."""
 
     def __init__(
         self,
