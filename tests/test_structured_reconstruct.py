@@ -73,8 +73,8 @@ def test_fit_gain_is_the_least_squares_diagonal():
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
 
 
-def _tiny(seed: int = 0, tied: bool = True):
-    m = make_tiny_model("llama", VOCAB, seed=seed, sliding=False)
+def _tiny(seed: int = 0, tied: bool = True, arch: str = "llama"):
+    m = make_tiny_model(arch, VOCAB, seed=seed, sliding=False)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() == 2:
@@ -103,8 +103,8 @@ def _layer_outputs(model, ids, keep_h=None) -> list[torch.Tensor]:
     return [o if keep_h is None else o[..., keep_h] for o in outs] + [logits]
 
 
-def _cut_and_reconstruct(c: StructuredConfig, tied: bool, calib: torch.Tensor, seed: int = 0):
-    model = _tiny(seed=seed, tied=tied)
+def _cut_and_reconstruct(c: StructuredConfig, tied: bool, calib: torch.Tensor, seed: int = 0, arch: str = "llama"):
+    model = _tiny(seed=seed, tied=tied, arch=arch)
     imp = measure(model, calib, progress=False)
     cut, _ = plan_cut(model, c, imp)
     teacher = copy.deepcopy(model)
@@ -114,13 +114,15 @@ def _cut_and_reconstruct(c: StructuredConfig, tied: bool, calib: torch.Tensor, s
     return teacher, plain, model, cut, report
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_reconstruction_keeps_every_layer_output_closer_than_the_plain_cut(tied):
+@pytest.mark.parametrize(
+    "arch,tied", [("llama", True), ("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", True)]
+)
+def test_reconstruction_keeps_every_layer_output_closer_than_the_plain_cut(arch, tied):
     """Width cuts (MLP, heads, hidden): on the calibration windows, each layer's output (kept channels)
     is at most half as far from the uncut one after reconstruction; the logits are closer."""
     calib = _windows(16, 0)
     c = StructuredConfig(stage="structured", intermediate_size=64, num_attention_heads=2, hidden_size=48, round_to=16)
-    teacher, plain, rec, cut, report = _cut_and_reconstruct(c, tied, calib)
+    teacher, plain, rec, cut, report = _cut_and_reconstruct(c, tied, calib, arch=arch)
     assert report["head"] == ("final norm weight fitted (tied embedding)" if tied else "refitted")
     assert (rec.lm_head.weight is rec.model.embed_tokens.weight) == tied
     want = _layer_outputs(teacher, calib, cut.hidden)
@@ -130,7 +132,8 @@ def test_reconstruction_keeps_every_layer_output_closer_than_the_plain_cut(tied)
         e_plain, e_rec = (p - w).pow(2).mean().item(), (r - w).pow(2).mean().item()
         # the logits: the removed hidden channels' share of them is lost (a tied output matrix: only the final
         # norm's weight is fitted)
-        bound = (0.98 if tied else 0.8) if j == len(want) - 1 else 0.5
+        # Qwen3's per-head q/k norms come after q/k: their least-squares fit is not of the normed heads
+        bound = (0.98 if tied else 0.8) if j == len(want) - 1 else (0.7 if arch == "qwen3" else 0.5)
         assert e_rec < bound * e_plain, (j, e_rec, e_plain)
 
 
