@@ -2,18 +2,20 @@
 back, and what they buy in llama.cpp speed.
 
 Rows per shipped structured config (structured-mlp25, structured-depth20, minitron-75 = the structured
-entry of minitron-75-distill, minitron-60 = that of minitron-60-distill-q4_0): the cut alone ("before"),
-the cut + a distill stage with the shipped distill settings and ``--minutes`` of training ("after", the
-first stages of minitron-75-distill), and that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0
-settings (= minitron-75-distill-q4_0's last stage, on the same calibration windows), each exported to
-GGUF (F32 and q4_0, q8_0 token embedding as in the dense files). References: the dense model as F32
-GGUF and llama.cpp's own Q4_0 and Q4_K_M of it (no imatrix). Every file runs in llama.cpp on the same
-windows (second half of WikiText-2 valid, 2048-token windows), KL against the dense F32 GGUF; speed:
-512-token prompt, 128 greedy tokens.
+entry of minitron-75-distill, minitron-60 = that of minitron-60-distill-q4_0): the plain cut
+(``reconstruct: false``, "plain cut"), the cut with its least-squares reconstruction (the shipped
+default, "reconstructed cut"; both one-shot, no training), the cut + a distill stage with the shipped
+distill settings and ``--minutes`` of training ("distill", the first stages of minitron-75-distill), and
+that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0 settings (= minitron-75-distill-q4_0's last
+stage, on the same calibration windows), each exported to GGUF (F32 and q4_0, q8_0 token embedding as in
+the dense files). References: the dense model as F32 GGUF and llama.cpp's own Q4_0 and Q4_K_M of it (no
+imatrix). Every file runs in llama.cpp on the same windows (second half of WikiText-2 valid, 2048-token
+windows), KL against the dense F32 GGUF; speed: 512-token prompt, 128 greedy tokens.
 Writes eval/results/structured.md, .json and .png (perplexity vs decode tok/s).
 
     python eval/bench_structured.py [--minutes 30] [--rows mlp25,depth20,minitron-75,minitron-60] [--windows 8]
     python eval/bench_structured.py --minutes 1 --max-tokens 4096 --rows minitron-75 --windows 2 --out /tmp/s
+    python eval/bench_structured.py --phases plain,cut --rows minitron-75,minitron-60   # one-shot rows only
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ ROWS = {
     "minitron-75": ("Minitron 75% (width + depth)", "minitron-75-distill"),
     "minitron-60": ("Minitron 60% (width + depth)", "minitron-60-distill-q4_0"),
 }
+PHASES = {"plain": "plain cut", "cut": "reconstructed cut", "distill": "reconstructed cut + distill"}
 
 
 def gguf_eval(path: Path, base, args) -> dict:
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--phases", default=",".join(PHASES), help="plain (cut, no reconstruction), cut, distill")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "structured"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -98,6 +102,9 @@ def main() -> None:
     names = args.rows.split(",")
     if any(n not in ROWS for n in names):
         sys.exit(f"unknown rows; valid: {', '.join(ROWS)}")
+    phases = args.phases.split(",")
+    if any(p not in PHASES for p in phases):
+        sys.exit(f"unknown phases; valid: {', '.join(PHASES)}")
 
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
     from llmopt.exporters import export_gguf
@@ -129,7 +136,8 @@ def main() -> None:
         for name in names:
             label, recipe = ROWS[name]
             cut = shipped_stage(recipe, "structured")
-            for phase, stages in (("before", [cut]), ("after", [cut, distill])):
+            runs = {"plain": [cut | {"reconstruct": False}], "cut": [cut], "distill": [cut, distill]}
+            for phase, stages in ((p, runs[p]) for p in PHASES if p in phases):
                 folder = work / f"{name}-{phase}"
                 rep = run_compress({"calibration": cal, "stages": stages}, folder)
                 st = rep["model_stages"]["0:structured"]
@@ -147,11 +155,11 @@ def main() -> None:
                     compress_seconds=rep["total_seconds"],
                 )
                 records.append(
-                    dict(label=f"{label}, {phase} distill", fmt="F32", **common, **gguf_eval(gg, base, args))
+                    dict(label=f"{label}, {PHASES[phase]}", fmt="F32", **common, **gguf_eval(gg, base, args))
                 )
                 print(records[-1], flush=True)
                 cleanup(gg)
-                if phase == "after":  # + GPTQ q4_0 on the distilled model: minitron-75-distill-q4_0
+                if phase == "distill":  # + GPTQ q4_0 on the distilled model: minitron-75-distill-q4_0
                     qf = work / f"{name}-q4_0"
                     rq = run_compress({"calibration": cal, "stages": [q4]}, qf, model=str(folder))
                     gq = work / f"{name}-q4_0.gguf"

@@ -2,8 +2,9 @@
 
 A whole-model stage: one forward pass over the calibration windows scores channels, heads and layers
 on the model as the stages before it left it, then the model is cut to a smaller dense one (new config
-sizes). It must come before any pruning or quantization stage: their masks and codes name Linears of
-the uncut shapes."""
+sizes); with ``reconstruct`` (the default) every kept Linear is then refitted by least squares to the
+uncut model's layer outputs (a copy of the uncut model is held meanwhile). It must come before any
+pruning or quantization stage: their masks and codes name Linears of the uncut shapes."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class StructuredStage(Stage):
         target_sizes(self.cfg, sizes_of(model), check_supported(model))  # impossible sizes: fail now
 
     def run_model(self, model: nn.Module, state: CompressionState, ctx: RunContext) -> dict:
-        from llmopt.structured import measure, prune
+        from llmopt.structured import measure, plan_cut, prune
+        from llmopt.structured.reconstruct import reconstruct, teacher_copy
 
         if state.masks or state.quantized:
             raise LLMOptError("the structured stage must come before pruning and quantization stages in the recipe")
@@ -61,6 +63,12 @@ class StructuredStage(Stage):
         t0 = time.perf_counter()
         imp = measure(model, ctx.windows, batch_size=batch)
         t1 = time.perf_counter()
-        report = prune(model, self.cfg, imp)
-        report.update(importance_seconds=round(t1 - t0, 2), cut_seconds=round(time.perf_counter() - t1, 2))
+        cut, _ = plan_cut(model, self.cfg, imp)
+        teacher = teacher_copy(model) if self.cfg.reconstruct else None
+        report = prune(model, self.cfg, imp, cut)
+        t2 = time.perf_counter()
+        report.update(importance_seconds=round(t1 - t0, 2), cut_seconds=round(t2 - t1, 2))
+        if teacher is not None:
+            rec = reconstruct(teacher, model, cut, ctx.windows, batch_size=batch, damp=self.cfg.damp)
+            report["reconstruction"] = rec | {"seconds": round(time.perf_counter() - t2, 2)}
         return report

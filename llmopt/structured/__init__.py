@@ -10,38 +10,52 @@ from torch import nn
 from llmopt.kernels.structured import keep_top
 from llmopt.structured.config import StructuredConfig
 from llmopt.structured.importance import Importance, measure
-from llmopt.structured.layout import check_supported, non_embedding_params, sizes_of
-from llmopt.structured.plan import target_sizes
+from llmopt.structured.layout import Sizes, check_supported, non_embedding_params, sizes_of
+from llmopt.structured.plan import Cut, target_sizes
 from llmopt.structured.surgery import drop_layers, prune_groups, prune_hidden, prune_mlp, set_config
 
-__all__ = ["StructuredConfig", "Importance", "measure", "prune", "target_sizes"]
+__all__ = ["Cut", "StructuredConfig", "Importance", "measure", "plan_cut", "prune", "target_sizes"]
 
 
-def prune(model: nn.Module, cfg: StructuredConfig, imp: Importance) -> dict:
-    """Cut ``model`` in place to the sizes ``cfg`` asks for, by the importances ``imp``; returns the report."""
+def plan_cut(model: nn.Module, cfg: StructuredConfig, imp: Importance) -> tuple[Cut, Sizes]:
+    """The kept indices for ``cfg``'s target sizes, by the importances ``imp``."""
+    s = sizes_of(model)
+    t = target_sizes(cfg, s, check_supported(model))
+    cut = Cut()
+    if t.intermediate < s.intermediate:
+        cut.mlp = [keep_top(score, t.intermediate) for score in imp.mlp]
+    if t.kv_heads < s.kv_heads:
+        cut.groups = [keep_top(score, t.kv_heads) for score in imp.groups]
+    if t.hidden < s.hidden:
+        cut.hidden = keep_top(imp.hidden, t.hidden)
+    if t.layers < s.layers:
+        cut.layers = keep_top(imp.block_influence, t.layers).tolist()
+    return cut, t
+
+
+def prune(model: nn.Module, cfg: StructuredConfig, imp: Importance, cut: Cut | None = None) -> dict:
+    """Cut ``model`` in place to the sizes ``cfg`` asks for, by the importances ``imp`` (or the given
+    ``cut`` of :func:`plan_cut`); returns the report."""
     flags = check_supported(model)
     s = sizes_of(model)
-    t = target_sizes(cfg, s, flags)
+    plan, t = plan_cut(model, cfg, imp)
+    cut = cut or plan
     before = non_embedding_params(s, **flags)
     report: dict = {"before": vars(s).copy(), "after": vars(t).copy()}
-    if t.intermediate < s.intermediate:
-        for layer, score in zip(model.model.layers, imp.mlp, strict=True):
-            prune_mlp(layer, keep_top(score, t.intermediate))
-    if t.kv_heads < s.kv_heads:
-        kept = []
-        for layer, score in zip(model.model.layers, imp.groups, strict=True):
-            g = keep_top(score, t.kv_heads)
+    if cut.mlp is not None:
+        for layer, keep in zip(model.model.layers, cut.mlp, strict=True):
+            prune_mlp(layer, keep)
+    if cut.groups is not None:
+        for layer, g in zip(model.model.layers, cut.groups, strict=True):
             prune_groups(layer, g, s)
-            kept.append(g.tolist())
-        report["kept_groups"] = kept
+        report["kept_groups"] = [g.tolist() for g in cut.groups]
     eps = None
-    if t.hidden < s.hidden:
-        eps = prune_hidden(model, keep_top(imp.hidden, t.hidden))
-    if t.layers < s.layers:
-        keep = keep_top(imp.block_influence, t.layers).tolist()
-        drop_layers(model, keep)
-        report["kept_layers"] = keep
-        report["removed_layers"] = [i for i in range(s.layers) if i not in keep]
+    if cut.hidden is not None:
+        eps = prune_hidden(model, cut.hidden)
+    if cut.layers is not None:
+        drop_layers(model, cut.layers)
+        report["kept_layers"] = cut.layers
+        report["removed_layers"] = [i for i in range(s.layers) if i not in cut.layers]
         report["block_influence"] = [round(float(x), 5) for x in imp.block_influence]
     set_config(model, t, eps)
     after = non_embedding_params(t, **flags)

@@ -35,6 +35,11 @@ class StructuredConfig(StageConfig):
     Widths are rounded down to multiples of ``round_to`` (32 keeps q4_0 / MatMulNBits blocks whole).
     Widths are uniform across layers: a Hugging Face config has one ``intermediate_size`` and one head
     count for all layers, so per-layer widths could not be loaded with ``from_pretrained``.
+
+    ``reconstruct`` (default on): after the cut, every kept Linear is refitted by least squares so each
+    layer keeps the uncut model's outputs on the calibration windows (the cut model fed its own
+    activations forward, layer by layer; :mod:`llmopt.structured.reconstruct`). ``damp`` is its ridge
+    term. Off: the plain cut (the kept weights as they were).
     """
 
     stage: Literal["structured"]
@@ -45,6 +50,9 @@ class StructuredConfig(StageConfig):
     params: float | None = Field(None, gt=0.0, lt=1.0)
     axes: list[Axis] = ["mlp", "hidden", "depth"]  # what ``params`` shrinks
     round_to: int = Field(32, ge=1)
+    # least-squares refit of every cut Linear to the uncut model's layer outputs (llmopt.structured.reconstruct)
+    reconstruct: bool = True
+    damp: float = Field(0.01, gt=0.0, lt=1.0)  # its ridge term: damp · mean(diag H), as GPTQ's
 
     @field_validator("intermediate_size", "num_attention_heads", "hidden_size", "num_layers")
     @classmethod

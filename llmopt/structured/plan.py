@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import torch
 
 from llmopt.errors import LLMOptError
 from llmopt.structured.config import StructuredConfig
 from llmopt.structured.layout import Sizes, non_embedding_params
+
+
+@dataclass
+class Cut:
+    """What the cut keeps (sorted indices; None: that axis is not cut): per original layer, its MLP
+    channels and GQA groups; the residual-stream channels; the decoder layers."""
+
+    mlp: list[torch.Tensor] | None = None
+    groups: list[torch.Tensor] | None = None
+    hidden: torch.Tensor | None = None
+    layers: list[int] | None = None
 
 
 def _width(name: str, v, full: int, round_to: int) -> int:
