@@ -166,3 +166,39 @@ class PhaseSampler:
         finally:
             self._sample()
             self._phase = prev
+
+
+def available_mib() -> float | None:
+    """Memory this process can still take, MiB: the kernel's MemAvailable, lowered to what the cgroup's
+    ``memory.max`` (v2) or ``memory.limit_in_bytes`` (v1) leaves and to the free address space under
+    RLIMIT_AS. None where none of these can be read (off Linux)."""
+    found: list[float] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit) as f:
+                raw = f.read().strip()
+            with open(usage) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw.isdigit() and int(raw) < 2**60:
+            found.append(max(0, int(raw) - used) / 2**20)
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                size = int(f.read().split()[0]) * _PAGE_MIB
+            found.append(max(0.0, soft / 2**20 - size))
+        except (OSError, ValueError, IndexError):
+            pass
+    return min(found) if found else None
