@@ -283,7 +283,7 @@ def compress(
                 state, timing = compress_model(lm, rec, windows, stages=stages, context=ctx, state=state, source=source)
             report = {
                 "model": model,
-                "dtype": str(lm.dtype).removeprefix("torch."),
+                "dtype": str(lazy.dtype if lazy else lm.dtype).removeprefix("torch."),
                 "true_sequential": rec.calibration.true_sequential,
                 **({"low_memory": True} if lazy is not None else {}),
                 "recipe": rec.model_dump(mode="json"),
