@@ -168,10 +168,45 @@ class PhaseSampler:
             self._phase = prev
 
 
+def _cgroup_limits() -> list[float]:
+    """MiB the memory cgroups of this process still allow (v2 ``memory.max``, v1 ``memory.limit_in_bytes``),
+    for its own cgroup as /proc/self/cgroup names it."""
+    out: list[float] = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return out
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: mounted at /sys/fs/cgroup or (hybrid) /sys/fs/cgroup/unified
+            candidates = [
+                (f"{root}{path}/memory.max", f"{root}{path}/memory.current")
+                for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+            ]
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            candidates = [(f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes")]
+        else:
+            continue
+        for limit, usage in candidates:
+            try:
+                with open(limit) as f:
+                    raw = f.read().strip()
+                with open(usage) as f:
+                    used = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if raw.isdigit() and int(raw) < 2**60:
+                out.append(max(0, int(raw) - used) / 2**20)
+    return out
+
+
 def available_mib() -> float | None:
-    """Memory this process can still take, MiB: the kernel's MemAvailable, lowered to what the cgroup's
-    ``memory.max`` (v2) or ``memory.limit_in_bytes`` (v1) leaves and to the free address space under
-    RLIMIT_AS. None where none of these can be read (off Linux)."""
+    """Memory this process can still take, MiB: the kernel's MemAvailable, lowered to what its memory cgroup
+    leaves and to the free address space under RLIMIT_AS. None where none of these can be read (off Linux)."""
     found: list[float] = []
     try:
         with open("/proc/meminfo") as f:
@@ -180,19 +215,7 @@ def available_mib() -> float | None:
                     found.append(int(line.split()[1]) / 1024)
     except OSError:
         pass
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit) as f:
-                raw = f.read().strip()
-            with open(usage) as f:
-                used = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if raw.isdigit() and int(raw) < 2**60:
-            found.append(max(0, int(raw) - used) / 2**20)
+    found += _cgroup_limits()
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         try:
