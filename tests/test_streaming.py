@@ -222,14 +222,14 @@ def embedded_model(folder: Path, layers: int) -> Path:
 
 
 def test_embedded_model_streamed_equals_in_memory(tiny_text_file, tmp_path):
-    """The embedded SmolLM2-135M cut to its first 2 decoder layers, the shipped gptq-q4_0 (act order, static
+    """The embedded SmolLM2-135M cut to its first decoder layer, the shipped gptq-q4_0 (act order, static
     groups, the scale search, llama.cpp's mix) on 4 windows of 128 tokens: codes, scales and saved weights
     identical streamed or in memory."""
-    model = embedded_model(tmp_path / "smollm2-2", layers=2)
+    model = embedded_model(tmp_path / "smollm2-1", layers=1)
     t0 = time.perf_counter()
     calib = dict(calib=f"text:{tiny_text_file}", calib_samples=4, calib_seq_len=128)
     a, b, _ = both(model, "gptq-q4_0", tmp_path, **calib)
-    print(f"\nembedded (2 layers) gptq-q4_0 in memory + streamed: {time.perf_counter() - t0:.1f} s")
+    print(f"\nembedded (1 layer) gptq-q4_0 in memory + streamed: {time.perf_counter() - t0:.1f} s")
     assert_same_folder(a, b)
 
 
@@ -260,10 +260,14 @@ def test_chosen_automatically_when_memory_is_short(tiny_model_dir, tiny_text_fil
     from llmopt import memory
 
     monkeypatch.setattr(memory, "available_mib", lambda: 0.1)  # the tiny model's float32 size is ~0.3 MiB
-    with caplog.at_level(logging.INFO, logger="llmopt.calibration.streaming"):
-        r = compress(str(tiny_model_dir), "gptq-q4_0", tmp_path / "o", calib=f"text:{tiny_text_file}", calib_samples=2)
+    caplog.set_level(logging.INFO, logger="llmopt.calibration.streaming")
+    r = compress(str(tiny_model_dir), "gptq-q4_0", tmp_path / "o", calib=f"text:{tiny_text_file}", calib_samples=2)
     assert r.report["low_memory"] is True
     assert "exceeds 50% of the available memory" in caplog.text
+    caplog.clear()
+    r = compress(str(tiny_model_dir), "rtn-q4_0", tmp_path / "q")  # data-free: loaded whole, with a warning
+    assert "low_memory" not in r.report
+    assert "cannot be streamed, so it is loaded whole" in caplog.text and "rtn" in caplog.text
     monkeypatch.setattr(memory, "available_mib", lambda: 1e6)
     r = compress(str(tiny_model_dir), "gptq-q4_0", tmp_path / "p", calib=f"text:{tiny_text_file}", calib_samples=2)
     assert "low_memory" not in r.report

@@ -78,43 +78,46 @@ MEMORY_FRACTION = 0.5
 def choose_streaming(spec: str, stages, calib_data: str | None, low_memory: bool | None):
     """The folder to stream from, or None to load the model whole. ``low_memory`` True forces streaming (any
     obstacle is an error), False never streams, None streams when the model's float32 size exceeds
-    :data:`MEMORY_FRACTION` of the available memory and nothing stands in the way (else a warning)."""
+    :data:`MEMORY_FRACTION` of the available memory (logged; a warning when the recipe cannot be streamed)."""
     from llmopt import memory
-    from llmopt.data import parse_data_spec
     from llmopt.models import streamable_folder
     from llmopt.models.lazy import ShardedCheckpoint
 
     if low_memory is False:
         return None
+    if low_memory:
+        _check_recipe(stages, calib_data)
+        return streamable_folder(spec)
+    if spec.lower().endswith(".gguf") or spec.startswith("bundled:"):
+        return None  # a GGUF's float32 size is known once converted, and the in-memory path converts it
     try:
-        check_streamable(stages)
-        if calib_data is not None and parse_data_spec(calib_data).kind == "self":
-            raise LLMOptError(
-                "--low-memory cannot sample self:N calibration text (generating needs the whole model): "
-                "use text:PATH or wikitext2, or run without --low-memory"
-            )
-        if low_memory:
-            return streamable_folder(spec)
-        if spec.lower().endswith(".gguf") or spec.startswith("bundled:"):
-            return None  # a GGUF's size in float32 is known only once converted; the in-memory path converts it
         folder = streamable_folder(spec)
-    except LLMOptError as e:
-        if low_memory:
-            raise
+        need = 4 * ShardedCheckpoint(folder).parameters() / 2**20
+    except LLMOptError as e:  # the in-memory path reports what is wrong, in its own order
         log.debug("not streaming: %s", e)
         return None
-    need = 4 * ShardedCheckpoint(folder).parameters() / 2**20
     avail = memory.available_mib()
     if avail is None or need <= MEMORY_FRACTION * avail:
         return None
-    log.info(
-        "the model's float32 size (%.0f MiB) exceeds %.0f%% of the available memory (%.0f MiB): streaming it one "
-        "decoder layer at a time (--low-memory; --no-low-memory loads it whole)",
-        need,
-        100 * MEMORY_FRACTION,
-        avail,
-    )
+    why = f"the model's float32 size ({need:.0f} MiB) exceeds {100 * MEMORY_FRACTION:.0f}% of the available memory"
+    try:
+        _check_recipe(stages, calib_data)
+    except LLMOptError as e:
+        log.warning("%s (%.0f MiB), yet the recipe cannot be streamed, so it is loaded whole: %s", why, avail, e)
+        return None
+    log.info("%s (%.0f MiB): streaming it one decoder layer at a time (--no-low-memory loads it whole)", why, avail)
     return folder
+
+
+def _check_recipe(stages, calib_data: str | None) -> None:
+    from llmopt.data import parse_data_spec
+
+    check_streamable(stages)
+    if calib_data is not None and parse_data_spec(calib_data).kind == "self":
+        raise LLMOptError(
+            "--low-memory cannot sample self:N calibration text (generating needs the whole model): "
+            "use text:PATH or wikitext2, or run without --low-memory"
+        )
 
 
 def _meta_inputs(layer: nn.Module, args, kwargs):
