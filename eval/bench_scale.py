@@ -17,9 +17,13 @@ Calibration: 32 x 512 tokens of the first half of WikiText-2's validation text (
 
 The memory cap (``--cap``): a memory cgroup made for the child (cgroup v1 ``memory.limit_in_bytes`` or v2
 ``memory.max``, under this process's own cgroup; removed afterwards), else ``RLIMIT_AS`` (address space, which
-counts the memory-mapped shards and the libraries too: a far cruder cap). The cap is ``--cap-fraction`` of the
-model's float32 size; ``--cap-over-baseline`` adds the RSS of an idle process that imported torch and
-transformers (for the small sizes, whose float32 size is below that baseline).
+counts the memory-mapped shards and the libraries too: a far cruder cap). A cgroup is charged the child's own
+memory and the page cache it brings in first: the model's shards are evicted from the page cache before each
+capped run (so reading them counts), the shared libraries are not (already charged elsewhere). The cap is
+``--cap-fraction`` of the model's float32 size; ``--cap-over-baseline`` adds what an idle process that imported
+torch, transformers and llmopt is charged (for the small sizes, whose float32 size is below that baseline).
+The parent never imports torch (a child's ``ru_maxrss`` starts at its parent's size at fork): models are made
+and outputs compared in children of their own.
 
     python eval/bench_scale.py                       # every size, both modes, the cap on the largest (hours)
     python eval/bench_scale.py --sizes 135m --samples 4 --seq-len 128 --cap --cap-over-baseline --check --out /tmp/scale
@@ -41,7 +45,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CALIB, REPO, machine_note, markdown_table, require_text  # noqa: E402
+# The parent process never imports torch (eval/common.py does, so it is imported only to write the results): a
+# child's ru_maxrss starts from its parent's resident size at fork, so a big parent would inflate every row.
+REPO = Path(__file__).resolve().parents[1]
+TEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.nounk.txt"
+CALIB = f"text:{TEXT}#0:0.5"  # eval/common.py's CALIB: the first half of the WikiText-2 validation text
 
 SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, heads=9, kv=3),
@@ -132,6 +140,16 @@ class MemoryCap:
 
         return enter
 
+    def peak_mib(self) -> float | None:
+        """The most memory the cgroup was charged (v1 ``memory.max_usage_in_bytes``, v2 ``memory.peak``)."""
+        if self.path is None:
+            return None
+        f = self.path / ("memory.max_usage_in_bytes" if self.kind == "v1" else "memory.peak")
+        try:
+            return int(f.read_text().split()[0]) / 2**20
+        except (OSError, ValueError, IndexError):
+            return None
+
     @property
     def how(self) -> str:
         return f"cgroup {self.kind}" if self.path is not None else "RLIMIT_AS"
@@ -142,6 +160,27 @@ class MemoryCap:
                 self.path.rmdir()
             except OSError:
                 pass
+
+
+def drop_page_cache(folder: Path) -> None:
+    """Evict the folder's files from the page cache (written, so clean once synced), so that a capped child's
+    reads of the model are charged to its own cgroup rather than to whoever wrote or read them first."""
+    for f in folder.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def child(*args: str) -> str:
+    """This script in a child process (``--make`` / ``--compare``): its last line of output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
 
 
 def run(folder: Path, out: Path, low_memory: bool, samples: int, seq_len: int, cap: MemoryCap | None = None) -> dict:
@@ -163,6 +202,8 @@ def run(folder: Path, out: Path, low_memory: bool, samples: int, seq_len: int, c
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
         "exit": p.returncode,
     }
+    if cap is not None and cap.peak_mib() is not None:
+        row["cgroup_peak_mib"] = round(cap.peak_mib(), 1)
     if p.returncode == 0:
         report = json.loads((out / "llmopt_report.json").read_text())
         row.update(compress_seconds=report["compress_seconds"], low_memory=report.get("low_memory", False))
@@ -187,12 +228,18 @@ def same_outputs(a: Path, b: Path) -> bool:
     return sorted(ta) == sorted(tb) and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def baseline_rss_mib() -> float:
-    """Peak RSS of a process that only imports what a compression imports (torch, transformers, llmopt)."""
+def baseline_mib() -> float:
+    """What a process that only imports what a compression imports (torch, transformers, llmopt) is charged, MiB:
+    its cgroup's peak where a cgroup can be made, else its ru_maxrss."""
     code = "import llmopt.compression, llmopt.models, transformers, torch"
-    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
-    _, _, usage = os.wait4(p.pid, 0)
-    return usage.ru_maxrss / 1024
+    cap = MemoryCap(1 << 40)
+    try:
+        p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                             preexec_fn=cap.preexec() if cap.path is not None else None)  # fmt: skip
+        _, _, usage = os.wait4(p.pid, 0)
+        return cap.peak_mib() or usage.ru_maxrss / 1024
+    finally:
+        cap.close()
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
@@ -229,6 +276,12 @@ def plot(rows: list[dict], fits: dict, path: Path) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--make":  # child: write a model, print its parameter count
+        print(make_model(sys.argv[2], Path(sys.argv[3])))
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":  # child: are two outputs identical
+        print(same_outputs(Path(sys.argv[2]), Path(sys.argv[3])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--samples", type=int, default=32)
@@ -239,7 +292,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare the two modes' outputs tensor by tensor")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "scale"), help="writes OUT.{md,json,png}")
     a = ap.parse_args()
-    require_text()
+    if not TEXT.is_file():
+        sys.exit(f"benchmark needs {TEXT} (see ../shared/data/README.md); not found")
     sizes = [s.strip() for s in a.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
@@ -249,20 +303,22 @@ def main() -> None:
     try:
         for size in sizes:
             folder = work / size
-            params = make_model(size, folder)
+            params = int(child("--make", size, str(folder)))
             for low in (False, True):
                 r = run(folder, work / f"{size}-{low}", low, a.samples, a.seq_len)
                 rows.append({"size": size, "params": params, **r})
                 print(json.dumps(rows[-1]), flush=True)
             if a.check and rows[-1]["exit"] == 0 and rows[-2]["exit"] == 0:
-                rows[-1]["identical_to_in_memory"] = same_outputs(work / f"{size}-False", work / f"{size}-True")
+                same = child("--compare", str(work / f"{size}-False"), str(work / f"{size}-True"))
+                rows[-1]["identical_to_in_memory"] = same == "True"
                 print(f"{size}: streamed output identical to the in-memory one: {rows[-1]['identical_to_in_memory']}")
             for low in (False, True):
                 shutil.rmtree(work / f"{size}-{low}", ignore_errors=True)
             if a.cap and size == sizes[-1]:
-                base = baseline_rss_mib() if a.cap_over_baseline else 0.0
+                base = baseline_mib() if a.cap_over_baseline else 0.0
                 limit = int(a.cap_fraction * 4 * params + base * 2**20)
                 for low in (False, True):
+                    drop_page_cache(folder)
                     cap = MemoryCap(limit)
                     try:
                         r = run(folder, work / f"{size}-cap", low, a.samples, a.seq_len, cap)
@@ -284,10 +340,14 @@ def main() -> None:
 
 
 def write(rows: list[dict], fits: dict, a, out: Path) -> None:
+    from common import machine_note, markdown_table  # imports torch: only now, every run done
+
     out.parent.mkdir(parents=True, exist_ok=True)
     table = []
     for r in rows:
         cap = f"{r['cap_mib']:.0f} MiB ({r['cap_how']})" if r.get("capped") else "-"
+        if r.get("cgroup_peak_mib") is not None:
+            cap += f", charged {r['cgroup_peak_mib']:.0f}"
         status = "ok" if r["exit"] == 0 else f"failed ({r['exit']}): {r.get('error', '')[:80]}"
         if "identical_to_in_memory" in r:
             status += ", output identical" if r["identical_to_in_memory"] else ", OUTPUT DIFFERS"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "llmopt_report.json"
 RECIPE_FILE = "recipe.yaml"
+OFFLOAD_DIR = ".llmopt-codes"  # a streamed run's codes and scales until they are written, inside the output's temp
 
 
 @dataclass
@@ -278,7 +280,8 @@ def compress(
             state, source = CompressionState(), None
             if lazy is not None:  # the output is written layer by layer, during the stages
                 tmp = stack.enter_context(atomic_output(out, overwrite=overwrite, kind="folder"))
-                source = StreamingLayerSource(lazy, ShardWriter(tmp, StreamingLayerSource.shards(lazy)), state)
+                writer = ShardWriter(tmp, StreamingLayerSource.shards(lazy))
+                source = StreamingLayerSource(lazy, writer, state, offload=tmp / OFFLOAD_DIR)
             with rss.phase("stages"):
                 state, timing = compress_model(lm, rec, windows, stages=stages, context=ctx, state=state, source=source)
             report = {
@@ -299,6 +302,7 @@ def compress(
                     source.finish()
                     save_config(lm, tmp)
                     _write_rest(tmp, tokenizer, state, rec, report, t_start, rss)
+                    shutil.rmtree(tmp / OFFLOAD_DIR, ignore_errors=True)  # written: the mapped files can go
             else:
                 exact_float32_weights(lm, state)
                 if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes

@@ -75,6 +75,7 @@ def assert_same_folder(a: Path, b: Path) -> None:
         assert (a / f).exists() == (b / f).exists(), f
         if (a / f).exists():
             assert json.loads((a / f).read_text()) == json.loads((b / f).read_text()), f
+    assert not (b / ".llmopt-codes").exists()  # the offloaded codes went once written
     index = json.loads((b / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(weights(b))  # the index names every tensor, each in its shard
     for name, shard in index["weight_map"].items():
@@ -271,3 +272,18 @@ def test_chosen_automatically_when_memory_is_short(tiny_model_dir, tiny_text_fil
     monkeypatch.setattr(memory, "available_mib", lambda: 1e6)
     r = compress(str(tiny_model_dir), "gptq-q4_0", tmp_path / "p", calib=f"text:{tiny_text_file}", calib_samples=2)
     assert "low_memory" not in r.report
+
+
+def test_cli_flag_and_one_line_refusal(tiny_model_dir, tiny_text_file, tmp_path, capsys):
+    from llmopt.cli import main
+
+    calib = ["--calib", f"text:{tiny_text_file}", "--calib-samples", "2", "--calib-seq-len", "32"]
+    out = tmp_path / "o"
+    args = ["compress", str(tiny_model_dir), "--recipe", "sparsegpt-50", "--output", str(out), *calib]
+    assert main([*args, "--low-memory"]) == 0
+    assert json.loads((out / "llmopt_report.json").read_text())["low_memory"] is True
+    capsys.readouterr()
+    args = ["compress", str(tiny_model_dir), "--recipe", "rtn-q4_0", "--output", str(tmp_path / "p")]
+    rc = main([*args, "--low-memory"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith("error: --low-memory streams the model") and len(err.splitlines()) == 1, err

@@ -7,7 +7,10 @@ safetensors shards. :class:`StreamingLayerSource` is the engine's :class:`LayerS
 * ``load(i)`` reads decoder layer i's tensors (cast to the run's dtype exactly as ``from_pretrained`` casts);
 * ``release(i)``, once every stage is done with the layer and its outputs have been computed, gives each
   quantized Linear its exact float32 weight when the model is 16-bit (as the in-memory path does before
-  saving), writes the layer's tensors as shard i + 2 of the output and drops them (back to meta);
+  saving), writes the layer's tensors as shard i + 2 of the output and drops them (back to meta) and the
+  layer's pruning masks (only later stages of the same layer read them); the codes and scales of its quantized
+  Linears, needed when ``quantization.safetensors`` is written at the end, move to files under ``offload``
+  mapped back from them (file pages the OS can drop, not anonymous memory);
 * ``outside("inputs")`` holds the tensors outside the decoder layers except an untied output head (the
   embeddings the capture of the first layer's inputs runs) and ``outside("head")`` all of them (the head's
   statistics run the final norm; the head stage changes the head, on a tied model the token embedding);
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -136,10 +140,10 @@ class StreamingLayerSource(LayerSource):
 
     ``max_layer_params``: the most decoder-layer parameter values ever held at once (one layer's, by design)."""
 
-    def __init__(self, lazy: LazyModel, writer: ShardWriter, state: CompressionState):
+    def __init__(self, lazy: LazyModel, writer: ShardWriter, state: CompressionState, offload: Path | None = None):
         prefix, layers = find_decoder_layers(lazy.model)
         super().__init__(layers, prefix)
-        self.lazy, self.writer, self.state = lazy, writer, state
+        self.lazy, self.writer, self.state, self.offload = lazy, writer, state, offload
         self.max_layer_params = 0
         self._done_outside = False
         self._hooks = [layer.register_forward_pre_hook(_meta_inputs, with_kwargs=True) for layer in layers]
@@ -169,6 +173,13 @@ class StreamingLayerSource(LayerSource):
         exact_float32_weights(layer, self.state, prefix=f"{name}.")
         self.writer.write(i + 1, layer.state_dict(prefix=f"{name}."))
         self.lazy.release(name)
+        for n in [n for n in self.state.masks if n.startswith(f"{name}.")]:
+            del self.state.masks[n]  # pruning masks serve the later stages of the same layer only (1 byte/weight)
+        if self.offload is not None:
+            self.offload.mkdir(exist_ok=True)
+            for n, q in self.state.quantized.items():
+                if n.startswith(f"{name}."):
+                    q.offload(self.offload / f"{n}.pt")
         release_freed_memory()
 
     @contextmanager
