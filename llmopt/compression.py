@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +21,26 @@ from llmopt.calibration import (
     layer_statistics,
     run_layerwise,
 )
+from llmopt.calibration.streaming import (
+    StreamingLayerSource,
+    choose_streaming,
+    exact_float32_weights,
+    save_config,
+)
 from llmopt.core.stage import Stage
 from llmopt.core.state import CompressionState, LinearStats, RunContext
 from llmopt.errors import LLMOptError
 from llmopt.memory import PhaseSampler, peak_rss_mib, release_freed_memory, reset_peak_rss
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
+from llmopt.safetensors_io import ShardWriter
 from llmopt.stages import build_stages
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "llmopt_report.json"
 RECIPE_FILE = "recipe.yaml"
+OFFLOAD_DIR = ".llmopt-codes"  # a streamed run's codes and scales until they are written, inside the output's temp
 
 
 @dataclass
@@ -99,15 +109,19 @@ def compress_model(
     windows: torch.Tensor | None,
     stages: list[Stage] | None = None,
     context: RunContext | None = None,
+    state: CompressionState | None = None,
+    source=None,
 ) -> tuple[CompressionState, dict]:
     """Apply a parsed recipe to a loaded model in place. ``windows``: (N, L) calibration ids, needed when
     a stage is data-driven; ``stages``: the recipe's stages if the caller already built them;
-    ``context``: what whole-model stages (distill) need (tokenizer, output, resume).
+    ``context``: what whole-model stages (distill) need (tokenizer, output, resume); ``state``: an empty
+    state to fill (a streaming ``source`` writes from it); ``source``: the engine's layer source (default: the
+    model in memory; :class:`~llmopt.calibration.streaming.StreamingLayerSource` for ``--low-memory``).
     Returns the state (masks, quantized tensors) and a timing summary."""
     stages = build_stages(recipe) if stages is None else stages
     check_stage_order(stages)
     targets = _preflight(model, stages)
-    state = CompressionState()
+    state = CompressionState() if state is None else state
     t0 = time.perf_counter()
     ctx = context if context is not None else RunContext(recipe=recipe)
     ctx.windows = windows
@@ -139,6 +153,7 @@ def compress_model(
                 state,
                 batch_size=batch,
                 true_sequential=recipe.calibration.true_sequential,
+                source=source,
             )
             i = j
         elif stages[i].whole_model:
@@ -198,6 +213,7 @@ def compress(
     dtype: str | torch.dtype = "auto",
     resume: bool = False,
     checkpoint_dir: str | Path | None = None,
+    low_memory: bool | None = None,
 ) -> CompressResult:
     """Compress ``model`` (any model spec) with ``recipe`` and save an HF folder at ``output``.
 
@@ -213,9 +229,13 @@ def compress(
     overrides ``calibration.true_sequential``. ``resume``: a distill stage continues from the checkpoint
     an interrupted run of the same command left in ``<output>.ckpt/`` (``checkpoint_dir`` elsewhere, e.g.
     for a caller whose ``output`` is a temporary folder); the checkpoints are removed once the output is saved.
+    ``low_memory``: stream the model one decoder layer at a time from its safetensors shards, each layer written
+    to the output once compressed (True), never (False), or when its float32 size exceeds half the available
+    memory (None); see :mod:`llmopt.calibration.streaming`.
     """
     from llmopt.data import calibration_windows
     from llmopt.models import load_model
+    from llmopt.models.lazy import load_lazy
 
     t_start = time.perf_counter()
     peak_scope = "call" if reset_peak_rss() else "process"
@@ -235,56 +255,79 @@ def compress(
             ctx.tokenizer = load_tokenizer(model)
             for st in stages:
                 st.check_inputs(ctx)
+        streamed = choose_streaming(model, stages, rec.calibration.data, low_memory)
+        lazy = None
         with rss.phase("load"):
-            loaded = load_model(model, device=device, dtype=dtype)
-        ctx.tokenizer, ctx.device = loaded.tokenizer, next(loaded.model.parameters()).device
-        _preflight(loaded.model, stages)  # width / group / N:M errors before the (slow) calibration sampling
+            if streamed is None:
+                loaded = load_model(model, device=device, dtype=dtype)
+                lm, tokenizer = loaded.model, loaded.tokenizer
+            else:
+                lazy, tokenizer = load_lazy(streamed, model, dtype=dtype, device=device)
+                lm = lazy.model
+        ctx.tokenizer, ctx.device = tokenizer, lazy.device if lazy else next(lm.parameters()).device
+        _preflight(lm, stages)  # width / group / N:M errors before the (slow) calibration sampling
         windows = None
         t_calib = 0.0
         if any(s.needs_data for s in stages):
             c = rec.calibration
             t0 = time.perf_counter()
             with rss.phase("calibration_data"):
-                windows = calibration_windows(
-                    c.data, loaded.tokenizer, c.samples, c.seq_len, c.seed, model=loaded.model
-                )
+                windows = calibration_windows(c.data, tokenizer, c.samples, c.seq_len, c.seed, model=lm)
             t_calib = time.perf_counter() - t0
             release_freed_memory()  # the tokenizer's work arrays
             log.info("calibration: %d windows x %d tokens from %s (seed %d)", c.samples, c.seq_len, c.data, c.seed)
-        with rss.phase("stages"):
-            state, timing = compress_model(loaded.model, rec, windows, stages=stages, context=ctx)
-
-        report = {
-            "model": model,
-            "dtype": str(loaded.model.dtype).removeprefix("torch."),
-            "true_sequential": rec.calibration.true_sequential,
-            "recipe": rec.model_dump(mode="json"),
-            "calibration_seconds": round(t_calib, 2),
-            **timing,
-            "peak_rss_scope": peak_scope,
-            "stages": _summarise(state),
-            **({"model_stages": state.stage_reports} if state.stage_reports else {}),
-            "linears": state.reports,
-        }
-        exact_float32_weights(loaded.model, state)
-        if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes the output
-            return CompressResult(str(out), report)
-        with rss.phase("save"), atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
-            loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(loaded.model))
-            loaded.tokenizer.save_pretrained(tmp)
-            save_quantized(state, tmp)
-            for name, data in state.files.items():  # e.g. the distillation loss curve
-                (tmp / name).write_bytes(data)
-            report["total_seconds"] = round(time.perf_counter() - t_start, 2)
-            report["peak_rss_mib"] = round(peak_rss_mib(), 1)  # loading, calibration, compression and saving
-            report["peak_rss_mib_by_phase"] = {k: round(v, 1) for k, v in rss.peaks.items()}  # sampled every 50 ms
-            (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        with ExitStack() as stack:
+            state, source = CompressionState(), None
+            if lazy is not None:  # the output is written layer by layer, during the stages
+                tmp = stack.enter_context(atomic_output(out, overwrite=overwrite, kind="folder"))
+                writer = ShardWriter(tmp, StreamingLayerSource.shards(lazy))
+                source = StreamingLayerSource(lazy, writer, state, offload=tmp / OFFLOAD_DIR)
+            with rss.phase("stages"):
+                state, timing = compress_model(lm, rec, windows, stages=stages, context=ctx, state=state, source=source)
+            report = {
+                "model": model,
+                "dtype": str(lazy.dtype if lazy else lm.dtype).removeprefix("torch."),
+                "true_sequential": rec.calibration.true_sequential,
+                **({"low_memory": True} if lazy is not None else {}),
+                "recipe": rec.model_dump(mode="json"),
+                "calibration_seconds": round(t_calib, 2),
+                **timing,
+                "peak_rss_scope": peak_scope,
+                "stages": _summarise(state),
+                **({"model_stages": state.stage_reports} if state.stage_reports else {}),
+                "linears": state.reports,
+            }
+            if source is not None:
+                with rss.phase("save"):
+                    source.finish()
+                    save_config(lm, tmp)
+                    _write_rest(tmp, tokenizer, state, rec, report, t_start, rss)
+                    shutil.rmtree(tmp / OFFLOAD_DIR, ignore_errors=True)  # written: the mapped files can go
+            else:
+                exact_float32_weights(lm, state)
+                if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes
+                    return CompressResult(str(out), report)
+                with rss.phase("save"), atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
+                    lm.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(lm))
+                    _write_rest(tmp, tokenizer, state, rec, report, t_start, rss)
         log.info("saved %s", out)
         for st in stages:
             if st.whole_model:
                 st.finish(ctx)  # e.g. remove the distillation checkpoints
         return CompressResult(str(out), report)
+
+
+def _write_rest(tmp: Path, tokenizer, state: CompressionState, rec, report: dict, t_start: float, rss) -> None:
+    """Everything of the output folder but the weights and config: tokenizer, codes, extra files, recipe, report."""
+    tokenizer.save_pretrained(tmp)
+    save_quantized(state, tmp)
+    for name, data in state.files.items():  # e.g. the distillation loss curve
+        (tmp / name).write_bytes(data)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    report["peak_rss_mib"] = round(peak_rss_mib(), 1)  # loading, calibration, compression and saving
+    report["peak_rss_mib_by_phase"] = {k: round(v, 1) for k, v in rss.peaks.items()}  # sampled every 50 ms
+    (tmp / RECIPE_FILE).write_text(recipe_to_yaml(rec))
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
 
 def shard_size(model: nn.Module) -> int:
@@ -295,20 +338,6 @@ def shard_size(model: nn.Module) -> int:
     compression; eight shards add an eighth."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return int(min(5e9, max(100e6, total / 8)))
-
-
-def exact_float32_weights(model: nn.Module, state: CompressionState) -> None:
-    """In a 16-bit model, give every quantized Linear its exact float32 weight, dequantized from the
-    codes (bfloat16/float16 cannot hold code × fp16 scale exactly). Done just before saving: the
-    folder then stores those Linears in float32 and everything else in the model's dtype."""
-    from llmopt.linears import set_weight_tensor
-
-    for name, q in state.quantized.items():
-        lin = model.get_submodule(name)
-        if lin.weight.dtype != torch.float32:
-            set_weight_tensor(lin, q.fmt.dequantize(q.codes, q.qparams))
-            if name == state.head and state.head_tied_to is not None:  # the tied embedding is the same tensor
-                model.get_submodule(state.head_tied_to).weight = lin.weight
 
 
 def save_quantized(state: CompressionState, folder: Path) -> None:

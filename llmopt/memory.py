@@ -166,3 +166,62 @@ class PhaseSampler:
         finally:
             self._sample()
             self._phase = prev
+
+
+def _cgroup_limits() -> list[float]:
+    """MiB the memory cgroups of this process still allow (v2 ``memory.max``, v1 ``memory.limit_in_bytes``),
+    for its own cgroup as /proc/self/cgroup names it."""
+    out: list[float] = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return out
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: mounted at /sys/fs/cgroup or (hybrid) /sys/fs/cgroup/unified
+            candidates = [
+                (f"{root}{path}/memory.max", f"{root}{path}/memory.current")
+                for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+            ]
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            candidates = [(f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes")]
+        else:
+            continue
+        for limit, usage in candidates:
+            try:
+                with open(limit) as f:
+                    raw = f.read().strip()
+                with open(usage) as f:
+                    used = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if raw.isdigit() and int(raw) < 2**60:
+                out.append(max(0, int(raw) - used) / 2**20)
+    return out
+
+
+def available_mib() -> float | None:
+    """Memory this process can still take, MiB: the kernel's MemAvailable, lowered to what its memory cgroup
+    leaves and to the free address space under RLIMIT_AS. None where none of these can be read (off Linux)."""
+    found: list[float] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    found += _cgroup_limits()
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                size = int(f.read().split()[0]) * _PAGE_MIB
+            found.append(max(0.0, soft / 2**20 - size))
+        except (OSError, ValueError, IndexError):
+            pass
+    return min(found) if found else None

@@ -35,11 +35,14 @@ _DTYPES = {
 
 
 def write_safetensors(
-    path: str | Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]
+    path: str | Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """``entries``: (name, shape, dtype, make) per tensor; ``make()`` is called once, in order, when its
-    bytes are written, and must return a tensor of exactly that shape and dtype."""
-    header, offset = {}, 0
+    bytes are written, and must return a tensor of exactly that shape and dtype. ``metadata``: the
+    header's ``__metadata__`` (string → string), e.g. ``{"format": "pt"}``."""
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
     for name, shape, dtype, _ in entries:
         n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -55,3 +58,37 @@ def write_safetensors(
                 raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+class ShardWriter:
+    """A model's weights as ``n`` safetensors shards written one at a time, in any order, under transformers'
+    names (``model-0000k-of-0000n.safetensors``; ``model.safetensors`` when ``n`` is 1), then
+    ``model.safetensors.index.json`` (:meth:`finish`). Each shard carries ``{"format": "pt"}`` metadata, as
+    ``save_pretrained`` writes it."""
+
+    def __init__(self, folder: str | Path, n: int):
+        self.folder, self.n = Path(folder), n
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def file_name(self, k: int) -> str:
+        return "model.safetensors" if self.n == 1 else f"model-{k + 1:05d}-of-{self.n:05d}.safetensors"
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Shard ``k`` (0-based): ``tensors`` by name, in that order."""
+        name = self.file_name(k)
+        entries = [(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+        write_safetensors(self.folder / name, entries, metadata={"format": "pt"})
+        for n, t in tensors.items():
+            self.weight_map[n] = name
+            self.total_size += t.numel() * t.element_size()
+
+    def finish(self, total_parameters: int) -> None:
+        """The index (sharded output only), with the metadata ``save_pretrained`` writes."""
+        if self.n == 1:
+            return
+        index = {
+            "metadata": {"total_parameters": total_parameters, "total_size": self.total_size},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

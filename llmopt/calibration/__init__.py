@@ -27,13 +27,14 @@ see each Linear's input in both models (X̃ through the compressed layers, X in 
 
 Activations stay in the model's dtype, batch by batch; only one layer's activations live at a time.
 "Linear" means nn.Linear or transformers' Conv1D (GPT-2), see :mod:`llmopt.linears`. Layers come from
-a :class:`LayerSource`, so a later source can stream each layer's weights from safetensors shards
-without changing anything here.
+a :class:`LayerSource`: the model in memory, or (``--low-memory``) each layer's weights streamed from the
+safetensors shards and written to the output once final (:mod:`~llmopt.calibration.streaming`).
 
 The package, by job: :mod:`~llmopt.calibration.layers` (finding the decoder layers, the layer source),
 :mod:`~llmopt.calibration.capture` (step 1), :mod:`~llmopt.calibration.stats` (the statistics of 2a),
 :mod:`~llmopt.calibration.fp_stream` (the uncompressed model's stream),
-:mod:`~llmopt.calibration.engine` (the loop: true-sequential groups, kernels, layer outputs).
+:mod:`~llmopt.calibration.engine` (the loop: true-sequential groups, kernels, layer outputs),
+:mod:`~llmopt.calibration.streaming` (the layers streamed from disk, one at a time).
 """
 
 from llmopt.calibration.capture import Batch, capture_layer_inputs

@@ -129,15 +129,17 @@ def run_layerwise(
     state: CompressionState,
     batch_size: int = 8,
     true_sequential: bool = False,
+    source: LayerSource | None = None,
 ) -> None:
     """Apply ``stages`` (in order, per layer) to every target Linear of every decoder layer.
 
     windows: (N, L) calibration token ids. Weights are replaced in place; per-Linear reports go to
-    ``state.reports``.
+    ``state.reports``. ``source``: where layers come from (default: the model in memory; a streaming one
+    reads each from disk and writes it out once final, :mod:`llmopt.calibration.streaming`).
     """
     prefix, layers = find_decoder_layers(model)
-    source = LayerSource(layers, prefix)
-    with memory.phase("capture"):
+    source = LayerSource(layers, prefix) if source is None else source
+    with memory.phase("capture"), source.outside("inputs"):
         batches = capture_layer_inputs(model, layers, windows, batch_size)
     log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
     heads = [s for s in stages if s.quantizes_head]
@@ -168,7 +170,8 @@ def run_layerwise(
             with memory.phase("layer_outputs"):
                 fp.end_layer(batches, i, advance=i < len(source) - 1)
     if heads:
-        _compress_head(model, layers, windows, batches, batch_size, heads, state)
+        with source.outside("head"):
+            _compress_head(model, layers, windows, batches, batch_size, heads, state)
 
 
 def _compress_head(model, layers, windows, batches, batch_size, stages: list[Stage], state: CompressionState) -> None:

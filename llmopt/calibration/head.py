@@ -36,7 +36,10 @@ def output_head(model: nn.Module) -> tuple[str, nn.Module, str | None]:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = emb is not None and getattr(emb, "weight", None) is not None
-    tied = tied and emb.weight.data_ptr() == head.weight.data_ptr() and emb.weight.shape == head.weight.shape
+    # one Parameter, or one storage; on the meta device (a streamed model) every data_ptr is 0: identity only
+    same = tied and (emb.weight is head.weight or not head.weight.is_meta)
+    same = same and (emb.weight is head.weight or emb.weight.data_ptr() == head.weight.data_ptr())
+    tied = same and emb.weight.shape == head.weight.shape
     return names[id(head)], head, names[id(emb)] if tied else None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from llmopt.errors import LLMOptError
@@ -45,4 +47,11 @@ class LayerSource:
         return self.layers[i]
 
     def release(self, i: int, layer: nn.Module) -> None:
-        """Called when layer i is final; a streaming source would save and free it here."""
+        """Called when layer i is final; a streaming source saves and frees it here."""
+
+    @contextmanager
+    def outside(self, part: str):
+        """While the engine runs the model's own forward around the bypassed layers: ``part`` "inputs" (the
+        capture of the first layer's inputs: the embeddings) or "head" (the output head's statistics and
+        kernels: the embeddings, the final norm and the head). A streaming source loads those tensors here."""
+        yield

@@ -69,6 +69,7 @@ def compress_command(a: argparse.Namespace) -> int:
         true_sequential=a.true_sequential,
         dtype=a.dtype,
         resume=a.resume,
+        low_memory=a.low_memory,
     )
     print(format_compress(res.output, res.report))
     return 0
@@ -136,7 +137,7 @@ def _run_pipeline(a: argparse.Namespace, opts) -> int:
         opts,
         overwrite=a.overwrite,
         resume=a.resume,
-        compress_kwargs=dict(device=a.device, dtype=a.dtype),
+        compress_kwargs=dict(device=a.device, dtype=a.dtype, low_memory=a.low_memory),
     )
     print(f"saved {a.output}: report.json, report.md, report.png, README.md (model card)")
     print(markdown_table(HEADER, table_rows(report)))

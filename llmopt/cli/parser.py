@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="load, calibrate and save in this dtype (auto: the checkpoint's own; kernels compute in float32)",
     )
     c.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream the model from its safetensors shards one decoder layer at a time, each written to OUTPUT "
+        "once compressed (data-driven stages only); default: when its float32 size exceeds half the free memory",
+    )
+    c.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted or failed run of this command: a distill stage from its checkpoint in "

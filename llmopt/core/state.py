@@ -89,6 +89,14 @@ class QuantizedLinear:
         qp = self._qparams
         return type(qp)(*(None if t is None else t.to(torch.float32) for t in qp.tensors()))
 
+    def offload(self, path: Path) -> None:
+        """Move the packed codes and group parameters to the file ``path`` and map them back from it
+        (``torch.load(mmap=True)``): the same bits, in pages the OS can drop and re-read rather than in
+        anonymous memory (a streamed compression keeps every layer's codes until it writes them all)."""
+        torch.save({"packed": self._packed, "qparams": list(self._qparams.tensors())}, path)
+        back = torch.load(path, mmap=True, weights_only=True)
+        self._packed, self._qparams = back["packed"], type(self._qparams)(*back["qparams"])
+
 
 def _compact_qparams(qp):
     """QParams with every float16-exact field held in float16 (a lossless halving of its memory)."""

@@ -56,6 +56,7 @@ __all__ = [
     "parse_dtype",
     "read_gguf",
     "resolve_local_folder",
+    "streamable_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,23 @@ def resolve_local_folder(spec: str, *, cache_dir: str | None = None) -> str:
         return str(src.folder)
     assert src.hub_id is not None
     return _download_hub_model(src.hub_id)
+
+
+def streamable_folder(spec: str, *, cache_dir: str | None = None) -> Path:
+    """The local safetensors folder ``--low-memory`` streams for ``spec``: the folder itself, the Hub snapshot
+    (downloaded), or a GGUF's converted folder when that conversion exists. LLMOptError for a GGUF not converted
+    yet: converting dequantizes the whole model in memory, which is what streaming avoids."""
+    src = _classify(spec)
+    if src.gguf is not None:
+        cached = _cache_folder(src.gguf, cache_root(cache_dir))
+        if _is_complete(cached):
+            return cached
+        raise LLMOptError(
+            f"--low-memory streams safetensors shards and {spec} is a GGUF file not converted yet: convert it once "
+            f"(python -c \"import llmopt; llmopt.load_model('{spec}')\" writes a safetensors folder to llmopt's cache) "
+            "or pass a safetensors folder, or run without --low-memory"
+        )
+    return Path(resolve_local_folder(spec, cache_dir=cache_dir))
 
 
 def load_tokenizer(
