@@ -243,19 +243,21 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
             set_lr(opt, lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio))
             t_step = time.perf_counter()
             total, parts_sum = 0.0, {}
-            for micro in range(cfg.grad_accum):
-                idx = batch_windows(n_train, job.seed, ls.step, micro, cfg.grad_accum, cfg.batch_size, rank, world)
-                idx = job.teacher.ensure(idx)  # the budget-sized teacher cache, extended if training outran it
-                ids = job.data.train[idx].to(acc.device)
-                tgt = job.teacher.targets(ids)
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(module)
-                with sync:
-                    loss, parts = module(ids, tgt)
-                    acc.backward(loss / cfg.grad_accum)
-                total += float(loss.detach()) / cfg.grad_accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                memory.release_freed_memory()  # this micro-batch's activations (see the module docstring)
+            with fakequant.once_per_step(fqs):  # the fake-quantized weights, computed once for the step
+                for micro in range(cfg.grad_accum):
+                    idx = batch_windows(n_train, job.seed, ls.step, micro, cfg.grad_accum, cfg.batch_size, rank, world)
+                    idx = job.teacher.ensure(idx)  # the budget-sized teacher cache, extended if training outran it
+                    ids = job.data.train[idx].to(acc.device)
+                    tgt = job.teacher.targets(ids)
+                    sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(module)
+                    with sync:
+                        loss, parts = module(ids, tgt)
+                        acc.backward(loss / cfg.grad_accum, retain_graph=bool(fqs))  # the shared weights' graph
+                    total += float(loss.detach()) / cfg.grad_accum
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                    del loss, parts  # this micro-batch's graph (kept by retain_graph until here)
+                    memory.release_freed_memory()  # its activations (see the module docstring)
             keeper.mask_grads()
             if cfg.max_grad_norm is not None:
                 acc.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
