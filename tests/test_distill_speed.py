@@ -137,8 +137,10 @@ def test_fake_quant_once_per_step_gives_the_same_gradients():
     for fq in fqs.values():
         fq.register_forward_hook(lambda *a: calls.append(1))
     module = DistillLoss(model, DistillConfig(stage="distill", chunk_tokens=10))
-    halves = [(ids[i : i + 1], Targets(**{k: v[24 * i : 24 * (i + 1)] for k, v in vars(tgt).items() if v is not None}))
-              for i in range(2)]
+    halves = [
+        (ids[i : i + 1], Targets(**{k: v[24 * i : 24 * (i + 1)] for k, v in vars(tgt).items() if v is not None}))
+        for i in range(2)
+    ]
 
     def step(cached: bool):
         calls.clear()
