@@ -5,7 +5,7 @@ reference chunked loss and its gradients in float32, for every divergence and te
 trained head too; the objective module gives the same loss and gradients on the fused and the reference
 path; bfloat16 mixed precision keeps float32 master weights and gradients and stays close to float32;
 fake-quantized weights computed once per optimizer step give the very same gradients as recomputed per
-micro-batch, with the quantize/dequantize run once.
+micro-batch (with gradient checkpointing too), with the quantize/dequantize run once.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def test_precision_auto_follows_native_bf16(monkeypatch):
     assert DistillConfig(stage="distill").mixed_precision == "auto"
 
 
-def test_fake_quant_once_per_step_gives_the_same_gradients():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fake_quant_once_per_step_gives_the_same_gradients(checkpointing):
     from llmopt.core.state import QuantizedLinear
     from llmopt.distill import fakequant
     from llmopt.formats.registry import make_format
@@ -133,6 +134,8 @@ def test_fake_quant_once_per_step_gives_the_same_gradients():
             qp = fmt.qparams(m.weight.detach())
             quantized[name] = QuantizedLinear(fmt.quantize(m.weight.detach(), qp), qp, fmt)
     fqs = fakequant.attach(model, quantized, {}, learn_scales=True)
+    if checkpointing:  # a recomputed layer must see the same saved tensors as its first forward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     calls = []
     for fq in fqs.values():
         fq.register_forward_hook(lambda *a: calls.append(1))
@@ -144,7 +147,7 @@ def test_fake_quant_once_per_step_gives_the_same_gradients():
 
     def step(cached: bool):
         calls.clear()
-        ctx = fakequant.once_per_step(fqs) if cached else torch.enable_grad()
+        ctx = fakequant.once_per_step(model, fqs) if cached else torch.enable_grad()
         with ctx:
             for x, t in halves:
                 loss, parts = module(x, t)
@@ -156,7 +159,7 @@ def test_fake_quant_once_per_step_gives_the_same_gradients():
 
     g_each, n_each = step(False)
     g_once, n_once = step(True)
-    assert n_each == 2 * len(fqs) and n_once == len(fqs)
+    assert n_each == (4 if checkpointing else 2) * len(fqs) and n_once == len(fqs)  # recomputed: twice
     assert g_each.keys() == g_once.keys() and any(".parametrizations.weight.0.scale" in n for n in g_once)
     for n in g_each:
         assert torch.equal(g_each[n], g_once[n]), n

@@ -91,12 +91,20 @@ def attach(
     return out
 
 
-def once_per_step(fqs: dict[str, FakeQuant]):
+@contextlib.contextmanager
+def once_per_step(model: nn.Module, fqs: dict[str, FakeQuant]):
     """Within one optimizer step the latent weights do not change: every micro-batch reuses the fake-quantized
-    weights of the first (``parametrize.cached``; their graph is shared, so each micro-batch's backward must
-    retain it). Saves the quantize/dequantize of every weight on all but one micro-batch of a step; the
-    values and gradients are the same."""
-    return parametrize.cached() if fqs else contextlib.nullcontext()
+    weights computed on entry (``parametrize.cached``; their graph is shared, so each micro-batch's backward
+    must retain it). Saves the quantize/dequantize of every weight on all but one micro-batch of a step; the
+    values and gradients are the same. Computed on entry, outside any activation-checkpointed region, so a
+    recomputation sees the same saved tensors as the first forward."""
+    if not fqs:
+        yield
+        return
+    with parametrize.cached():
+        for name in fqs:
+            model.get_submodule(name).weight  # noqa: B018 (fills the cache)
+        yield
 
 
 def latent(model: nn.Module, name: str) -> nn.Parameter:

@@ -243,7 +243,8 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
             set_lr(opt, lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio))
             t_step = time.perf_counter()
             total, parts_sum = 0.0, {}
-            with fakequant.once_per_step(fqs):  # the fake-quantized weights, computed once for the step
+            once = cfg.fake_quant_once and bool(fqs)
+            with fakequant.once_per_step(model, fqs if once else {}):  # fake-quantized weights computed once a step
                 for micro in range(cfg.grad_accum):
                     idx = batch_windows(n_train, job.seed, ls.step, micro, cfg.grad_accum, cfg.batch_size, rank, world)
                     idx = job.teacher.ensure(idx)  # the budget-sized teacher cache, extended if training outran it
@@ -252,7 +253,7 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
                     sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(module)
                     with sync:
                         loss, parts = module(ids, tgt)
-                        acc.backward(loss / cfg.grad_accum, retain_graph=bool(fqs))  # the shared weights' graph
+                        acc.backward(loss / cfg.grad_accum, retain_graph=once)  # the shared weights' graph
                     total += float(loss.detach()) / cfg.grad_accum
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
