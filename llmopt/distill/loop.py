@@ -1,11 +1,12 @@
 """The distillation loop: AdamW through accelerate on the whole student, masks and formats kept.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows per process. Per
-micro-batch the student's trunk runs once (gradient checkpointing on its decoder layers), then the
-output head and the loss run in chunks of ``chunk_tokens`` positions, each chunk under activation
-checkpointing, so (positions × vocabulary) logits exist for one chunk at a time (SmolLM2: 512 × 49152
-floats ≈ 100 MB) in the forward and again in the backward. After each step: pruned weights back to
-exactly 0, gradual-sparsity updates when due, a held-out loss every ``eval_every`` steps, a checkpoint
+micro-batch the student's trunk runs once (bfloat16 autocast in mixed precision, gradient checkpointing
+on its decoder layers when set), then the output head and the loss run in chunks of ``chunk_tokens``
+positions (:mod:`llmopt.distill.objective`: fused, or under activation checkpointing). QAT's
+fake-quantized weights are computed once per step and shared by its micro-batches
+(:func:`llmopt.distill.fakequant.once_per_step`). AdamW's state and the master weights are float32.
+After each step: pruned weights back to exactly 0, gradual-sparsity updates when due, a held-out loss every ``eval_every`` steps, a checkpoint
 every ``checkpoint_every`` steps / ``checkpoint_minutes`` and on SIGINT/SIGTERM.
 
 Memory (SmolLM2-135M QAT, no gradient checkpointing): the model and its fake-quant state ~1.0 GiB,
