@@ -109,7 +109,7 @@ def measure(row: str, args) -> dict:
     loop.run = runs
     work = Path(tempfile.mkdtemp(prefix="bench-train-speed-"))
     try:
-        compress(MODEL, rec, work / "out", calib=args.calib, dtype="float32")
+        compress(MODEL, rec, work / "out", calib=args.calib, calib_samples=args.calib_samples, dtype="float32")
     except _Done as d:
         return {"recipe": ROWS[row], "threads": torch.get_num_threads(), **d.results}
     finally:
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the variants")
     ap.add_argument("--quality-steps", type=int, default=0, help="steps of the old/new quality runs (0: none)")
     ap.add_argument("--calib", default=CALIB)
+    ap.add_argument("--calib-samples", type=int, default=None, help="fewer = faster one-shot stages (same shapes)")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "train-speed"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

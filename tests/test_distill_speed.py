@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from llmopt.distill.config import DistillConfig
-from llmopt.distill.objective import DistillLoss, fused_head_weight, resolve_precision
+from llmopt.distill.objective import DistillLoss, fused_head_weight
+from llmopt.distill.precision import resolve_precision
 from llmopt.distill.teacher import Targets
 from llmopt.kernels.distill import logit_distill_loss, teacher_buckets, topk_summary
 from llmopt.kernels.distill_head import head_topk_loss

@@ -6,8 +6,9 @@ on its decoder layers when set), then the output head and the loss run in chunks
 positions (:mod:`llmopt.distill.objective`: fused, or under activation checkpointing). QAT's
 fake-quantized weights are computed once per step and shared by its micro-batches
 (:func:`llmopt.distill.fakequant.once_per_step`). AdamW's state and the master weights are float32.
-After each step: pruned weights back to exactly 0, gradual-sparsity updates when due, a held-out loss every ``eval_every`` steps, a checkpoint
-every ``checkpoint_every`` steps / ``checkpoint_minutes`` and on SIGINT/SIGTERM.
+After each step: pruned weights back to exactly 0, gradual-sparsity updates when due, a held-out loss
+every ``eval_every`` steps, a checkpoint every ``checkpoint_every`` steps / ``checkpoint_minutes`` and
+on SIGINT/SIGTERM.
 
 Memory (SmolLM2-135M QAT, no gradient checkpointing): the model and its fake-quant state ~1.0 GiB,
 AdamW's two moments 0.85 GiB and the gradients 0.43 GiB of the 106M trained parameters, one micro-batch's
@@ -44,7 +45,8 @@ from llmopt.distill.config import DistillConfig
 from llmopt.distill.curve import heldout_kl_key, heldout_kl_label
 from llmopt.distill.data import DistillData, batch_windows
 from llmopt.distill.heads import check_head
-from llmopt.distill.objective import DistillLoss, resolve_precision
+from llmopt.distill.objective import DistillLoss
+from llmopt.distill.precision import resolve_precision
 from llmopt.distill.schedules import lr_factor, progress
 from llmopt.distill.sparsity import GradualPruner, MaskKeeper, student_masks
 from llmopt.distill.teacher import Teacher

@@ -30,23 +30,6 @@ from llmopt.kernels.distill import divergence, logit_distill_loss, squarehead_lo
 from llmopt.kernels.distill_head import head_topk_loss
 
 
-def native_bf16(device: torch.device) -> bool:
-    """bfloat16 matmuls run natively (faster than float32): AVX512-BF16 or AMX on a CPU, a CUDA GPU with
-    bfloat16 support. Without them oneDNN emulates bfloat16, slower than float32."""
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return False
-
-
-def resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    """``auto`` → ``bf16`` where :func:`native_bf16`, else ``no``; other values as they are."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    return "bf16" if native_bf16(device) else "no"
-
-
 def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
     """The (V, H) weight of a plain bias-free Linear head without soft-capping, else None (reference path)."""
     head = model.get_output_embeddings()
