@@ -35,7 +35,9 @@ def recipe(text, *stages) -> dict:
 
 def test_cache_windows_follow_the_time_budget_not_max_tokens():
     n = 135_000_000
-    cfg = DistillConfig(stage="distill", max_tokens=1_000_000, max_minutes=30, gradient_checkpointing=False)
+    cfg = DistillConfig(
+        stage="distill", max_tokens=1_000_000, max_minutes=30, gradient_checkpointing=False, mixed_precision="no"
+    )
     rate = budget.TRAIN_PARAM_TOKENS_PER_S / n
     assert budget.train_tokens_per_second(cfg, n) == pytest.approx(rate)
     assert budget.planned_tokens(cfg, n) == int(rate * 1800)
@@ -53,6 +55,11 @@ def test_cache_windows_follow_the_time_budget_not_max_tokens():
     # slower with gradient checkpointing or a live teacher
     ckpt = cfg.model_copy(update={"gradient_checkpointing": True})
     assert budget.train_tokens_per_second(ckpt, n) == pytest.approx(rate / budget.CHECKPOINTING_SLOWDOWN)
+    # faster in bfloat16 with the fused loss (the defaults where bfloat16 is native)
+    bf16 = cfg.model_copy(update={"mixed_precision": "bf16"})
+    assert budget.train_tokens_per_second(bf16, n) == pytest.approx(rate * budget.MIXED_PRECISION_SPEEDUP)
+    unfused = bf16.model_copy(update={"fused_loss": False})
+    assert budget.train_tokens_per_second(unfused, n) == pytest.approx(rate)
 
 
 def test_student_params_after_a_structured_stage():

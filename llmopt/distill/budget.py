@@ -19,6 +19,9 @@ counted once), alone on the machine:
 * teacher cache, :data:`TEACHER_PARAM_TOKENS_PER_S`: 235 windows of 512 tokens in 201 s (599 tokens/s,
   windows drawn and weights fingerprinted included; ``distill-qat.json``).
 
+Those were float32 runs; the default settings train ~2x faster where bfloat16 is native
+(:data:`MIXED_PRECISION_SPEEDUP`, ``eval/bench_train_speed.py``).
+
 On another machine (a GPU) the constants are wrong by its speed-up: training then outruns the cache and
 the loop extends it, and the printed estimate is this CPU's.
 """
@@ -27,11 +30,18 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from llmopt.distill.config import DistillConfig
+from llmopt.distill.precision import resolve_precision
 
 TRAIN_PARAM_TOKENS_PER_S = 17.5e9  # trained tokens/s × student parameters
 TEACHER_PARAM_TOKENS_PER_S = 8.0e10  # cached teacher tokens/s × teacher parameters
 CHECKPOINTING_SLOWDOWN = 1.33  # gradient checkpointing re-runs each layer's forward (measured ~25% slower)
+# the default settings (bf16 autocast where the CPU has AVX512-BF16/AMX, fused head + top-k loss, fake
+# quantization once per step) against the float32 settings the constant above was measured with: ~2x
+# (eval/results/train-speed.md, old vs new alternating on a loaded machine; to be confirmed on an idle one)
+MIXED_PRECISION_SPEEDUP = 1.8
 LIVE_TEACHER_SLOWDOWN = 1.33  # a teacher forward (~2N) beside the student's forward + backward (~6N)
 CACHE_MARGIN = 1.25  # windows cached beyond the planned ones (the loop extends the cache past them)
 
@@ -39,6 +49,8 @@ CACHE_MARGIN = 1.25  # windows cached beyond the planned ones (the loop extends 
 def train_tokens_per_second(cfg: DistillConfig, student_params: int) -> float:
     """Trained tokens per second of a student with ``student_params`` parameters on this CPU."""
     rate = TRAIN_PARAM_TOKENS_PER_S / max(1, student_params)
+    if resolve_precision(cfg.mixed_precision, torch.device("cpu")) == "bf16" and cfg.fused_loss:
+        rate *= MIXED_PRECISION_SPEEDUP
     if cfg.gradient_checkpointing:
         rate /= CHECKPOINTING_SLOWDOWN
     if cfg.live_teacher:

@@ -71,7 +71,12 @@ class DistillConfig(StageConfig):
     grad_accum: int = Field(4, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = True
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 where the device multiplies bfloat16 natively (AVX512-BF16/AMX CPUs, CUDA), else no.
+    # bf16: the trunk under bfloat16 autocast and the head's matmuls in bfloat16, float32 master weights,
+    # AdamW state, softmax and loss; held-out losses always float32 (llmopt.distill.objective)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    fused_loss: bool = True  # head + top-k loss fused, gradients in the forward (llmopt.kernels.distill_head)
+    fake_quant_once: bool = True  # QAT: fake-quantized weights computed once per step, not per micro-batch
     train_embeddings: bool = False  # also train the input/output embeddings (large, untouched by compression)
     learn_scales: bool = False  # QAT: learn the quantization scales (and q4_1/q5_1 minima), else fixed
     scale_lr: float | None = Field(None, gt=0.0)  # learn_scales: their AdamW rate; None = lr · SCALE_LR_RATIO

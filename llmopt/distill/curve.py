@@ -26,7 +26,7 @@ def heldout_kl_label(top_k: int | None) -> str:
 
 
 def curve_files(curve: dict, title: str, kl_label: str) -> dict[str, bytes]:
-    """{file name: bytes}: the curve as JSON (``train``: per step tokens, loss, its parts, lr;
+    """{file name: bytes}: the curve as JSON (``train``: per step tokens, loss, its parts, lr, the step's seconds;
     ``heldout``: per evaluation tokens, loss, the KL at T = 1 or its top-k bound; ``heldout_kl``: which,
     in words) and a plot of both against tokens."""
     curve = {**curve, "heldout_kl": kl_label}

@@ -25,6 +25,8 @@ exporters write the trained codes bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -87,6 +89,22 @@ def attach(
         parametrize.register_parametrization(lin, "weight", fq)
         out[name] = fq
     return out
+
+
+@contextlib.contextmanager
+def once_per_step(model: nn.Module, fqs: dict[str, FakeQuant]):
+    """Within one optimizer step the latent weights do not change: every micro-batch reuses the fake-quantized
+    weights computed on entry (``parametrize.cached``; their graph is shared, so each micro-batch's backward
+    must retain it). Saves the quantize/dequantize of every weight on all but one micro-batch of a step; the
+    values and gradients are the same. Computed on entry, outside any activation-checkpointed region, so a
+    recomputation sees the same saved tensors as the first forward."""
+    if not fqs:
+        yield
+        return
+    with parametrize.cached():
+        for name in fqs:
+            model.get_submodule(name).weight  # noqa: B018 (fills the cache)
+        yield
 
 
 def latent(model: nn.Module, name: str) -> nn.Parameter:

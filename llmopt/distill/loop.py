@@ -1,12 +1,14 @@
 """The distillation loop: AdamW through accelerate on the whole student, masks and formats kept.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows per process. Per
-micro-batch the student's trunk runs once (gradient checkpointing on its decoder layers), then the
-output head and the loss run in chunks of ``chunk_tokens`` positions, each chunk under activation
-checkpointing, so (positions × vocabulary) logits exist for one chunk at a time (SmolLM2: 512 × 49152
-floats ≈ 100 MB) in the forward and again in the backward. After each step: pruned weights back to
-exactly 0, gradual-sparsity updates when due, a held-out loss every ``eval_every`` steps, a checkpoint
-every ``checkpoint_every`` steps / ``checkpoint_minutes`` and on SIGINT/SIGTERM.
+micro-batch the student's trunk runs once (bfloat16 autocast in mixed precision, gradient checkpointing
+on its decoder layers when set), then the output head and the loss run in chunks of ``chunk_tokens``
+positions (:mod:`llmopt.distill.objective`: fused, or under activation checkpointing). QAT's
+fake-quantized weights are computed once per step and shared by its micro-batches
+(:func:`llmopt.distill.fakequant.once_per_step`). AdamW's state and the master weights are float32.
+After each step: pruned weights back to exactly 0, gradual-sparsity updates when due, a held-out loss
+every ``eval_every`` steps, a checkpoint every ``checkpoint_every`` steps / ``checkpoint_minutes`` and
+on SIGINT/SIGTERM.
 
 Memory (SmolLM2-135M QAT, no gradient checkpointing): the model and its fake-quant state ~1.0 GiB,
 AdamW's two moments 0.85 GiB and the gradients 0.43 GiB of the 106M trained parameters, one micro-batch's
@@ -34,7 +36,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from llmopt import memory
@@ -43,11 +44,12 @@ from llmopt.distill import fakequant, resume
 from llmopt.distill.config import DistillConfig
 from llmopt.distill.curve import heldout_kl_key, heldout_kl_label
 from llmopt.distill.data import DistillData, batch_windows
-from llmopt.distill.heads import check_head, last_hidden, layer_outputs, ordered, output_head
+from llmopt.distill.heads import check_head
+from llmopt.distill.objective import DistillLoss
+from llmopt.distill.precision import resolve_precision
 from llmopt.distill.schedules import lr_factor, progress
 from llmopt.distill.sparsity import GradualPruner, MaskKeeper, student_masks
-from llmopt.distill.teacher import Targets, Teacher
-from llmopt.kernels.distill import divergence, logit_distill_loss, squarehead_loss, student_buckets, token_cross_entropy
+from llmopt.distill.teacher import Teacher
 from llmopt.linears import write_weight
 
 log = logging.getLogger(__name__)
@@ -66,60 +68,6 @@ class DistillJob:
     key: str  # checkpoint key (see llmopt.distill.resume)
     checkpoints: Path | None  # <output>.ckpt, None = no checkpoints
     resume: bool = False
-
-
-class DistillLoss(nn.Module):
-    """forward(ids, targets) → (loss, parts): the whole objective, so a prepared (DDP) module sees it."""
-
-    def __init__(self, student: nn.Module, cfg: DistillConfig):
-        super().__init__()
-        self.student = student
-        self.cfg = cfg
-
-    def forward(self, ids: torch.Tensor, tgt: Targets, at_one: bool = False) -> tuple[torch.Tensor, dict]:
-        c = self.cfg
-        with layer_outputs(self.student, enabled=c.hidden_weight > 0) as store:
-            h = last_hidden(self.student, ids)  # (B, L, H)
-        B, L, H = h.shape
-        h = h.reshape(B * L, H)
-        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)  # (B·L,)
-        head = output_head(self.student)
-        kl = ce = kl1 = h.new_zeros((), dtype=torch.float32)
-        for c0 in range(0, B * L, c.chunk_tokens):
-            rows = slice(c0, c0 + c.chunk_tokens)
-            logp, index = tgt.log_probs(rows, c.temperature) if c.loss_weight > 0 else (None, None)
-            if at_one:  # held-out: no graph, plus KL at T = 1 (NaN without teacher logits: a CE-only run)
-                z = head(h[rows])
-                if tgt.logits is None and tgt.top is None:
-                    kl1 = kl1 + float("nan")
-                else:
-                    lp1, idx1 = tgt.log_probs(rows, c.temperature, at_one=True)
-                    kl1 = kl1 + divergence("forward_kl", lp1, student_buckets(z, idx1, 1.0)).sum()
-                k, e = self._chunk_from_logits(z, logp, index, labels[rows])
-            elif torch.is_grad_enabled():
-                k, e = checkpoint(self._chunk, h[rows], logp, index, labels[rows], use_reentrant=False)
-            else:
-                k, e = self._chunk(h[rows], logp, index, labels[rows])
-            kl, ce = kl + k, ce + e
-        n_labels = max(1, B * (L - 1))
-        parts = {"kl": kl / (B * L), "ce": ce / n_labels}
-        loss = c.loss_weight * parts["kl"] + c.ce_weight * parts["ce"]
-        if c.hidden_weight > 0:
-            parts["hidden"] = squarehead_loss(ordered(store), tgt.hidden)
-            loss = loss + c.hidden_weight * parts["hidden"]
-        if at_one:
-            parts["kl1"] = kl1 / (B * L)
-        return loss, parts
-
-    def _chunk(self, h, logp, index, labels):
-        return self._chunk_from_logits(output_head(self.student)(h), logp, index, labels)
-
-    def _chunk_from_logits(self, z, logp, index, labels):
-        c = self.cfg
-        zero = z.new_zeros((), dtype=torch.float32)
-        kl = logit_distill_loss(z, logp, index, c.loss, c.temperature, c.beta) if logp is not None else zero
-        ce = token_cross_entropy(z, labels) if c.ce_weight > 0 else zero
-        return kl, ce
 
 
 def _accelerator(cpu: bool, mixed_precision: str):
@@ -222,7 +170,8 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
     if orig_dtype != torch.float32:  # AdamW on 16-bit weights loses the updates: train in float32
         model.float()
     check_head(model)
-    acc = _accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    precision = resolve_precision(cfg.mixed_precision, device)  # bf16: our own autocast (DistillLoss)
+    acc = _accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if precision == "fp16" else "no")
     for name, q in state.quantized.items():  # start exactly at the codes (a 16-bit weight only rounds them)
         write_weight(model.get_submodule(name), q.fmt.dequantize(q.codes, q.qparams).to(device))
     masks = student_masks(model, state.masks, set(state.quantized))
@@ -237,7 +186,7 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _train_mode(model)
-    module, opt = acc.prepare(DistillLoss(model, cfg), opt)
+    module, opt = acc.prepare(DistillLoss(model, cfg, precision), opt)
     raw = acc.unwrap_model(module)
 
     ls = resume.LoopState()
@@ -297,19 +246,22 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
             set_lr(opt, lr_factor(p_next, cfg.warmup, cfg.decay, cfg.min_lr_ratio))
             t_step = time.perf_counter()
             total, parts_sum = 0.0, {}
-            for micro in range(cfg.grad_accum):
-                idx = batch_windows(n_train, job.seed, ls.step, micro, cfg.grad_accum, cfg.batch_size, rank, world)
-                idx = job.teacher.ensure(idx)  # the budget-sized teacher cache, extended if training outran it
-                ids = job.data.train[idx].to(acc.device)
-                tgt = job.teacher.targets(ids)
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(module)
-                with sync:
-                    loss, parts = module(ids, tgt)
-                    acc.backward(loss / cfg.grad_accum)
-                total += float(loss.detach()) / cfg.grad_accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                memory.release_freed_memory()  # this micro-batch's activations (see the module docstring)
+            once = cfg.fake_quant_once and bool(fqs)
+            with fakequant.once_per_step(model, fqs if once else {}):  # fake-quantized weights computed once a step
+                for micro in range(cfg.grad_accum):
+                    idx = batch_windows(n_train, job.seed, ls.step, micro, cfg.grad_accum, cfg.batch_size, rank, world)
+                    idx = job.teacher.ensure(idx)  # the budget-sized teacher cache, extended if training outran it
+                    ids = job.data.train[idx].to(acc.device)
+                    tgt = job.teacher.targets(ids)
+                    sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(module)
+                    with sync:
+                        loss, parts = module(ids, tgt)
+                        acc.backward(loss / cfg.grad_accum, retain_graph=once)  # the shared weights' graph
+                    total += float(loss.detach()) / cfg.grad_accum
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                    del loss, parts  # this micro-batch's graph (kept by retain_graph until here)
+                    memory.release_freed_memory()  # its activations (see the module docstring)
             keeper.mask_grads()
             if cfg.max_grad_norm is not None:
                 acc.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
@@ -324,10 +276,12 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
                 keeper.apply()
                 ls.gradual_done = pruner.done
             loss_all = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
+            step_s = time.perf_counter() - t_step
             ls.curve["train"].append(
                 {"step": ls.step, "tokens": ls.tokens, "loss": loss_all, "lr": opt.param_groups[0]["lr"], **parts_sum}
+                | {"seconds": round(step_s, 3)}  # the step's wall clock
             )
-            tok_s = per_step / max(1e-9, time.perf_counter() - t_step)
+            tok_s = per_step / max(1e-9, step_s)
             eta = (total_steps - ls.step) * (time.perf_counter() - t_run) / (ls.step - first_step)
             if cfg.max_minutes is not None:
                 eta = min(eta, cfg.max_minutes * 60 - ls.seconds)
