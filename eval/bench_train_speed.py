@@ -160,7 +160,11 @@ def main() -> None:
     for row in args.rows.split(","):
         rows[row] = measure(row, args)
     md, summary = summarise(rows)
-    cmd = "python eval/bench_train_speed.py " + " ".join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if "--out" in argv:  # where this run wrote is no part of the setting (and may be a temp folder)
+        k = argv.index("--out")
+        argv = argv[:k] + argv[k + 2 :]
+    cmd = "python eval/bench_train_speed.py " + " ".join(argv)
     head = (
         "# Distillation training speed: old vs new settings\n\n"
         f"{machine_note()}. Command: `{cmd.strip()}`. Runs alternate in one process (A, B, A, B); tokens/s of "
@@ -171,7 +175,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(head + md + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"args": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary, "rows": rows}, indent=1
+        )
+    )
     print(head + md)
 
 

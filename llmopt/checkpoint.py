@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import LLMOptError, first_line, read_json
+from llmopt.safetensors_io import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
 CODES_FILE = "quantization.safetensors"  # llmopt's stored codes, not model weights
-INDEX_FILE = "model.safetensors.index.json"
 #: config fields that must be positive integers when present (llama-like, gpt2, opt, MoE names)
 INT_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -60,6 +60,9 @@ def write_safetensors(
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
+INDEX_FILE = "model.safetensors.index.json"  # transformers' name for a sharded folder's index
+
+
 class ShardWriter:
     """A model's weights as ``n`` safetensors shards written one at a time, in any order, under transformers'
     names (``model-0000k-of-0000n.safetensors``; ``model.safetensors`` when ``n`` is 1), then
@@ -91,4 +94,4 @@ class ShardWriter:
             "metadata": {"total_parameters": total_parameters, "total_size": self.total_size},
             "weight_map": dict(sorted(self.weight_map.items())),
         }
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -278,8 +278,14 @@ def run(model: nn.Module, job: DistillJob, device: torch.device) -> tuple[dict, 
             loss_all = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
             step_s = time.perf_counter() - t_step
             ls.curve["train"].append(
-                {"step": ls.step, "tokens": ls.tokens, "loss": loss_all, "lr": opt.param_groups[0]["lr"], **parts_sum}
-                | {"seconds": round(step_s, 3)}  # the step's wall clock
+                {
+                    "step": ls.step,
+                    "tokens": ls.tokens,
+                    "loss": loss_all,
+                    "lr": opt.param_groups[0]["lr"],
+                    **parts_sum,
+                    "seconds": round(step_s, 3),
+                }  # fmt: skip
             )
             tok_s = per_step / max(1e-9, step_s)
             eta = (total_steps - ls.step) * (time.perf_counter() - t_run) / (ls.step - first_step)
