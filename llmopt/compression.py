@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -233,10 +232,12 @@ def compress(
     to the output once compressed (True), never (False), or when its float32 size exceeds half the available
     memory (None); see :mod:`llmopt.calibration.streaming`.
     """
+    from llmopt import parallel
     from llmopt.data import calibration_windows
     from llmopt.models import load_model
     from llmopt.models.lazy import load_lazy
 
+    ranks = parallel.init(device)  # under torchrun: join the process group (llmopt.parallel); else nothing
     t_start = time.perf_counter()
     peak_scope = "call" if reset_peak_rss() else "process"
     with PhaseSampler() as rss:
@@ -305,7 +306,7 @@ def compress(
                     shutil.rmtree(tmp / OFFLOAD_DIR, ignore_errors=True)  # written: the mapped files can go
             else:
                 exact_float32_weights(lm, state)
-                if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch` / torchrun: process 0 writes
+                if not ranks.main:  # torchrun / accelerate launch: process 0 writes
                     return CompressResult(str(out), report)
                 with rss.phase("save"), atomic_output(out, overwrite=overwrite, kind="folder") as tmp:
                     lm.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size(lm))

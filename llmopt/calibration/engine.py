@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmopt import memory
+from llmopt import memory, parallel
 from llmopt.calibration.capture import Batch, StopForward, capture_layer_inputs, layer_forward
 from llmopt.calibration.fp_stream import FPStream
 from llmopt.calibration.head import head_statistics, output_head
@@ -110,12 +110,13 @@ def layer_statistics(
     """Statistics of every decoder layer's Linears on the *uncompressed* model (for planning, e.g. OWL)."""
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix)
-    batches = capture_layer_inputs(model, layers, windows, batch_size)
+    batches = capture_layer_inputs(model, layers, parallel.shard(windows), batch_size)
     out = []
     for i, layer in iterate_layers(source, batches, "layer statistics"):
         linears = _layer_linears(layer, prefix, i)
         acc = StatsAccumulator(linears, statistic)
         _run_all(layer, batches, acc, i)
+        acc.all_reduce()
         acc.remove()
         out.append({n: acc.get(n) for n in linears if acc.has(n)})
     return out
@@ -135,8 +136,10 @@ def run_layerwise(
 
     windows: (N, L) calibration token ids. Weights are replaced in place; per-Linear reports go to
     ``state.reports``. ``source``: where layers come from (default: the model in memory; a streaming one
-    reads each from disk and writes it out once final, :mod:`llmopt.calibration.streaming`).
+    reads each from disk and writes it out once final, :mod:`llmopt.calibration.streaming`). Under
+    ``torchrun`` each process calibrates on its share of the windows (:mod:`llmopt.parallel`).
     """
+    windows = parallel.shard(windows)
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix) if source is None else source
     with memory.phase("capture"), source.outside("inputs"):
@@ -162,6 +165,7 @@ def run_layerwise(
                     acc = StatsAccumulator({n: names[n] for n in group}, stage.statistic, weights)
                     with memory.phase("statistics"):
                         _run_all(layer, batches, acc, i, fp if stage.needs_fp_inputs else None, group)
+                        acc.all_reduce()
                     acc.remove()
                     release_freed_memory()  # the forward's temporaries, kept by the heap for reuse, before the kernels
                 with memory.phase("kernels"):
@@ -184,18 +188,19 @@ def _compress_head(model, layers, windows, batches, batch_size, stages: list[Sta
     state.head, state.head_tied_to = name, tied_to
     with memory.phase("kernels"):
         for stage in stages:
-            apply_to_linear(stage, name, head, stats, state, None)
+            apply_linears(stage, {name: head}, {name: stats}, state, None)
             state.reports[-1].update(head=True, tied_to=tied_to)
             release_freed_memory()
 
 
 def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: CompressionState, i: int) -> None:
     """One group's Linears through the stage's kernel (the data-free one for a Linear the data never reached)."""
+    stats: dict[str, LinearStats | None] = {}
     for name in group:
         if acc is None:
-            stats = LinearStats()
+            stats[name] = LinearStats()
         elif acc.has(name):
-            stats = acc.get(name)
+            stats[name] = acc.get(name)
         else:
             log.warning(
                 "%s never ran on the calibration data (unrouted expert or unused branch): "
@@ -203,9 +208,35 @@ def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: Compre
                 name,
                 stage.name,
             )
-            stats = None  # apply_to_linear: the stage's data-free kernel
-        apply_to_linear(stage, name, names[name], stats, state, i)
-        release_freed_memory()  # the kernel's work arrays (a few (in, in) matrices) before the next Linear's
+            stats[name] = None  # the stage's data-free kernel
+    apply_linears(stage, {n: names[n] for n in group}, stats, state, i)
+
+
+def apply_linears(
+    stage: Stage,
+    linears: dict[str, nn.Module],
+    stats: dict[str, LinearStats | None],
+    state: CompressionState,
+    layer_index: int | None,
+) -> None:
+    """Linears that share their statistics' pass (one group) through the stage's kernel, in order. Under
+    ``torchrun`` each kernel runs on the process that owns the Linear (dealt by cost) and its outcome is
+    broadcast; every process then writes the same weights and state."""
+    if not parallel.current().active:
+        for name, lin in linears.items():
+            apply_to_linear(stage, name, lin, stats[name], state, layer_index)
+            release_freed_memory()  # the kernel's work arrays (a few (in, in) matrices) before the next Linear's
+        return
+    owner = parallel.owners({n: float(lin.weight.numel()) * max(lin.weight.shape) for n, lin in linears.items()})
+    rank = parallel.current().rank
+    done = {}
+    for name, lin in linears.items():  # this process's share, while the others compute theirs
+        if owner[name] == rank:
+            done[name] = _kernel(stage, name, weight_oi(lin), stats[name], state, layer_index)
+            release_freed_memory()
+    for name, lin in linears.items():
+        outcome, seconds = parallel.broadcast_object(done.pop(name, None), src=owner[name])
+        _commit(stage, name, lin, outcome, seconds, stats[name], state)
 
 
 def apply_to_linear(
@@ -218,14 +249,26 @@ def apply_to_linear(
 ) -> None:
     """Call the stage's kernel on one Linear (``stats`` None: it never ran on the calibration data, use the
     stage's data-free fallback), write the result back, and record the report."""
+    outcome, seconds = _kernel(stage, name, weight_oi(linear), stats, state, layer_index)
+    _commit(stage, name, linear, outcome, seconds, stats, state)
+
+
+def _kernel(stage: Stage, name: str, W: torch.Tensor, stats, state: CompressionState, layer_index):
+    """(outcome, seconds) of the stage's kernel on ``W`` (out, in)."""
     t0 = time.perf_counter()
-    W = weight_oi(linear)  # (out, in) view of the parameter
     if stats is None:
         outcome = stage.compress_uncalibrated(name, W.to(torch.float32), state, layer_index)
         outcome.report.setdefault("fallback", "data-free")
     else:
         outcome = stage.compress_linear(name, W.to(torch.float32), stats, state, layer_index)
+    return outcome, time.perf_counter() - t0
+
+
+def _commit(stage: Stage, name: str, linear: nn.Module, outcome, seconds: float, stats, state: CompressionState):
+    """Write a kernel's outcome into the Linear and the state (the same on every process)."""
     write_weight(linear, outcome.weight)
+    if outcome.keep_mask is not None:
+        state.masks[name] = outcome.keep_mask  # (the owner's kernel has set it already)
     if outcome.quant is not None:
         q = outcome.quant
         state.quantized[name] = QuantizedLinear(q.codes, q.qparams, outcome.fmt, is_transposed(linear))
@@ -234,8 +277,8 @@ def apply_to_linear(
             "stage": stage.name,
             "stage_index": stage.index,
             "linear": name,
-            "shape": list(W.shape),
-            "seconds": round(time.perf_counter() - t0, 4),
+            "shape": list(outcome.weight.shape),
+            "seconds": round(seconds, 4),
             **({"calibration_tokens": stats.tokens} if stats is not None and stats.tokens else {}),
             **outcome.report,
         }

@@ -84,6 +84,7 @@ def head_statistics(
         acc.remove()
         for layer in layers:
             del layer.forward  # the instance attribute; the class's forward is back
+    acc.all_reduce()  # under torchrun: every process's windows (llmopt.parallel)
     if not acc.has(name):
         raise LLMOptError(f"the output head {name} never ran in {type(model).__name__}'s forward: remove `head`")
     return acc.get(name)

@@ -115,6 +115,53 @@ class StatsAccumulator:
         dxxt = st.dxxt if extra is None else st.dxxt + extra * (2.0 / st.tokens)
         return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens), dxxt=dxxt)
 
+    def all_reduce(self) -> None:
+        """Under ``torchrun`` (:mod:`llmopt.parallel`): each process accumulated its own windows; afterwards
+        every process holds the statistics of all of them, as one process would have accumulated them (up
+        to the summation order). Call once, after the last forward and before :meth:`get`."""
+        from llmopt import parallel
+
+        if not parallel.current().active:
+            return
+        # Every process must take part in the same collectives in the same order: agree on the names first
+        # (a Linear may have run on one process's windows only, e.g. an expert its tokens never reached).
+        mine = {
+            n: (
+                s.hessian.shape[0] if s.hessian is not None else None,
+                s.act_sq_norm.shape[0] if s.act_sq_norm is not None else None,
+                s.dxxt is not None,
+            )
+            for n, s in self.stats.items()
+        }
+        extras = {n: e.shape[0] for n, e in self._extra.items()}
+        extras_g = {n: e.shape[0] for n, e in self._extra_dxxt.items()}
+        gathered = parallel.all_gather_objects((mine, extras, extras_g, self._alias))
+        shapes: dict[str, tuple] = {}
+        for m, _, _, alias in gathered:
+            for n, meta in m.items():
+                shapes.setdefault(n, meta)
+            self._alias.update(alias)
+        for name in sorted(shapes):
+            h_in, a_in, has_dxxt = shapes[name]
+            s = self.stats.setdefault(name, LinearStats())
+            count = torch.tensor([s.tokens], dtype=torch.int64)
+            parallel.all_reduce_sum_(count)
+            total = int(count.item())
+            if h_in is not None:  # running averages over each process's tokens → sums → the average of all
+                for field in ("hessian",) + (("dxxt",) if has_dxxt else ()):
+                    t = getattr(s, field)
+                    t = torch.zeros(h_in, h_in) if t is None else t.mul_(s.tokens)
+                    setattr(s, field, parallel.all_reduce_sum_(t).div_(max(total, 1)))
+                self._partial.add(name)  # every process summed upper triangles; get() fills the lower one
+            if a_in is not None:  # a raw sum
+                s.act_sq_norm = parallel.all_reduce_sum_(torch.zeros(a_in) if s.act_sq_norm is None else s.act_sq_norm)
+            s.tokens = total
+        for table, index in ((self._extra, 1), (self._extra_dxxt, 2)):  # raw sums of the first tokens' terms
+            names = sorted({n for g in gathered for n in g[index]})
+            for n in names:
+                width = next(g[index][n] for g in gathered if n in g[index])
+                table[n] = parallel.all_reduce_sum_(table.get(n, torch.zeros(width, width)))
+
     def has(self, name: str) -> bool:
         """False for a Linear that never ran (no statistics)."""
         return self._alias.get(name, name) in self.stats

@@ -114,9 +114,15 @@ def choose_streaming(spec: str, stages, calib_data: str | None, low_memory: bool
 
 
 def _check_recipe(stages, calib_data: str | None) -> None:
+    from llmopt import parallel
     from llmopt.data import parse_data_spec
 
     check_streamable(stages)
+    if parallel.launched():
+        raise LLMOptError(
+            "--low-memory streams in one process: run it without torchrun, or load the model whole under "
+            "torchrun (--no-low-memory)"
+        )
     if calib_data is not None and parse_data_spec(calib_data).kind == "self":
         raise LLMOptError(
             "--low-memory cannot sample self:N calibration text (generating needs the whole model): "

@@ -18,6 +18,7 @@ from llmopt.cli.output import (
 )
 from llmopt.errors import LLMOptError
 from llmopt.outputs import preflight
+from llmopt.parallel import main_process
 
 
 def eval_command(a: argparse.Namespace) -> int:
@@ -71,7 +72,8 @@ def compress_command(a: argparse.Namespace) -> int:
         resume=a.resume,
         low_memory=a.low_memory,
     )
-    print(format_compress(res.output, res.report))
+    if main_process():  # under torchrun process 0 wrote the output and reports it
+        print(format_compress(res.output, res.report))
     return 0
 
 
@@ -117,7 +119,7 @@ def _print_estimate(a: argparse.Namespace, rec, opts) -> None:
     from llmopt.pipeline.options import model_parameter_count
 
     n = model_parameter_count(a.model)
-    if n:
+    if n and main_process():
         print(format_estimate(n, estimate(n, rec, opts or PipelineOptions().with_recipe(rec))), flush=True)
 
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from llmopt.errors import LLMOptError
+from llmopt.parallel import main_process
 from llmopt.pipeline.options import CARD, PipelineOptions, baseline_type, check_recipe
 from llmopt.pipeline.steps import StepLog, baseline, evaluate_one, export, harness_one
 
@@ -77,6 +78,8 @@ def run_pipeline(
         # folder atomically (checked before loading: no existing output unless overwrite)
         kw = {"checkpoint_dir": out.parent / f"{out.name}.ckpt", **(compress_kwargs or {})}
         res = compress(model, rec, out, overwrite=overwrite, resume=resume, **kw)
+        if not main_process():  # torchrun: the others helped compress; process 0 wrote it and goes on alone
+            return res.report
         state = StepLog(out, model, recipe_to_yaml(rec))
         state.seconds["compress"] = res.report["total_seconds"]
         state.save()
