@@ -13,9 +13,9 @@ This is llm-compressor's scheme (per-rank partial Hessians, an owner per Linear,
 statistics are all-reduced rather than reduced to the owner, because the engine's next step, the
 layer's outputs on each process's own windows, needs the compressed layer everywhere anyway.
 
-Reduction order: a Hessian summed from N partial sums differs from the one-process running average in the
-last bits of float32 (relative ~1e-7), which can move a GPTQ code that sits on a rounding boundary;
-``tests/test_parallel.py`` pins how many.
+Reduction order does not matter: the statistics are float64 sums of float32 terms (exact), rounded to
+float32 once all are in, and every window runs in the same batch as in one process; ``tests/test_parallel.py``
+checks the codes against the one-process run.
 
 Multi-node: the same command under ``torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d
 --rdzv-endpoint HOST:PORT`` on every node (or a hostfile with ``accelerate launch``); nothing here
@@ -69,7 +69,7 @@ def init(device: str | torch.device | None = None) -> Ranks:
     if not launched():
         return current()
     if not dist.is_initialized():
-        cuda = device is not None and torch.device(device).type == "cuda"
+        cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dist.init_process_group("nccl" if cuda else "gloo")
         log.info("process %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return current()
@@ -83,19 +83,24 @@ def current() -> Ranks:
     return Ranks()
 
 
-def shard(windows: torch.Tensor) -> torch.Tensor:
-    """This process's calibration windows: every ``world``-th, starting at its rank (all of them alone)."""
+def shard(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's calibration windows: the engine's batches of ``batch_size`` windows (in order) dealt
+    round-robin, every ``world``-th batch starting at this rank's (all of them in a plain run). Whole batches,
+    so each window runs through each layer in the very batch it runs in one process."""
+    import torch
+
     from llmopt.errors import LLMOptError
 
     r = current()
     if not r.active:
         return windows
-    if windows.shape[0] < r.world:
+    starts = list(range(0, windows.shape[0], batch_size))
+    if len(starts) < r.world:
         raise LLMOptError(
-            f"{windows.shape[0]} calibration windows for {r.world} processes: give at least one window per "
-            "process (--calib-samples)"
+            f"{windows.shape[0]} calibration windows make {len(starts)} batches of {batch_size} for {r.world} "
+            "processes: give at least one batch per process (--calib-samples, or calibration.batch_size)"
         )
-    return windows[r.rank :: r.world]
+    return torch.cat([windows[b : b + batch_size] for b in starts[r.rank :: r.world]])
 
 
 def owners(costs: dict[str, float]) -> dict[str, int]:
@@ -129,17 +134,10 @@ def broadcast_object(obj, src: int):
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over the processes in place (float64 on the wire for float tensors, so the sum of N
-    float32 parts rounds once, at the end)."""
-    import torch
+    """Sum ``t`` over the processes, in place (the statistics are float64 sums: exact in any order)."""
     import torch.distributed as dist
 
-    if t.is_floating_point() and t.dtype != torch.float64:
-        wide = t.to(torch.float64)
-        dist.all_reduce(wide)
-        t.copy_(wide)
-    else:
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t
 
 

@@ -110,7 +110,7 @@ def layer_statistics(
     """Statistics of every decoder layer's Linears on the *uncompressed* model (for planning, e.g. OWL)."""
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix)
-    batches = capture_layer_inputs(model, layers, parallel.shard(windows), batch_size)
+    batches = capture_layer_inputs(model, layers, parallel.shard(windows, batch_size), batch_size)
     out = []
     for i, layer in iterate_layers(source, batches, "layer statistics"):
         linears = _layer_linears(layer, prefix, i)
@@ -139,7 +139,7 @@ def run_layerwise(
     reads each from disk and writes it out once final, :mod:`llmopt.calibration.streaming`). Under
     ``torchrun`` each process calibrates on its share of the windows (:mod:`llmopt.parallel`).
     """
-    windows = parallel.shard(windows)
+    windows = parallel.shard(windows, batch_size)
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix) if source is None else source
     with memory.phase("capture"), source.outside("inputs"):

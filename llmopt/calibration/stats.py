@@ -15,10 +15,14 @@ from llmopt.kernels.hessian import add_gram_upper_, symmetrize_upper_
 class StatsAccumulator:
     """Forward pre-hooks on Linears that accumulate the statistic a stage needs from their inputs.
 
-    Hessian as a running average in float32 (IST-DASLab ``add_batch``): after N tokens
-    H = 2/N Σ_n x_nᵀ x_n, so its scale does not depend on how many windows were used. Linears fed by
-    the same tensor (q/k/v, gate/up) share one accumulation. Once every hooked Linear has seen its
-    input, the layer's forward is cut short (:class:`StopForward`): the rest of the layer, e.g.
+    The Hessian H = 2/N Σ_n x_nᵀ x_n (IST-DASLab ``add_batch``: its scale does not depend on how many windows
+    were used). Each batch's Gram matrix is computed in float32 (on its upper block triangle,
+    :func:`~llmopt.kernels.hessian.add_gram_upper_`) and added to a float64 sum; :meth:`get` divides by N
+    and rounds to float32 once. Float64 holds a sum of a few hundred float32 terms of similar size exactly,
+    so the result does not depend on the order the batches were added in: two processes each summing half
+    the batches (:meth:`all_reduce`, :mod:`llmopt.parallel`) give the one-process Hessian bit for bit.
+    Linears fed by the same tensor (q/k/v, gate/up) share one accumulation. Once every hooked Linear has
+    seen its input, the layer's forward is cut short (:class:`StopForward`): the rest of the layer, e.g.
     down_proj's matmul, is not needed for statistics.
 
     Given the same batch's inputs in the uncompressed model (``new_forward(fp_inputs)``, from
@@ -36,11 +40,13 @@ class StatsAccumulator:
         # the Linears that read the same tensor and adds a low-rank term of its own: with the first token
         # counted s² times, H' = H + 2/N (s² − 1) Σ_windows x₀ᵀx₀ (`_extra`, the raw sum, N = H's tokens).
         self._first = {n: w for n, w in (first_token_weight or {}).items() if w > 0}
-        self._extra: dict[str, torch.Tensor] = {}
+        self._extra: dict[str, torch.Tensor] = {}  # float64 sums
         self._extra_dxxt: dict[str, torch.Tensor] = {}  # the same low-rank term for G: (s² − 1) Σ (x₀ − x̃₀)ᵀx̃₀
         self._fp: dict[str, torch.Tensor] | None = None  # this forward's inputs in the uncompressed model
+        # While accumulating, a LinearStats holds float64 *sums* (2 Σ xᵀx on the upper triangle, 2 Σ (x − x̃)ᵀx̃,
+        # Σ x²); get() turns them into the float32 statistics once (names in _open until then).
         self.stats: dict[str, LinearStats] = {}
-        self._partial: set[str] = set()  # Hessians holding only their upper triangle so far (add_gram_upper_)
+        self._open: set[str] = set()
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
         self._n = len(linears)
@@ -62,12 +68,10 @@ class StatsAccumulator:
             if name in self._first and x.dim() == 3 and self.statistic == "hessian":  # x: (windows, tokens, in)
                 x0 = x.detach()[:, 0].to(torch.float32)  # (windows, in)
                 s2 = max(1.0, self._first[name] * x.shape[1])
-                e = self._extra.setdefault(name, torch.zeros(x.shape[-1], x.shape[-1], device=x0.device))
-                e.addmm_(x0.t(), x0, alpha=s2 - 1.0)
+                _add64(self._extra, name, torch.mm(x0.t(), x0).mul_(s2 - 1.0))
                 if self._fp is not None:
                     d0 = self._fp[name][:, 0].to(torch.float32) - x0  # (windows, in)
-                    e = self._extra_dxxt.setdefault(name, torch.zeros_like(e))
-                    e.addmm_(d0.t(), x0, alpha=s2 - 1.0)
+                    _add64(self._extra_dxxt, name, torch.mm(d0.t(), x0).mul_(s2 - 1.0))
             self._seen.add(name)
             if len(self._seen) == self._n:
                 raise StopForward
@@ -78,23 +82,16 @@ class StatsAccumulator:
     def _add(self, name: str, x: torch.Tensor, fp: torch.Tensor | None = None) -> None:
         x = x.to(torch.float32)  # (T, in)
         s = self.stats.setdefault(name, LinearStats())
-        t = x.shape[0]
+        self._open.add(name)
         if self.statistic == "hessian":
             if s.hessian is None:
-                s.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            s.hessian.mul_(s.tokens / (s.tokens + t))
-            add_gram_upper_(s.hessian, x, alpha=2.0 / (s.tokens + t))  # the lower triangle is filled in get()
-            self._partial.add(name)
+                s.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            add_gram_upper_(s.hessian, x, alpha=2.0)  # the lower triangle is filled in get()
             if fp is not None:  # GPTAQ: G = 2/N Σ (x − x̃)ᵀ x̃, (in, in), not symmetric
-                if s.dxxt is None:
-                    s.dxxt = torch.zeros_like(s.hessian)
-                s.dxxt.mul_(s.tokens / (s.tokens + t))
-                s.dxxt.addmm_((fp.to(torch.float32) - x).t(), x, alpha=2.0 / (s.tokens + t))
+                s.dxxt = _sum64(s.dxxt, torch.mm((fp.to(torch.float32) - x).t(), x).mul_(2.0))
         elif self.statistic == "act_sq_norm":
-            if s.act_sq_norm is None:
-                s.act_sq_norm = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-            s.act_sq_norm.add_((x * x).sum(0))
-        s.tokens += t
+            s.act_sq_norm = _sum64(s.act_sq_norm, (x * x).sum(0))
+        s.tokens += x.shape[0]
 
     def new_forward(self, fp_inputs: dict[str, torch.Tensor] | None = None) -> None:
         """Before each batch; ``fp_inputs``: that batch's inputs of the hooked Linears in the uncompressed
@@ -103,64 +100,72 @@ class StatsAccumulator:
         self._last = None
         self._seen.clear()
 
+    def _close(self, key: str) -> None:
+        """The float64 sums of ``key`` → its float32 statistics (once, after the last window)."""
+        st = self.stats[key]
+        n = max(st.tokens, 1)
+        if st.hessian is not None:
+            st.hessian = symmetrize_upper_(st.hessian.div_(n).to(torch.float32))
+        if st.dxxt is not None:
+            st.dxxt = st.dxxt.div_(n).to(torch.float32)
+        if st.act_sq_norm is not None:
+            st.act_sq_norm = st.act_sq_norm.to(torch.float32)
+        self._open.discard(key)
+
     def get(self, name: str) -> LinearStats:
         key = self._alias.get(name, name)
+        if key in self._open:
+            self._close(key)
         st = self.stats[key]
-        if key in self._partial:  # once, after the last window: the accumulation filled the upper triangle
-            symmetrize_upper_(st.hessian)
-            self._partial.discard(key)
         if name not in self._extra:
             return st
+        scale = 2.0 / st.tokens
+        hessian = st.hessian + (self._extra[name] * scale).to(torch.float32)
         extra = self._extra_dxxt.get(name)
-        dxxt = st.dxxt if extra is None else st.dxxt + extra * (2.0 / st.tokens)
-        return replace(st, hessian=st.hessian + self._extra[name] * (2.0 / st.tokens), dxxt=dxxt)
+        dxxt = st.dxxt if extra is None else st.dxxt + (extra * scale).to(torch.float32)
+        return replace(st, hessian=hessian, dxxt=dxxt)
 
     def all_reduce(self) -> None:
         """Under ``torchrun`` (:mod:`llmopt.parallel`): each process accumulated its own windows; afterwards
-        every process holds the statistics of all of them, as one process would have accumulated them (up
-        to the summation order). Call once, after the last forward and before :meth:`get`."""
+        every process holds the sums of all of them, exactly those one process would have made (float64
+        sums: the order does not matter). Call once, after the last forward and before :meth:`get`."""
         from llmopt import parallel
 
         if not parallel.current().active:
             return
+
         # Every process must take part in the same collectives in the same order: agree on the names first
         # (a Linear may have run on one process's windows only, e.g. an expert its tokens never reached).
-        mine = {
-            n: (
-                s.hessian.shape[0] if s.hessian is not None else None,
-                s.act_sq_norm.shape[0] if s.act_sq_norm is not None else None,
-                s.dxxt is not None,
-            )
-            for n, s in self.stats.items()
-        }
-        extras = {n: e.shape[0] for n, e in self._extra.items()}
-        extras_g = {n: e.shape[0] for n, e in self._extra_dxxt.items()}
-        gathered = parallel.all_gather_objects((mine, extras, extras_g, self._alias))
-        shapes: dict[str, tuple] = {}
-        for m, _, _, alias in gathered:
-            for n, meta in m.items():
-                shapes.setdefault(n, meta)
+        def shapes(st: LinearStats) -> dict:
+            return {
+                f: tuple(getattr(st, f).shape) for f in ("hessian", "dxxt", "act_sq_norm") if getattr(st, f) is not None
+            }
+
+        mine = {n: shapes(st) for n, st in self.stats.items()}
+        extras = [{n: tuple(e.shape) for n, e in table.items()} for table in (self._extra, self._extra_dxxt)]
+        gathered = parallel.all_gather_objects((mine, extras, self._alias))
+        fields: dict[str, dict] = {}
+        for m, _, alias in gathered:
+            for n, f in m.items():
+                fields.setdefault(n, {}).update(f)
             self._alias.update(alias)
-        for name in sorted(shapes):
-            h_in, a_in, has_dxxt = shapes[name]
-            s = self.stats.setdefault(name, LinearStats())
-            count = torch.tensor([s.tokens], dtype=torch.int64)
-            parallel.all_reduce_sum_(count)
-            total = int(count.item())
-            if h_in is not None:  # running averages over each process's tokens → sums → the average of all
-                for field in ("hessian",) + (("dxxt",) if has_dxxt else ()):
-                    t = getattr(s, field)
-                    t = torch.zeros(h_in, h_in) if t is None else t.mul_(s.tokens)
-                    setattr(s, field, parallel.all_reduce_sum_(t).div_(max(total, 1)))
-                self._partial.add(name)  # every process summed upper triangles; get() fills the lower one
-            if a_in is not None:  # a raw sum
-                s.act_sq_norm = parallel.all_reduce_sum_(torch.zeros(a_in) if s.act_sq_norm is None else s.act_sq_norm)
-            s.tokens = total
-        for table, index in ((self._extra, 1), (self._extra_dxxt, 2)):  # raw sums of the first tokens' terms
-            names = sorted({n for g in gathered for n in g[index]})
+        device = next((t.device for st in self.stats.values() for t in vars(st).values() if torch.is_tensor(t)), None)
+        for name in sorted(fields):
+            st = self.stats.setdefault(name, LinearStats())
+            self._open.add(name)
+            count = torch.tensor([st.tokens], dtype=torch.int64, device=device)
+            st.tokens = int(parallel.all_reduce_sum_(count).item())
+            for f, shape in sorted(fields[name].items()):
+                t = getattr(st, f)
+                t = torch.zeros(shape, dtype=torch.float64, device=device) if t is None else t
+                setattr(st, f, parallel.all_reduce_sum_(t))
+        for k, table in enumerate((self._extra, self._extra_dxxt)):
+            names = sorted({n for g in gathered for n in g[1][k]})
             for n in names:
-                width = next(g[index][n] for g in gathered if n in g[index])
-                table[n] = parallel.all_reduce_sum_(table.get(n, torch.zeros(width, width)))
+                shape = next(g[1][k][n] for g in gathered if n in g[1][k])
+                t = table.get(n)
+                t = torch.zeros(shape, dtype=torch.float64, device=device) if t is None else t
+                table[n] = parallel.all_reduce_sum_(t)
 
     def has(self, name: str) -> bool:
         """False for a Linear that never ran (no statistics)."""
@@ -169,3 +174,14 @@ class StatsAccumulator:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _sum64(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """``acc + term`` as a float64 sum (``acc`` None: a new one)."""
+    if acc is None:
+        return term.to(torch.float64)
+    return acc.add_(term)
+
+
+def _add64(table: dict[str, torch.Tensor], name: str, term: torch.Tensor) -> None:
+    table[name] = _sum64(table.get(name), term)

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=int, default=None)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--device", default=None, help="cpu (default) or cuda")
+    c.add_argument(
+        "--device", default=None, help="cpu (default), cuda, cuda:N, or auto (CUDA where there is one, else cpu)"
+    )
     c.add_argument(
         "--true-sequential",
         action=argparse.BooleanOptionalAction,
@@ -122,8 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--type", default="auto", help="auto (stored codes), f32, f16, or a llama.cpp type: q8_0, q4_k_m, ..."
     )
-    x.add_argument("--embedding-type", default=None, help="token embedding type (default f16)")
-    x.add_argument("--output-type", default=None, help="output head type when not tied (default f16)")
+    x.add_argument(
+        "--embedding-type",
+        default=None,
+        help="token embedding type (default: --type auto picks llama.cpp's choice for the file's type, e.g. q8_0 "
+        "or q6_K, else f16; a llama.cpp type: llama.cpp's own)",
+    )
+    x.add_argument(
+        "--output-type", default=None, help="output head type when not tied (default: as for --embedding-type)"
+    )
     x.add_argument("--imatrix", default=None, help="llama.cpp types: imatrix file or calibration data spec")
     x.add_argument(
         "--quant",

@@ -138,7 +138,7 @@ def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -
     budget is planned to reach (:func:`llmopt.distill.budget.cache_windows`); the loop caches more if it
     outruns them, with the live teacher or one loaded again (the input model's spec, or ``teacher``).
     Without a way to load it again every training window is cached now."""
-    from llmopt import memory
+    from llmopt import memory, parallel
     from llmopt.models import cache_root
 
     if ctx.tokenizer is None:
@@ -171,8 +171,14 @@ def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -
             n_student = student_params(ctx.recipe.stages, index, sum(p.numel() for p in model.parameters()))
             ready = min(ready, cache_windows(cfg, n_student))
         cache = TopKCache(cache_root(), fingerprint, cfg.top_k, cfg.temperature)
+        todo = torch.cat([data.train[:ready], data.heldout])
+        ranks = parallel.current()
         with memory.phase("distill.teacher_cache"):
-            computed = cache.fill(source, torch.cat([data.train[:ready], data.heldout]), cfg.chunk_tokens)
+            # under torchrun each process fills every world-th window, then waits for the others; whatever is
+            # still missing (another node's cache folder) it fills itself
+            computed = cache.fill(source, todo[ranks.rank :: ranks.world], cfg.chunk_tokens)
+            parallel.barrier()
+            computed += cache.fill(source, todo, cfg.chunk_tokens)
         memory.release_freed_memory()  # the fill's logits blocks and forward activations
         log.info("teacher cache: %d of %d training windows (the time budget's, with a margin)", ready, len(data.train))
     h = hashlib.blake2b(digest_size=12)

@@ -18,7 +18,8 @@ GRAM_BLOCK = 256  # columns per block of the block-triangular Gram update
 
 
 def add_gram_upper_(H: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """H += alpha · xᵀx on H's upper block triangle only, in place: x: (T, in), H: (in, in) float32.
+    """H += alpha · xᵀx on H's upper block triangle only, in place: x: (T, in), H: (in, in) float32, or
+    float64 to sum many batches exactly (each block's product computed in x's float32, then added).
 
     xᵀx is symmetric, so only the blocks on and above the diagonal (blocks of ``GRAM_BLOCK`` columns) are
     computed: about (k + 1)/(2k) of the full product for k blocks (0.58 for a 1536-wide input), the
@@ -28,7 +29,10 @@ def add_gram_upper_(H: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Ten
     n = H.shape[0]
     for a in range(0, n, GRAM_BLOCK):
         b = min(a + GRAM_BLOCK, n)
-        H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=alpha)
+        if H.dtype == x.dtype:
+            H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=alpha)
+        else:  # a block of the product at a time: the temporary is GRAM_BLOCK rows, not (in, in)
+            H[a:b, a:].add_(torch.mm(x[:, a:b].t(), x[:, a:]), alpha=alpha)
     return H
 
 

@@ -25,6 +25,7 @@ checking a GGUF), :mod:`~llmopt.models.gguf_cache` (GGUF → HF folder, cached),
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,10 @@ def load_model(
 def _parse_device(device: str | None) -> torch.device | None:
     if device is None:
         return None
+    if device == "auto":  # the first CUDA device where there is one (under torchrun: this process's), else the CPU
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:
         dev = torch.device(device)
     except RuntimeError as e:

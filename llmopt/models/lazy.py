@@ -100,7 +100,9 @@ class LazyModel:
         except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
             raise LLMOptError(f"config.json of {self.folder} cannot be read: {first_line(e, 200)}") from e
         self.dtype = resolve_dtype(cfg, self.ckpt, dtype)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        from llmopt.models import _parse_device
+
+        self.device = _parse_device(device) or torch.device("cpu")  # cpu, cuda[:N], auto: checked as load_model does
         with no_init_weights(), init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
         model.tie_weights()  # init_empty_weights re-registers each parameter, which unties them
