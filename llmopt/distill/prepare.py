@@ -177,8 +177,9 @@ def prepare(cfg: DistillConfig, model: nn.Module, ctx: RunContext, index: int) -
             # under torchrun each process fills every world-th window, then waits for the others; whatever is
             # still missing (another node's cache folder) it fills itself
             computed = cache.fill(source, todo[ranks.rank :: ranks.world], cfg.chunk_tokens)
-            parallel.barrier()
-            computed += cache.fill(source, todo, cfg.chunk_tokens)
+            if ranks.active:
+                parallel.barrier()
+                computed += cache.fill(source, todo, cfg.chunk_tokens)
         memory.release_freed_memory()  # the fill's logits blocks and forward activations
         log.info("teacher cache: %d of %d training windows (the time budget's, with a margin)", ready, len(data.train))
     h = hashlib.blake2b(digest_size=12)
