@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     REPO,
     CachedBackend,
     cleanup,
+    describe_text,
     eval_texts,
     fmt,
     machine_note,
@@ -187,7 +188,7 @@ def write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len) -> None:
         rows.append(cells)
     vh = ["type", "MiB llmopt vs llama.cpp+imatrix", *[f"{n}: ppl / KL llmopt vs llama.cpp+imatrix" for n in names]]
     windows = ", ".join(f"{n}: {records[0]['texts'][n]['windows']}" for n in names)
-    specs = "".join(f" `{n}` = `{s.replace(str(REPO.parent), '..')}`." for n, s in texts.items())
+    specs = "".join(f" `{n}` = {describe_text(s)}." for n, s in texts.items())
     md = [
         "# GGUF frontier: llama.cpp's quantizer vs llmopt's shipped GPTQ recipes, SmolLM2-135M-Instruct (bundled)",
         "",

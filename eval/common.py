@@ -128,6 +128,15 @@ def evaluate_folder(spec, base, seq_len: int, max_windows: int, data: str = EVAL
     return evaluate(spec, data=data, seq_len=seq_len, max_windows=max_windows, base=base, progress=False)
 
 
+def describe_text(spec: str) -> str:
+    """A data spec as a results file may name it: relative to the repo, the uncommitted texts by their name here."""
+    if str(LEE) in spec:
+        return "the Lee news text (`LEE` in `eval/common.py`, extracted from gensim's test data, not committed)"
+    if str(NEWSGROUPS) in spec:
+        return "the 20 Newsgroups text (`NEWSGROUPS` in `eval/common.py`, not committed)"
+    return f"`{spec.replace(str(REPO.parent), '..')}`"
+
+
 def eval_texts(specs: list[str] | None) -> dict[str, str]:
     """``--eval NAME=SPEC`` options → {name: data spec}; none given: {"wiki2-valid-2nd-half": EVAL}.
 
