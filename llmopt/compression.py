@@ -290,6 +290,7 @@ def compress(
                 "dtype": str(lazy.dtype if lazy else lm.dtype).removeprefix("torch."),
                 "true_sequential": rec.calibration.true_sequential,
                 **({"low_memory": True} if lazy is not None else {}),
+                **({"activations_spilled_mib": state.activations_spilled_mib} if state.activations_spilled_mib else {}),
                 "recipe": rec.model_dump(mode="json"),
                 "calibration_seconds": round(t_calib, 2),
                 **timing,

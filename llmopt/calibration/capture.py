@@ -69,9 +69,11 @@ def _output_kinds(model: nn.Module, layers: nn.ModuleList) -> list[int]:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int
+    model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int, store=None
 ) -> list[Batch]:
     """Inputs of the first decoder layer and every layer's arguments, for windows (N, L) in batches.
+    ``store``: an :class:`llmopt.calibration.spill.ActivationStore` that holds each batch's hidden state
+    (in memory, or spilled to a memory-mapped file); without one the hidden states stay as captured.
 
     Each layer's ``forward`` is temporarily replaced by a recorder that stores what the model passes
     and returns the hidden state unchanged (in the layer's own return form); the last one stops the
@@ -87,8 +89,8 @@ def capture_layer_inputs(
             hidden = args[0] if args else kwargs.pop("hidden_states")
             rest = tuple(None if isinstance(a, _CacheTypes) else a for a in args[1:])
             b = current[0]
-            if i == 0:
-                b.hidden = hidden.detach().contiguous()  # overwritten in place by each layer's outputs
+            if i == 0:  # overwritten in place by each layer's outputs
+                b.hidden = hidden.detach().contiguous() if store is None else store.hold(hidden.detach().contiguous())
             b.layer_args.append((rest, _clean_kwargs(kwargs)))
             if i == len(layers) - 1:
                 raise StopForward

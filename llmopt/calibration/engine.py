@@ -15,6 +15,7 @@ from llmopt.calibration.capture import Batch, StopForward, capture_layer_inputs,
 from llmopt.calibration.fp_stream import FPStream
 from llmopt.calibration.head import head_statistics, output_head
 from llmopt.calibration.layers import LayerSource, find_decoder_layers
+from llmopt.calibration.spill import ActivationStore
 from llmopt.calibration.stats import StatsAccumulator
 from llmopt.core.stage import Stage
 from llmopt.core.state import CompressionState, LinearStats, QuantizedLinear
@@ -110,7 +111,8 @@ def layer_statistics(
     """Statistics of every decoder layer's Linears on the *uncompressed* model (for planning, e.g. OWL)."""
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix)
-    batches = capture_layer_inputs(model, layers, parallel.shard(windows, batch_size), batch_size)
+    windows = parallel.shard(windows, batch_size)
+    batches = capture_layer_inputs(model, layers, windows, batch_size, ActivationStore(windows.shape[0]))
     out = []
     for i, layer in iterate_layers(source, batches, "layer statistics"):
         linears = _layer_linears(layer, prefix, i)
@@ -142,12 +144,14 @@ def run_layerwise(
     windows = parallel.shard(windows, batch_size)
     prefix, layers = find_decoder_layers(model)
     source = LayerSource(layers, prefix) if source is None else source
+    needs_fp = any(s.needs_fp_inputs for s in stages)
+    store = ActivationStore(windows.shape[0], copies=2 if needs_fp else 1)
     with memory.phase("capture"), source.outside("inputs"):
-        batches = capture_layer_inputs(model, layers, windows, batch_size)
+        batches = capture_layer_inputs(model, layers, windows, batch_size, store)
     log.info("captured inputs of %s.0 for %d windows in %d batches", prefix, windows.shape[0], len(batches))
     heads = [s for s in stages if s.quantizes_head]
     # GPTAQ: the uncompressed model's activations beside the compressed ones, only when a stage asks
-    fp = FPStream(batches) if any(s.needs_fp_inputs for s in stages) else None
+    fp = FPStream(batches, store) if needs_fp else None
     for i, layer in iterate_layers(source, batches, "compressing", last_outputs=bool(heads)):
         if fp is not None:
             fp.begin_layer(layer, f"{prefix}.{i}")
@@ -176,6 +180,7 @@ def run_layerwise(
     if heads:
         with source.outside("head"):
             _compress_head(model, layers, windows, batches, batch_size, heads, state)
+    state.activations_spilled_mib += round(store.bytes_held / 2**20, 1)
 
 
 def _compress_head(model, layers, windows, batches, batch_size, stages: list[Stage], state: CompressionState) -> None:

@@ -21,9 +21,11 @@ from llmopt.calibration.capture import Batch, StopForward, layer_forward
 class FPStream:
     """Hidden states of the uncompressed model, batch by batch, and the current layer's original copy."""
 
-    def __init__(self, batches: list[Batch]):
-        # the first layer's inputs are the same in both models (the embeddings are not compressed here)
-        self.hidden = [b.hidden.clone() for b in batches]  # per batch (B, L, hidden), the model's dtype
+    def __init__(self, batches: list[Batch], store=None):
+        # the first layer's inputs are the same in both models (the embeddings are not compressed here);
+        # ``store`` (an ActivationStore) holds the copies as it holds the engine's own, spilled or not
+        copy = (lambda t: t.clone()) if store is None else store.copy
+        self.hidden = [copy(b.hidden) for b in batches]  # per batch (B, L, hidden), the model's dtype
         self.original: nn.Module | None = None
         self._prefix = ""
 

@@ -126,6 +126,8 @@ class CompressionState:
     # module sharing its weight on a tied model (None: untied): exporters write the embedding from its codes
     head: str | None = None
     head_tied_to: str | None = None
+    # MiB of calibration activations the engine held in memory-mapped files (0: all in memory)
+    activations_spilled_mib: float = 0.0
 
 
 @dataclass
