@@ -174,6 +174,7 @@ def export_command(a: argparse.Namespace) -> int:
         output_type=a.output_type,
         overwrite=a.overwrite,
         imatrix=a.imatrix,
+        low_memory=a.low_memory,
     )
     print(format_gguf_export(r))
     return 0
@@ -182,9 +183,10 @@ def export_command(a: argparse.Namespace) -> int:
 def _export_onnx(a: argparse.Namespace) -> int:
     from llmopt.exporters import export_onnx
 
-    if a.type != "auto" or a.embedding_type or a.output_type or a.imatrix:
+    if a.type != "auto" or a.embedding_type or a.output_type or a.imatrix or a.low_memory:
         raise LLMOptError(
-            "--type/--embedding-type/--output-type/--imatrix are GGUF options; with --to onnx use --quant"
+            "--type/--embedding-type/--output-type/--imatrix/--low-memory are GGUF options; with --to onnx use "
+            "--quant (the ONNX export loads the model whole)"
         )
     r = export_onnx(
         a.model,

@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[0, 1, 2, 3, 4],
         help="ONNX MatMulNBits: 0 float, 4 int8 activations",
     )
+    x.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GGUF: write tensor by tensor from the safetensors shards, never holding the model; default: when "
+        "its float32 size exceeds half the free memory",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     x.set_defaults(func=export_command)
 

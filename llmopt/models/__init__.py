@@ -53,6 +53,7 @@ __all__ = [
     "bundled_gguf_path",
     "cache_root",
     "load_model",
+    "gguf_source",
     "load_tokenizer",
     "parse_dtype",
     "read_gguf",
@@ -113,6 +114,13 @@ def streamable_folder(spec: str, *, cache_dir: str | None = None) -> Path:
             "or pass a safetensors folder, or run without --low-memory"
         )
     return Path(resolve_local_folder(spec, cache_dir=cache_dir))
+
+
+def gguf_source(spec: str) -> str | None:
+    """The GGUF file ``spec`` names (a ``.gguf`` path or a bundled model), else None: a loaded model's
+    ``gguf_path``, known without loading it."""
+    src = _classify(spec)
+    return str(src.gguf) if src.gguf is not None else None
 
 
 def load_tokenizer(

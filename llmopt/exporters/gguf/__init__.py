@@ -49,6 +49,7 @@ from llmopt.exporters.gguf.hparams import SUPPORTED, ArchSpec, check_config
 from llmopt.exporters.gguf.imatrix import compute_imatrix, load_imatrix, read_imatrix_file
 from llmopt.exporters.gguf.plan import F32_PLAN, GGUF_TYPES, LLAMA_FTYPES, NEED_IMATRIX, make_plan
 from llmopt.exporters.gguf.quantize import llama_quantize, llama_retype
+from llmopt.exporters.gguf.stream import load_streamed, stream_folder
 from llmopt.exporters.gguf.tensors import permute_qk, unpermute_qk
 from llmopt.exporters.gguf.vocab import CHECK_TEXT
 from llmopt.exporters.gguf.writer import summary, write_gguf
@@ -82,6 +83,7 @@ def export_gguf(
     imatrix_seq_len: int = 512,
     imatrix_seed: int = 0,
     threads: int | None = None,
+    low_memory: bool | None = None,
 ) -> dict:
     """Write ``model_spec`` as a GGUF file at ``output``; returns a small report.
 
@@ -94,6 +96,8 @@ def export_gguf(
             or legacy ``.dat``) or a calibration data spec (``text:PATH``, ``wikitext2``, ``self:N``) to
             compute mean x² per input column of every decoder Linear on ``imatrix_samples`` windows
             of ``imatrix_seq_len`` tokens, sampled with ``imatrix_seed`` (as a recipe's calibration windows).
+        low_memory: write tensor by tensor from the safetensors shards, never holding the model (:mod:`.stream`);
+            None: when its float32 size exceeds half the available memory; False: load it whole.
     Returns:
         {"output", "type", "architecture", "file_bytes", "tensor_types" {type: count}, "bits_per_weight"
         (all tensors), "linear_bits_per_weight" (2-D tensors but embeddings and head), "pre_tokenizer",
@@ -122,8 +126,13 @@ def export_gguf(
 
     from llmopt.models import load_model
 
-    # float32 holds every saved dtype exactly (a bfloat16 folder keeps its quantized Linears in float32)
-    loaded = load_model(model_spec, dtype=torch.float32)
+    imatrix_from_data = imatrix is not None and imatrix_file is None
+    streamed = stream_folder(model_spec, low_memory, imatrix_from_data)
+    read = None
+    if streamed is not None:  # a meta skeleton; each tensor read from its shard when written
+        loaded, read = load_streamed(streamed, model_spec)
+    else:  # float32 holds every saved dtype exactly (a bfloat16 folder keeps its quantized Linears in float32)
+        loaded = load_model(model_spec, dtype=torch.float32)
     model, tokenizer = loaded.model, loaded.tokenizer
     spec = check_config(model.config)
     if output_type and (spec.tied_only or getattr(model.config, "tie_word_embeddings", False)):
@@ -144,9 +153,9 @@ def export_gguf(
             )
         deferred = Deferred()
         if plan.mode == "llama":  # llama.cpp quantizes from an all-F32 file
-            pre = write_gguf(tmp_f32, loaded, spec, F32_PLAN)
+            pre = write_gguf(tmp_f32, loaded, spec, F32_PLAN, read=read)
         else:
-            pre = write_gguf(tmp, loaded, spec, plan, deferred)
+            pre = write_gguf(tmp, loaded, spec, plan, deferred, read=read)
         del model, tokenizer, loaded  # free the torch weights before llama.cpp loads the F32 file
         if plan.mode == "llama":
             llama_quantize(tmp_f32, tmp, plan, imatrix_data, threads)
@@ -163,6 +172,7 @@ def export_gguf(
         **report,
         "pre_tokenizer": pre,
         "imatrix_entries": len(imatrix_data) if imatrix_data else 0,
+        **({"low_memory": True} if streamed is not None else {}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("wrote %s (%.1f MiB, %.3f bits/weight)", out, report["file_bytes"] / 2**20, report["bits_per_weight"])

@@ -71,9 +71,10 @@ def transposed_weights(model: torch.nn.Module) -> set[str]:
 
 
 def iter_tensors(
-    model: torch.nn.Module, folder: str, spec: ArchSpec, plan: Plan, deferred: Deferred | None = None
+    model: torch.nn.Module, folder: str, spec: ArchSpec, plan: Plan, deferred: Deferred | None = None, read=None
 ) -> Iterator[tuple[str, np.ndarray, GGMLType]]:
-    """Yield (GGUF name, array, ggml type) for every tensor of ``model``.
+    """Yield (GGUF name, array, ggml type) for every tensor of ``model``; a tensor on the meta device is
+    read with ``read(name)`` when its turn comes (a streamed model, :mod:`.stream`).
 
     ``plan.mode == "auto"``: Linears with stored codes are written from them (:mod:`.codes`); the other
     2-D tensors in llama.cpp's type for the folder's file type (:mod:`.auto_types`; those the writer cannot
@@ -111,6 +112,10 @@ def iter_tensors(
             if hf_name in buffers:  # e.g. GPT-2's causal-mask buffers
                 continue
             raise LLMOptError(f"tensor {hf_name} has no GGUF name for {spec.name}")
+        if t.is_meta:
+            if read is None:
+                raise LLMOptError(f"internal: {hf_name} is on the meta device and no reader was given")
+            t = read(hf_name)
         heads = None
         if spec.permute_qk and ".attn_q." in name:
             heads = n_head

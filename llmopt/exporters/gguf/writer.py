@@ -16,16 +16,18 @@ from llmopt.exporters.gguf.tensors import is_linear_tensor, iter_tensors
 from llmopt.exporters.gguf.vocab import add_tokenizer
 
 
-def write_gguf(path: Path, loaded: Any, spec: ArchSpec, plan: Plan, deferred: Deferred | None = None) -> str:
+def write_gguf(path: Path, loaded: Any, spec: ArchSpec, plan: Plan, deferred: Deferred | None = None, read=None) -> str:
     """Write metadata, tokenizer and tensors of ``loaded`` to ``path``; return the pre-tokenizer name.
-    ``deferred`` collects the tensors written F32 for llama.cpp to convert (:func:`.tensors.iter_tensors`)."""
+    ``deferred`` collects the tensors written F32 for llama.cpp to convert (:func:`.tensors.iter_tensors`).
+    ``read``: a streamed model's reader (:mod:`.stream`): its parameters are on meta and each is read when
+    written, and the writer spools every converted tensor to a temporary file instead of keeping it."""
     model, cfg = loaded.model, loaded.model.config
-    w = gguf.GGUFWriter(path, spec.name)
+    w = gguf.GGUFWriter(path, spec.name, use_temp_file=read is not None)
     w.add_name(model_name(loaded))
     write_hparams(w, spec, cfg)
     pre = add_tokenizer(w, loaded, cfg.vocab_size)
     counts: Counter[gguf.GGMLQuantizationType] = Counter()
-    for name, arr, qtype in iter_tensors(model, loaded.path, spec, plan, deferred):
+    for name, arr, qtype in iter_tensors(model, loaded.path, spec, plan, deferred, read):
         w.add_tensor(name, arr, raw_dtype=qtype if arr.dtype == np.uint8 else None)
         if is_linear_tensor(name, arr.shape):
             counts[qtype] += int(arr.shape[0])
