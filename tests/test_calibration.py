@@ -156,3 +156,19 @@ def test_no_decoder_layers_is_a_clear_error():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
     with pytest.raises(LLMOptError, match="cannot find the decoder layers"):
         find_decoder_layers(model)
+
+
+def test_symmetrize_upper_in_blocks_equals_the_formula():
+    """The block-wise in-place symmetrization gives triu(H) + triu(H, 1)ᵀ bit for bit, whatever the lower
+    triangle held, for widths on and off the block size, with −0.0 entries in the upper triangle."""
+    from llmopt.kernels.hessian import GRAM_BLOCK, symmetrize_upper_
+
+    torch.manual_seed(0)
+    for n in (5, GRAM_BLOCK, GRAM_BLOCK + 37, 3 * GRAM_BLOCK):
+        for dtype in (torch.float32, torch.float64):
+            H = torch.randn(n, n, dtype=dtype)
+            H[0, n - 1] = -0.0
+            H[1, 1] = -0.0
+            want = H.triu() + H.triu(1).t()
+            got = symmetrize_upper_(H.clone())
+            assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), (n, dtype)

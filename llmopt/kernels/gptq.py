@@ -56,7 +56,13 @@ from llmopt.core.config import StrictModel
 from llmopt.errors import LLMOptError
 from llmopt.formats import QParams, QuantFormat, QuantResult
 from llmopt.kernels.gptaq import asymmetric_start
-from llmopt.kernels.hessian import inverse_hessian_cholesky, prepare, weighted_error
+from llmopt.kernels.hessian import (
+    hessian_in_walk_order,
+    inverse_hessian_cholesky,
+    prepare,
+    prepare_weight,
+    weighted_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +153,19 @@ def gptq_quantize(
         )
 
     W_orig, H_orig = W, H
-    W, H, _dead = prepare(W, H)  # float32 copies; dead columns zeroed / unit diagonal
+    # W: a float32 copy with dead columns zeroed. H is not copied here: the Cholesky step makes its own prepared
+    # copy in walk order (hessian_in_walk_order), so only H itself and the factors are ever alive (in, in).
+    W, dead = prepare_weight(W, H)
     keep = None if keep_mask is None else keep_mask.to(device=W.device, dtype=torch.bool)
     if keep is not None:
         W = W * keep  # pruned weights start (and will end) at 0
     start = None
     if cfg.asymmetric and dxxt is not None:  # GPTAQ: the walk starts where it minimises ‖WX − ŴX̃‖²
-        W = start = asymmetric_start(W, H, dxxt, cfg.act_order, cfg.asym_alpha, cfg.damp, cfg.asym_form, name)
-    importance = torch.diag(H)  # (in,) column weights for the optional clipping search
+        _, Hp, _ = prepare(W, H)  # float32 copy, dead columns on a unit diagonal
+        W = start = asymmetric_start(W, Hp, dxxt, cfg.act_order, cfg.asym_alpha, cfg.damp, cfg.asym_form, name)
+        del Hp
+    importance = torch.diag(H).to(torch.float32)  # (in,) column weights for the optional clipping search
+    importance[dead] = 1.0  # the prepared H's diagonal
 
     # (out, 1) row mean of w² for the "imatrix" search weights, from the whole row also for dynamic groups
     sigma2 = W.square().mean(1, keepdim=True) if cfg.search_weight == "imatrix" else None
@@ -164,16 +175,17 @@ def gptq_quantize(
         qp_static = fmt.qparams(W, cfg.mse_grid, weight).on_grid()
     col = torch.arange(cols, device=W.device)  # original index of the j-th column walked
     if cfg.act_order:
-        col = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, col], H[col[:, None], col]
+        col = torch.argsort(importance, descending=True, stable=True)
+        W = W[:, col]
         keep = None if keep is None else keep[:, col]
         importance = importance[col]
     group_of = [0] * cols if g is None else (col // g).tolist()  # group of the j-th column walked
     # static groups: each group's (out, 1, 1) parameters grouped once, not once per column
     per_group = None if qp_static is None else [qp_static.select(k).grouped() for k in range(qp_static.n_groups)]
 
-    U, damp = inverse_hessian_cholesky(H, cfg.damp, name=name)  # (in, in) upper Cholesky of (H + λI)⁻¹
-    del H  # only U is needed from here on
+    order = col if cfg.act_order else None
+    # (in, in) upper Cholesky of (H + λI)⁻¹, H in walk order with dead columns on a unit diagonal
+    U, damp = inverse_hessian_cholesky(None, cfg.damp, name=name, fresh=lambda: hessian_in_walk_order(H, dead, order))
     Q, codes, dynamic = _walk(W.t().contiguous(), U, fmt, cfg, group_of, per_group, keep, importance, sigma2)
 
     if cfg.act_order:
