@@ -9,7 +9,7 @@ from torch import nn
 
 from llmopt.calibration.capture import StopForward
 from llmopt.core.state import LinearStats
-from llmopt.kernels.hessian import add_gram_upper_, symmetrize_upper_
+from llmopt.kernels.hessian import add_gram_packed_, packed_upper_numel, symmetrize_upper_, unpack_upper
 
 
 class StatsAccumulator:
@@ -17,7 +17,8 @@ class StatsAccumulator:
 
     The Hessian H = 2/N Σ_n x_nᵀ x_n (IST-DASLab ``add_batch``: its scale does not depend on how many windows
     were used). Each batch's Gram matrix is computed in float32 (on its upper block triangle,
-    :func:`~llmopt.kernels.hessian.add_gram_upper_`) and added to a float64 sum; :meth:`get` divides by N
+    :func:`~llmopt.kernels.hessian.add_gram_packed_`) and added to a float64 sum stored packed (the upper block
+    triangle only: half an (in, in) matrix); :meth:`get` divides by N
     and rounds to float32 once. Float64 holds a sum of a few hundred float32 terms of similar size exactly,
     so the result does not depend on the order the batches were added in: two processes each summing half
     the batches (:meth:`all_reduce`, :mod:`llmopt.parallel`) give the one-process Hessian bit for bit.
@@ -48,6 +49,7 @@ class StatsAccumulator:
         self.stats: dict[str, LinearStats] = {}
         self._open: set[str] = set()
         self._alias: dict[str, str] = {}  # linear name → name whose stats it shares
+        self._width: dict[str, int] = {}  # name → input width of its packed Hessian sum
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
         self._n = len(linears)
         self._seen: set[str] = set()
@@ -84,9 +86,11 @@ class StatsAccumulator:
         s = self.stats.setdefault(name, LinearStats())
         self._open.add(name)
         if self.statistic == "hessian":
-            if s.hessian is None:
-                s.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            add_gram_upper_(s.hessian, x, alpha=2.0)  # the lower triangle is filled in get()
+            n = x.shape[1]
+            if s.hessian is None:  # the float64 sum of the upper block triangle, packed (half an (n, n) matrix)
+                s.hessian = torch.zeros(packed_upper_numel(n), dtype=torch.float64, device=x.device)
+                self._width[name] = n
+            add_gram_packed_(s.hessian, n, x, alpha=2.0)  # the lower triangle is filled in get()
             if fp is not None:  # GPTAQ: G = 2/N Σ (x − x̃)ᵀ x̃, (in, in), not symmetric
                 s.dxxt = _sum64(s.dxxt, torch.mm((fp.to(torch.float32) - x).t(), x).mul_(2.0))
         elif self.statistic == "act_sq_norm":
@@ -104,8 +108,10 @@ class StatsAccumulator:
         """The float64 sums of ``key`` → its float32 statistics (once, after the last window)."""
         st = self.stats[key]
         n = max(st.tokens, 1)
-        if st.hessian is not None:
-            st.hessian = symmetrize_upper_(st.hessian.div_(n).to(torch.float32))
+        if st.hessian is not None:  # the packed float64 sum → the (in, in) float32 Hessian
+            packed, st.hessian = st.hessian.div_(n), None
+            st.hessian = symmetrize_upper_(unpack_upper(packed, self._width[key], torch.float32))
+            del packed
         if st.dxxt is not None:
             st.dxxt = st.dxxt.div_(n).to(torch.float32)
         if st.act_sq_norm is not None:
@@ -143,12 +149,13 @@ class StatsAccumulator:
 
         mine = {n: shapes(st) for n, st in self.stats.items()}
         extras = [{n: tuple(e.shape) for n, e in table.items()} for table in (self._extra, self._extra_dxxt)]
-        gathered = parallel.all_gather_objects((mine, extras, self._alias))
+        gathered = parallel.all_gather_objects((mine, extras, self._alias, self._width))
         fields: dict[str, dict] = {}
-        for m, _, alias in gathered:
+        for m, _, alias, width in gathered:
             for n, f in m.items():
                 fields.setdefault(n, {}).update(f)
             self._alias.update(alias)
+            self._width.update(width)
         device = next((t.device for st in self.stats.values() for t in vars(st).values() if torch.is_tensor(t)), None)
         for name in sorted(fields):
             st = self.stats.setdefault(name, LinearStats())

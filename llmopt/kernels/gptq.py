@@ -186,7 +186,10 @@ def gptq_quantize(
     order = col if cfg.act_order else None
     # (in, in) upper Cholesky of (H + λI)⁻¹, H in walk order with dead columns on a unit diagonal
     U, damp = inverse_hessian_cholesky(None, cfg.damp, name=name, fresh=lambda: hessian_in_walk_order(H, dead, order))
-    Q, codes, dynamic = _walk(W.t().contiguous(), U, fmt, cfg, group_of, per_group, keep, importance, sigma2)
+    WT = W.t().contiguous()
+    del W  # the walk works on its transpose; freeing the rest as soon as it is done keeps the peak to one copy
+    Q, codes, dynamic = _walk(WT, U, fmt, cfg, group_of, per_group, keep, importance, sigma2)
+    del WT, U
 
     if cfg.act_order:
         inv = torch.argsort(col)
