@@ -214,6 +214,8 @@ def _apply_group(stage: Stage, group: list[str], names: dict, acc, state: Compre
                 stage.name,
             )
             stats[name] = None  # the stage's data-free kernel
+    if acc is not None:
+        acc.release()  # from here on ``stats`` holds the only references: each is freed after its last kernel
     apply_linears(stage, {n: names[n] for n in group}, stats, state, i)
 
 
@@ -230,6 +232,7 @@ def apply_linears(
     if not parallel.current().active:
         for name, lin in linears.items():
             apply_to_linear(stage, name, lin, stats[name], state, layer_index)
+            stats[name] = None  # its Hessian goes once no later Linear of the group shares it (q/k/v, gate/up)
             release_freed_memory()  # the kernel's work arrays (a few (in, in) matrices) before the next Linear's
         return
     owner = parallel.owners({n: float(lin.weight.numel()) * max(lin.weight.shape) for n, lin in linears.items()})

@@ -174,6 +174,14 @@ class StatsAccumulator:
                 t = torch.zeros(shape, dtype=torch.float64, device=device) if t is None else t
                 table[n] = parallel.all_reduce_sum_(t)
 
+    def release(self) -> None:
+        """Forget every statistic (after :meth:`get` was called for each Linear): the caller's references are
+        then the only ones, so each Hessian is freed as soon as its last Linear is done with it."""
+        self.stats.clear()
+        self._extra.clear()
+        self._extra_dxxt.clear()
+        self._fp = self._last = None
+
     def has(self, name: str) -> bool:
         """False for a Linear that never ran (no statistics)."""
         return self._alias.get(name, name) in self.stats

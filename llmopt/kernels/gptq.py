@@ -188,8 +188,10 @@ def gptq_quantize(
     U, damp = inverse_hessian_cholesky(None, cfg.damp, name=name, fresh=lambda: hessian_in_walk_order(H, dead, order))
     WT = W.t().contiguous()
     del W  # the walk works on its transpose; freeing the rest as soon as it is done keeps the peak to one copy
-    Q, codes, dynamic = _walk(WT, U, fmt, cfg, group_of, per_group, keep, importance, sigma2)
-    del WT, U
+    QT, CT, dynamic = _walk(WT, U, fmt, cfg, group_of, per_group, keep, importance, sigma2)
+    del WT, U  # QT is WT, now holding Qᵀ; U is done
+    Q, codes = QT.t().contiguous(), CT.t().contiguous()
+    del QT, CT
 
     if cfg.act_order:
         inv = torch.argsort(col)
@@ -227,7 +229,7 @@ def _walk(
     dominated the walk. With dynamic groups every parameter block (a group; a super-block of 256 columns
     for the K-quants, whose groups' parameters are chosen together) also starts a block, so when its
     parameters are chosen all of its columns hold every update from the columns before it.
-    Returns (Q, codes, dynamic params), Q and codes (out, in) in walk order.
+    Returns (Qᵀ, codesᵀ, dynamic params): (in, out) in walk order, Qᵀ being WT itself, quantized in place.
     """
     cols, rows = WT.shape
     g = fmt.group_size
@@ -238,12 +240,14 @@ def _walk(
     block_groups: list[QParams] = []
     bounds = sorted(starts) + [cols]
     d = U.diagonal()
-    QT = torch.empty_like(WT)
+    # Q is written over W's own rows: column j is never read again once it is quantized (every update goes to
+    # the columns after it), so WT becomes Qᵀ in place; the errors are kept for the current block only.
     CT = torch.empty(cols, rows, dtype=fmt.code_dtype, device=WT.device)
-    ErrT = torch.empty_like(WT)  # (in, out) errors (w − q) / U_jj
+    ErrB = torch.empty(min(cfg.block_size, cols), rows, dtype=WT.dtype, device=WT.device)  # blocks: ≤ block_size
     keepT = None if keep is None else keep.t().contiguous()
     dynamic: list[QParams] = []
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        ErrT = ErrB[: i2 - i1]  # (block, out) errors (w − q) / U_jj of this block's columns, row j − i1
         for k1 in range(i1, i2, SUB_BLOCK):
             k2 = min(k1 + SUB_BLOCK, i2)
             for j in range(k1, k2):
@@ -267,12 +271,12 @@ def _walk(
                 err = (w - q).div_(d[j])
                 if j + 1 < k2:  # OBS update of the rest of the sub-block
                     WT[j + 1 : k2].addr_(U[j, j + 1 : k2], err, alpha=-1)
-                QT[j], CT[j], ErrT[j] = q, c, err
+                WT[j], CT[j], ErrT[j - i1] = q, c, err
             if k2 < i2:  # the sub-block's update of the rest of the block
-                WT[k2:i2].addmm_(U[k1:k2, k2:i2].t(), ErrT[k1:k2], alpha=-1)
+                WT[k2:i2].addmm_(U[k1:k2, k2:i2].t(), ErrT[k1 - i1 : k2 - i1], alpha=-1)
         if i2 < cols:  # lazy update of all later columns
-            WT[i2:].addmm_(U[i1:i2, i2:].t(), ErrT[i1:i2], alpha=-1)
-    return QT.t().contiguous(), CT.t().contiguous(), dynamic
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), ErrT, alpha=-1)
+    return WT, CT, dynamic
 
 
 def refit_scales(

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 GRAM_BLOCK = 256  # columns per block of the block-triangular Gram update
+ERROR_CHUNK = 1 << 22  # elements of (W − Ŵ) a weighted_error slice holds (16 MiB in float32)
 
 
 def add_gram_upper_(H: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -208,6 +209,12 @@ def hessian_in_walk_order(H: torch.Tensor, dead: torch.Tensor, order: torch.Tens
 
 def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W−Ŵ) H (W−Ŵ)ᵀ): the layer's output reconstruction error under calibration inputs."""
-    D = (W - W_hat).to(torch.float32)  # (out, in)
-    # one float32 matmul (float64 on CPU took ~13% of a GPTQ call), the sum of its products in float64
-    return float(((D @ H.to(torch.float32)) * D).sum(dtype=torch.float64))
+    H = H.to(torch.float32)
+    total = 0.0
+    # float32 matmuls (float64 on CPU took ~13% of a GPTQ call), the sums of their products in float64; in
+    # slices of rows, so the temporaries stay small beside an (in, in) H (three (out, in) ones otherwise)
+    step = max(1, ERROR_CHUNK // max(W.shape[1], 1))
+    for r in range(0, W.shape[0], step):
+        D = (W[r : r + step] - W_hat[r : r + step]).to(torch.float32)  # (rows, in)
+        total += float(((D @ H) * D).sum(dtype=torch.float64))
+    return total
