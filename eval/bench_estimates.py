@@ -104,8 +104,11 @@ def measure(name: str, max_minutes: float | None, work: Path) -> dict:
     report = json.loads((out / "llmopt_report.json").read_text())
     distill = next(v for k, v in report.get("model_stages", {}).items() if k.endswith(":distill"))
     est = estimate_of(model, rec_path, extra)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return dict(
         recipe=name,
+        commit=commit.stdout.strip(),
+        date=time.strftime("%Y-%m-%d"),
         command=" ".join(["llmopt compress", model, "--recipe", name, *extra]),
         max_minutes=max_minutes,
         printed=line,
@@ -126,27 +129,34 @@ def measure(name: str, max_minutes: float | None, work: Path) -> dict:
 
 
 def write(records: list[dict], out: Path, args) -> None:
-    header = ["recipe", "printed estimate", "estimate min", "measured min", "estimate / measured", "within ±25%",
-              "trained tokens", "teacher windows (+ extended)", "peak RSS GiB",
+    header = ["recipe", "measured on", "printed estimate", "estimate min", "measured min", "estimate / measured",
+              "within ±25%", "trained tokens", "teacher windows (+ extended)", "peak RSS GiB",
               "peak GiB: teacher cache / train / finish / save"]  # fmt: skip
     rows = []
     for r in records:
         d, p = r["distill_peaks"], r["peak_rss_mib_by_phase"]
         phases = " / ".join(fmt(v / 1024, 2) if v else "–" for v in (d.get("teacher_cache"), d.get("train"),
                             d.get("finish"), p.get("save")))  # fmt: skip
-        rows.append([r["recipe"], f"~{r['printed_minutes']} min", fmt(r["estimate_seconds"] / 60, 1),
+        rows.append([r["recipe"], f"{r.get('date', '?')} ({r.get('commit', '?')})", f"~{r['printed_minutes']} min",
+                     fmt(r["estimate_seconds"] / 60, 1),
                      fmt(r["measured_seconds"] / 60, 1), fmt(r["ratio"], 2), "yes" if r["within"] else "**no**",
                      f"{r['tokens']:,}", f"{r['teacher_windows_computed']} (+{r['teacher_windows_extended']})",
                      fmt(r["peak_rss_mib"] / 1024, 2), phases])  # fmt: skip
+    missing = [n for n in shipped() if n not in {r["recipe"] for r in records}]
+    rows += [[n, "not measured yet"] + [""] * (len(header) - 2) for n in missing]
     budget = "shipped budgets" if args.max_minutes is None else f"distill budgets set to {args.max_minutes} min"
     text = (
         "# Estimated vs measured duration of the shipped recipes with distillation\n\n"
         f"`llmopt compress bundled:smollm2 --recipe R` ({budget}), each recipe alone in its own process, teacher "
         "cache cold; `--calib` the first half of `valid.nounk.txt` where the recipe names the Hub's wikitext2; "
         "`tour` with `--export gguf,onnx --eval`. The estimate is the line printed before the run; measured = "
-        "wall clock of the command.\n\n"
+        "wall clock of the command. Rows measured in separate runs (each alone on the machine) are merged: "
+        "`measured on` gives the date and the commit each row ran; a row is measured again when the estimate or "
+        "the recipe changes.\n\n"
         + markdown_table(header, rows)
-        + f"\n\nMachine: {machine_note()}. Produced by `python eval/bench_estimates.py {' '.join(sys.argv[1:])}`.\n"
+        + f"\n\nMachine: {machine_note()}. Each row produced by `python eval/bench_estimates.py --recipes R`"
+        + (f" (this run: `{' '.join(sys.argv[1:])}`)" if sys.argv[1:] else "")
+        + ".\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
@@ -159,13 +169,16 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(shipped()), help="comma-separated config names")
     ap.add_argument("--max-minutes", type=float, default=None, help="override every distill budget (smoke runs)")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "estimates"))
+    ap.add_argument("--fresh", action="store_true", help="drop the rows OUT.json holds instead of merging into them")
     args = ap.parse_args()
     require_text()
     names = args.recipes.split(",")
     bad = [n for n in names if not (REPO / "configs" / f"{n}.yaml").is_file()]
     if bad:
         sys.exit(f"unknown recipes {bad}; shipped with distillation: {', '.join(shipped())}")
-    records = []
+    old = Path(args.out).with_suffix(".json")
+    kept = [] if args.fresh or not old.is_file() else json.loads(old.read_text())["records"]
+    records = [r for r in kept if r["recipe"] not in names]
     for name in names:
         work = Path(tempfile.mkdtemp(prefix=f"bench-est-{name}-"))
         try:
@@ -175,7 +188,7 @@ def main() -> None:
                   f" min ({r['ratio']:.2f}), peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB", flush=True)  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        write(records, Path(args.out), args)
+        write(sorted(records, key=lambda r: r["recipe"]), Path(args.out), args)
 
 
 if __name__ == "__main__":

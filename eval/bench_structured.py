@@ -5,7 +5,8 @@ Rows per shipped structured config (structured-mlp25, structured-depth20, minitr
 entry of minitron-75-distill, minitron-60 = that of minitron-60-distill-q4_0): the plain cut
 (``reconstruct: false``, "plain cut"), the cut with its least-squares reconstruction (the shipped
 default, "reconstructed cut"; both one-shot, no training), the cut + a distill stage with the shipped
-distill settings and ``--minutes`` of training ("distill", the first stages of minitron-75-distill), and
+distill settings and ``--minutes`` of training ("distill": the row's recipe's distill stage, minitron-75-distill's
+for the rows whose recipe has none), and
 that distilled folder + GPTQ q4_0 with the shipped gptq-q4_0 settings (= minitron-75-distill-q4_0's last
 stage, on the same calibration windows), each exported to GGUF (F32 and q4_0, q8_0 token embedding as in
 the dense files). References: the dense model as F32 GGUF and llama.cpp's own Q4_0 and Q4_K_M of it (no
@@ -46,12 +47,18 @@ from common import (  # noqa: E402
 EMB = "q8_0"
 
 
-def shipped_stage(recipe: str, kind: str) -> dict:
-    """The first ``kind`` stage of a shipped recipe, as the YAML says it (so the benchmark runs the configs)."""
+def shipped_stage(recipe: str, kind: str, default: str | None = None) -> dict:
+    """The first ``kind`` stage of a shipped recipe, as the YAML says it (so the benchmark runs the configs);
+    that of recipe ``default`` where ``recipe`` has none."""
     import yaml
 
     raw = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
-    return next(s for s in raw["stages"] if s["stage"] == kind)
+    found = next((s for s in raw["stages"] if s["stage"] == kind), None)
+    if found is None and default is not None:
+        return shipped_stage(default, kind)
+    if found is None:
+        raise KeyError(f"configs/{recipe}.yaml has no {kind} stage")
+    return found
 
 
 ROWS = {
@@ -110,10 +117,7 @@ def main() -> None:
     from llmopt.exporters import export_gguf
 
     cal = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}  # run_compress passes --calib
-    distill = shipped_stage("minitron-75-distill", "distill") | {
-        "max_minutes": args.minutes,
-        "max_tokens": args.max_tokens,
-    }
+    budget = {"max_minutes": args.minutes, "max_tokens": args.max_tokens}
     q4 = shipped_stage("gptq-q4_0", "gptq")
     work = Path(tempfile.mkdtemp(prefix="bench-structured-"))
     records: list[dict] = []
@@ -136,6 +140,8 @@ def main() -> None:
         for name in names:
             label, recipe = ROWS[name]
             cut = shipped_stage(recipe, "structured")
+            # the row's own recipe's distill settings (minitron-75-distill's where the recipe has none)
+            distill = shipped_stage(recipe, "distill", default="minitron-75-distill") | budget
             runs = {"plain": [cut | {"reconstruct": False}], "cut": [cut], "distill": [cut, distill]}
             for phase, stages in ((p, runs[p]) for p in PHASES if p in phases):
                 folder = work / f"{name}-{phase}"
