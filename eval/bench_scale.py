@@ -394,6 +394,8 @@ def write(rows: list[dict], fits: dict, a, out: Path) -> None:
         if "differing_from_in_memory" in r:
             d = r["differing_from_in_memory"]
             status += ", output identical" if d == 0 else f", {100 * d:.2f}% of output values differ"
+        if r.get("commit"):
+            status += f" [{r['commit']}]"
         f32 = 4 * r["params"] / 2**20
         table.append(
             [r["size"], f"{r['params'] / 1e6:.1f}", f"{f32:.0f}", r["mode"], cap, f"{r['seconds']:.1f}",
