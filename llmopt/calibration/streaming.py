@@ -83,9 +83,8 @@ def choose_streaming(spec: str, stages, calib_data: str | None, low_memory: bool
     """The folder to stream from, or None to load the model whole. ``low_memory`` True forces streaming (any
     obstacle is an error), False never streams, None streams when the model's float32 size exceeds
     :data:`MEMORY_FRACTION` of the available memory (logged; a warning when the recipe cannot be streamed)."""
-    from llmopt import memory
     from llmopt.models import streamable_folder
-    from llmopt.models.lazy import ShardedCheckpoint
+    from llmopt.models.lazy import memory_shortfall
 
     if low_memory is False:
         return None
@@ -96,13 +95,13 @@ def choose_streaming(spec: str, stages, calib_data: str | None, low_memory: bool
         return None  # a GGUF's float32 size is known once converted, and the in-memory path converts it
     try:
         folder = streamable_folder(spec)
-        need = 4 * ShardedCheckpoint(folder).parameters() / 2**20
+        short = memory_shortfall(folder, MEMORY_FRACTION)
     except LLMOptError as e:  # the in-memory path reports what is wrong, in its own order
         log.debug("not streaming: %s", e)
         return None
-    avail = memory.available_mib()
-    if avail is None or need <= MEMORY_FRACTION * avail:
+    if short is None:
         return None
+    need, avail = short
     why = f"the model's float32 size ({need:.0f} MiB) exceeds {100 * MEMORY_FRACTION:.0f}% of the available memory"
     try:
         _check_recipe(stages, calib_data)

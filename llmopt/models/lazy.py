@@ -188,6 +188,16 @@ class LazyModel:
         return 4 * self.ckpt.parameters()
 
 
+def memory_shortfall(folder: Path, fraction: float) -> tuple[float, float] | None:
+    """(the float32 size of the folder's weights, the available memory), MiB, when that size exceeds ``fraction``
+    of what is available (:func:`llmopt.memory.available_mib`); None when it fits or nothing can be read."""
+    from llmopt import memory
+
+    need = 4 * ShardedCheckpoint(folder).parameters() / 2**20
+    avail = memory.available_mib()
+    return None if avail is None or need <= fraction * avail else (need, avail)
+
+
 def load_lazy(folder: Path, spec: str, *, dtype: torch.dtype | str = "auto", device=None):
     """(:class:`LazyModel`, tokenizer) of a local safetensors folder (what ``spec`` resolved to), with the
     tokenizer checks of :func:`llmopt.models.load_model`."""

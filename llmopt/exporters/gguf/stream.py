@@ -32,9 +32,8 @@ def stream_folder(model_spec: str, low_memory: bool | None, imatrix_from_data: b
     """The safetensors folder to stream ``model_spec`` from, or None to load it whole. ``low_memory`` True
     forces streaming (an obstacle is an error), False never streams, None streams when the float32 size
     exceeds :data:`MEMORY_FRACTION` of the available memory (logged)."""
-    from llmopt import memory
     from llmopt.models import streamable_folder
-    from llmopt.models.lazy import ShardedCheckpoint
+    from llmopt.models.lazy import memory_shortfall
 
     if low_memory is False:
         return None
@@ -49,13 +48,13 @@ def stream_folder(model_spec: str, low_memory: bool | None, imatrix_from_data: b
         return None
     try:
         folder = streamable_folder(model_spec)
-        need = 4 * ShardedCheckpoint(folder).parameters() / 2**20
+        short = memory_shortfall(folder, MEMORY_FRACTION)
     except LLMOptError as e:  # the in-memory path reports what is wrong, in its own words
         log.debug("not streaming the export: %s", e)
         return None
-    avail = memory.available_mib()
-    if avail is None or need <= MEMORY_FRACTION * avail:
+    if short is None:
         return None
+    need, avail = short
     log.info(
         "the model's float32 size (%.0f MiB) exceeds %d%% of the available memory (%.0f MiB): writing the GGUF "
         "tensor by tensor from its shards (--no-low-memory loads it whole)",
