@@ -298,3 +298,18 @@ def test_refit_leaves_q4_1_alone(layer):
     a = gptq_quantize(W, H, fmt, plain(mse_grid=20))
     b = gptq_quantize(W, H, fmt, plain(mse_grid=20, refit=True))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.qparams.scale, b.qparams.scale)
+
+
+@pytest.mark.parametrize("n", [40, 600])
+def test_hessian_in_walk_order_is_the_permuted_prepared_hessian(n):
+    """Built a block of rows at a time, H in walk order holds exactly prepare()'s H indexed by the order."""
+    from llmopt.kernels.hessian import hessian_in_walk_order, prepare
+
+    X = torch.randn(n + 7, n)
+    X[:, 3] = 0  # a dead column
+    H = 2 * X.T @ X / X.shape[0]
+    _, Hp, dead = prepare(torch.randn(4, n), H)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    got = hessian_in_walk_order(H, dead, order)
+    assert torch.equal(got, Hp[order][:, order])
+    assert torch.equal(hessian_in_walk_order(H, dead, None), Hp)

@@ -287,3 +287,60 @@ def test_cli_flag_and_one_line_refusal(tiny_model_dir, tiny_text_file, tmp_path,
     rc = main([*args, "--low-memory"])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and err.startswith("error: --low-memory streams the model") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_linears_parked_during_later_kernels(tokenizer, tiny_text_file, tmp_path, monkeypatch, dtype):
+    """While a layer's later kernels run, the Linears GPTQ already quantized hold no weight (meta) and the
+    statistics of the Linears done are gone; rebuilt from the codes afterwards, the output is bit for bit that
+    of a run that keeps every weight (in memory and streamed)."""
+    from llmopt.calibration import engine
+    from llmopt.stages.quantization import GPTQStage
+
+    model = random_llama(tmp_path / "model", tokenizer, layers=2)
+    calib = dict(calib=f"text:{tiny_text_file}", calib_samples=4, calib_seq_len=64, dtype=dtype)
+    seen: dict[str, list[bool]] = {}
+    group: dict = {}
+    kernel, apply = GPTQStage.compress_linear, engine.apply_linears
+
+    def remember(stage, linears, *a, **k):
+        group.clear()
+        group.update(linears)
+        return apply(stage, linears, *a, **k)
+
+    def spy(self, name, W, stats, state, layer_index):
+        if name.endswith("mlp.down_proj"):
+            seen[name] = [lin.weight.is_meta for lin in group.values()]
+        return kernel(self, name, W, stats, state, layer_index)
+
+    monkeypatch.setattr(engine, "apply_linears", remember)
+    monkeypatch.setattr(GPTQStage, "compress_linear", spy)
+    compress(str(model), "gptq-q4_0", tmp_path / "parked", low_memory=False, **calib)
+    assert len(seen) == 2 and all(v == [True] * 6 + [False] for v in seen.values()), seen
+    compress(str(model), "gptq-q4_0", tmp_path / "streamed", low_memory=True, **calib)
+    monkeypatch.setattr(engine, "_park", lambda lin, q: False)
+    compress(str(model), "gptq-q4_0", tmp_path / "kept", low_memory=False, **calib)
+    for load in (weights, codes):
+        kept, parked = load(tmp_path / "kept"), load(tmp_path / "parked")
+        assert sorted(kept) == sorted(parked) and all(torch.equal(kept[k], parked[k]) for k in kept)
+    assert_same_folder(tmp_path / "kept", tmp_path / "streamed")
+
+
+def test_group_statistics_forgotten_after_their_last_kernel():
+    """A group's statistics are closed when a kernel asks and dropped once no later Linear shares them."""
+    from llmopt.calibration.stats import StatsAccumulator
+
+    lins = {n: torch.nn.Linear(8, 8) for n in ("q", "k", "o")}
+    acc = StatsAccumulator(lins, "hessian")
+    x = torch.randn(2, 5, 8)
+    acc.new_forward()
+    for n in ("q", "k"):
+        lins[n](x)  # the same tensor: k shares q's accumulation
+    acc.new_forward()
+    lins["o"](torch.randn(2, 5, 8))
+    h = acc.get("q").hessian
+    assert h.shape == (8, 8) and torch.equal(h, h.T)
+    acc.forget("q", keep_for=["k", "o"])
+    assert acc.get("k").hessian is h  # still held: k shares it
+    acc.forget("k", keep_for=["o"])
+    assert not acc.has("q") and not acc.has("k") and acc.has("o")

@@ -200,8 +200,12 @@ def hessian_in_walk_order(H: torch.Tensor, dead: torch.Tensor, order: torch.Tens
     (in, in) matrix instead of two."""
     if order is None:
         out = H.detach().to(torch.float32).clone()
-    else:
-        out = H.detach().to(torch.float32)[order[:, None], order]
+    else:  # a block of rows at a time: H[order[:, None], order] at once held ~half an (in, in) matrix more
+        n = H.shape[0]
+        out = torch.empty(n, n, dtype=torch.float32, device=H.device)
+        for a in range(0, n, GRAM_BLOCK):
+            rows = H.detach().index_select(0, order[a : a + GRAM_BLOCK]).to(torch.float32)
+            torch.index_select(rows, 1, order, out=out[a : a + GRAM_BLOCK])
         dead = dead[order]
     out[dead, dead] = 1.0
     return out
