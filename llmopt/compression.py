@@ -29,7 +29,7 @@ from llmopt.calibration.streaming import (
 from llmopt.core.stage import Stage
 from llmopt.core.state import CompressionState, LinearStats, RunContext
 from llmopt.errors import LLMOptError
-from llmopt.memory import PhaseSampler, peak_rss_mib, release_freed_memory, reset_peak_rss
+from llmopt.memory import PhaseSampler, peak_rss_mib, release_freed_memory, reset_peak_rss, return_large_blocks
 from llmopt.outputs import atomic_output, preflight
 from llmopt.recipe import apply_calibration_overrides, parse_recipe, recipe_to_yaml
 from llmopt.safetensors_io import ShardWriter
@@ -263,6 +263,7 @@ def compress(
                 loaded = load_model(model, device=device, dtype=dtype)
                 lm, tokenizer = loaded.model, loaded.tokenizer
             else:
+                return_large_blocks()  # freed blocks of 4 MiB or more go back to the OS at once
                 lazy, tokenizer = load_lazy(streamed, model, dtype=dtype, device=device)
                 lm = lazy.model
         ctx.tokenizer, ctx.device = tokenizer, lazy.device if lazy else next(lm.parameters()).device

@@ -266,20 +266,3 @@ def test_quantized_linear_holds_codes_compactly_and_exactly(fmt):
     assert held == codes.numel() // (2 if fmt.bits <= 4 else 1)
     assert q._qparams.scale.dtype == torch.float16  # every format's stored scale is a float16 value
 
-
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_K", "int4"])
-def test_search_in_row_slices_equals_one_pass(name, monkeypatch):
-    """The clipping search scored a few rows at a time (its parameters written into tensors made once) gives
-    the very parameters of one pass over all rows."""
-    from llmopt.formats import make_format, search
-
-    fmt = make_format(name, group_size=32) if name == "int4" else make_format(name)
-    W = torch.randn(24, 256, generator=torch.Generator().manual_seed(0)) * 0.02
-    imp = torch.rand(256, generator=torch.Generator().manual_seed(1)) + 0.5
-    whole = fmt.qparams(W, 20, imp)
-    monkeypatch.setattr(search, "SEARCH_CHUNK", 256 * 64)  # a few rows per slice
-    sliced = fmt.qparams(W, 20, imp)
-    for a, b in zip(whole.tensors(), sliced.tensors(), strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.dtype == b.dtype and torch.equal(a, b)

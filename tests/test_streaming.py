@@ -344,3 +344,18 @@ def test_group_statistics_forgotten_after_their_last_kernel():
     assert acc.get("k").hessian is h  # still held: k shares it
     acc.forget("k", keep_for=["o"])
     assert not acc.has("q") and not acc.has("k") and acc.has("o")
+
+
+def test_streamed_run_returns_large_blocks(tokenizer, tiny_text_file, tmp_path, monkeypatch):
+    """The streamed path (and only it) fixes glibc's mmap threshold, so freed blocks of 4 MiB or more leave."""
+    from llmopt import compression, memory
+
+    calls = []
+    monkeypatch.setattr(compression, "return_large_blocks", lambda: calls.append(1) or True)
+    model = random_llama(tmp_path / "model", tokenizer, layers=1)
+    calib = dict(calib=f"text:{tiny_text_file}", calib_samples=2, calib_seq_len=32)
+    compress(str(model), "gptq-q4_0", tmp_path / "a", low_memory=False, **calib)
+    assert calls == []
+    compress(str(model), "gptq-q4_0", tmp_path / "b", low_memory=True, **calib)
+    assert calls == [1]
+    assert memory.LOW_MEMORY_MMAP_THRESHOLD == 4 << 20
