@@ -296,6 +296,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--cap", action="store_true", help="also run both modes of the largest size under a memory cap")
+    ap.add_argument("--cap-modes", default="in memory,streamed", help="which modes --cap runs")
     ap.add_argument("--cap-fraction", type=float, default=0.6, help="the cap as a fraction of the float32 size")
     ap.add_argument("--cap-over-baseline", action="store_true", help="add an idle torch process's RSS to the cap")
     ap.add_argument("--check", action="store_true", help="compare the two modes' outputs tensor by tensor")
@@ -350,6 +351,8 @@ def main() -> None:
                 base = baseline_mib() if a.cap_over_baseline else 0.0
                 limit = int(a.cap_fraction * 4 * params + base * 2**20)
                 for low in (False, True):
+                    if ("streamed" if low else "in memory") not in [m.strip() for m in a.cap_modes.split(",")]:
+                        continue
                     drop_page_cache(folder)
                     cap = MemoryCap(limit)
                     try:

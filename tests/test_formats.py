@@ -265,4 +265,3 @@ def test_quantized_linear_holds_codes_compactly_and_exactly(fmt):
     held = q._packed.numel() * q._packed.element_size()
     assert held == codes.numel() // (2 if fmt.bits <= 4 else 1)
     assert q._qparams.scale.dtype == torch.float16  # every format's stored scale is a float16 value
-
