@@ -84,8 +84,11 @@ def preflight(
         raise LLMOptError(f"cannot write {flag} {text}: {existing} is a file, not a folder")
     probe = existing / f".{out.name}.tmp-{os.getpid()}.probe"
     try:
-        probe.mkdir()
-        probe.rmdir()
+        try:
+            probe.mkdir()
+        finally:  # also when Ctrl-C lands between the two calls: the probe never outlives this check
+            with contextlib.suppress(OSError):
+                probe.rmdir()
     except FileExistsError:
         remove(probe)
     except OSError as e:
