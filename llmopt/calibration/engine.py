@@ -214,8 +214,14 @@ class _GroupStats:
 
     def __init__(self, stage: Stage, group: list[str], acc: StatsAccumulator | None):
         self._stage, self._left, self._acc = stage, list(group), acc
+        self._got: dict[str, LinearStats | None] = {}  # read once (torchrun reads each twice: kernel, commit)
 
     def __getitem__(self, name: str) -> LinearStats | None:
+        if name not in self._got:
+            self._got[name] = self._read(name)
+        return self._got[name]
+
+    def _read(self, name: str) -> LinearStats | None:
         if self._acc is None:
             return LinearStats()
         if self._acc.has(name):
@@ -231,6 +237,7 @@ class _GroupStats:
     def __setitem__(self, name: str, value: None) -> None:
         """``None``: the kernel of ``name`` is done; its statistics go unless a later Linear shares them."""
         self._left.remove(name)
+        self._got.pop(name, None)
         if self._acc is not None:
             self._acc.forget(name, keep_for=self._left)
 
