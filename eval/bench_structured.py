@@ -65,7 +65,7 @@ ROWS = {
     "mlp25": ("MLP -25%", "structured-mlp25"),
     "depth20": ("depth -20%", "structured-depth20"),
     "minitron-75": ("Minitron 75% (width + depth)", "minitron-75-distill"),
-    "minitron-60": ("Minitron 60% (width + depth)", "minitron-60-distill-q4_0"),
+    "minitron-60": ("Minitron 60% (MLP + depth)", "minitron-60-distill-q4_0"),
 }
 PHASES = {"plain": "plain cut", "cut": "reconstructed cut", "distill": "reconstructed cut + distill"}
 

@@ -189,11 +189,22 @@ def test_layers_with_least_block_influence_go():
 def test_params_budget_is_met_by_one_common_factor():
     model = tiny("qwen2")
     before = non_embedding_params(sizes_of(model), qkv_bias=True)
-    report = prune(model, cfg(params=0.6, round_to=16), measure(model, windows(), progress=False))
+    axes = ["mlp", "hidden", "depth"]
+    report = prune(model, cfg(params=0.6, round_to=16, axes=axes), measure(model, windows(), progress=False))
     assert report["non_embedding_params_after"] <= 0.6 * before
     assert report["non_embedding_fraction"] > 0.3  # the largest factor that fits, not any
     a = report["after"]
-    assert a["intermediate"] < 128 and a["hidden"] < 64 and a["heads"] == 4  # axes: mlp, hidden, depth
+    assert a["intermediate"] < 128 and a["hidden"] < 64 and a["heads"] == 4
+
+
+def test_params_budget_by_default_keeps_the_hidden_width():
+    model = tiny("qwen2")
+    before = sizes_of(model)
+    report = prune(model, cfg(params=0.6, round_to=16), measure(model, windows(), progress=False))
+    a = report["after"]
+    assert a["hidden"] == before.hidden and a["heads"] == before.heads  # default axes: mlp, depth
+    assert a["intermediate"] < before.intermediate and a["layers"] < before.layers
+    assert report["non_embedding_fraction"] <= 0.6
 
 
 def test_saved_folder_reloads_with_the_same_logits(tmp_path, tiny_text_file, tiny_model_dir):
