@@ -1,9 +1,10 @@
 """One-shot structured cut of the bundled SmolLM2-135M with and without reconstruction (issue #27), in
-torch: perplexity of the plain cut (``reconstruct: false``) and the reconstructed cut (the default) on
+torch, for each set of axes that ``params`` shrinks (``--axes``: width and depth, depth and MLP only, ...):
+perplexity of the plain cut (``reconstruct: false``) and the reconstructed cut (the default) on
 the second half of WikiText-2 valid and on the Lee news text (nothing calibrates on it). Calibration:
 32 x 512 windows of the first half, seed 0, as the shipped recipes. Writes OUT.md and OUT.json.
 
-    python eval/bench_reconstruct.py [--params 0.6] [--windows 8] [--out eval/results/reconstruct-60]
+    python eval/bench_reconstruct.py [--params 0.6] [--windows 8] [--axes 'mlp,depth;mlp,hidden,depth']
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--axes",
+        default="mlp,hidden,depth;mlp,depth;mlp,hidden;mlp,hidden,depth,heads",
+        help="axis sets that params shrinks, one row pair each, split by ';'",
+    )
     args = ap.parse_args()
     out = Path(args.out or f"eval/results/reconstruct-{round(args.params * 100)}")
 
@@ -38,42 +44,53 @@ def main() -> None:
     from llmopt.structured.reconstruct import reconstruct
 
     texts = {"wikitext-2 valid, 2nd half": EVAL, "lee news": f"text:{LEE}"}
-    model = load_model(MODEL).model
+    base = load_model(MODEL).model
     windows = calibration_windows(f"text:{TEXT}#0:0.5", load_tokenizer(MODEL), 32, 512, 0)
-    cfg = StructuredConfig(stage="structured", params=args.params, axes=["mlp", "hidden", "depth"])
-    imp = measure(model, windows, progress=False)
-    cut, sizes = plan_cut(model, cfg, imp)
-    teacher = copy.deepcopy(model)
-    prune(model, cfg, imp, cut)
+    imp = measure(base, windows, progress=False)  # the ranking does not depend on the axes
 
     def scores(m) -> dict:
         be = TorchBackend(m, MODEL, threads=args.threads)
         return {k: evaluate(be, data=v, max_windows=args.windows, progress=False).perplexity for k, v in texts.items()}
 
-    rows = {"plain cut": scores(model)}
-    t0 = time.perf_counter()
-    reconstruct(teacher, model, cut, windows, damp=cfg.damp, progress=False)
-    seconds = time.perf_counter() - t0
-    rows["reconstructed cut"] = scores(model)
-    for k, v in rows.items():
-        print(k, {t: round(p, 2) for t, p in v.items()}, flush=True)
-    plain = rows["plain cut"]
-    table = [[k] + [f"{v[t]:.2f} ({v[t] / plain[t]:.3f}x)" for t in texts] for k, v in rows.items()]
+    results = []
+    for axes in [a.split(",") for a in args.axes.split(";")]:
+        cfg = StructuredConfig(stage="structured", params=args.params, axes=axes)
+        model = copy.deepcopy(base)
+        cut, sizes = plan_cut(model, cfg, imp)
+        prune(model, cfg, imp, cut)
+        plain = scores(model)
+        t0 = time.perf_counter()
+        reconstruct(base, model, cut, windows, damp=cfg.damp, progress=False)
+        seconds = time.perf_counter() - t0
+        rec = scores(model)
+        results.append(dict(axes=axes, sizes=vars(sizes), seconds=seconds, plain=plain, reconstructed=rec))
+        print(json.dumps(results[-1]), flush=True)
+        del model
+
+    table = []
+    for r in results:
+        z = r["sizes"]
+        shape = f"{'+'.join(r['axes'])}: hidden {z['hidden']}, MLP {z['intermediate']}, {z['layers']} layers"
+        shape += f", {z['heads']} heads" if "heads" in r["axes"] else ""
+        for kind in ("plain", "reconstructed"):
+            v, plain = r[kind], r["plain"]
+            table.append([shape, kind] + [f"{v[t]:.2f} ({v[t] / plain[t]:.3f}x)" for t in texts])
     md = [
-        f"# One-shot structured cut, params {args.params} (hidden {sizes.hidden}, MLP {sizes.intermediate}, "
-        f"{sizes.layers} layers), with and without reconstruction",
+        f"# One-shot structured cut to {args.params:g} of the non-embedding parameters, with and without "
+        "reconstruction, by the axes that shrink",
         "",
-        f"Perplexity (x the plain cut's), torch, {args.windows} x 2048-token windows of each text. Calibration: "
-        f"32 x 512 windows of the first half of WikiText-2 valid. Reconstruction took {seconds:.0f} s.",
+        f"Perplexity (x that shape's plain cut), torch, {args.windows} x 2048-token windows of each text. Calibration: "
+        "32 x 512 windows of the first half of WikiText-2 valid (nothing calibrates on the Lee news text). "
+        "Reconstruction took " + ", ".join(f"{r['seconds']:.0f}" for r in results) + " s.",
         "",
-        markdown_table(["model"] + list(texts), table),
+        markdown_table(["shape", "cut"] + list(texts), table),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_reconstruct.py --params {args.params} "
-        f"--windows {args.windows}`.",
+        f"--windows {args.windows} --axes '{args.axes}'`.",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"sizes": vars(sizes), "seconds": seconds, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"params": args.params, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from common import (  # noqa: E402
     MODEL,
     REPO,
     CachedBackend,
+    alternating_speed,
     cleanup,
     fmt,
     machine_note,
@@ -103,6 +105,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--phases", default=",".join(PHASES), help="plain (cut, no reconstruction), cut, distill")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "structured"))
+    ap.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=5,
+        help="re-time every file at the end in this many alternating rounds (the table's speed: medians); "
+        "0: each file's own measurement when it was made",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     require_text()
@@ -121,6 +130,7 @@ def main() -> None:
     q4 = shipped_stage("gptq-q4_0", "gptq")
     work = Path(tempfile.mkdtemp(prefix="bench-structured-"))
     records: list[dict] = []
+    files: dict[str, Path] = {}  # label → GGUF, kept for the alternating speed rounds at the end
     try:
         f32 = work / "dense-f32.gguf"
         export_gguf(MODEL, str(f32), type="f32")
@@ -136,6 +146,7 @@ def main() -> None:
             records.append(
                 dict(row="dense", label=label, fmt=how.upper(), params=134_515_008, **gguf_eval(path, base, args))
             )
+            files[label] = path
             print(records[-1], flush=True)
         for name in names:
             label, recipe = ROWS[name]
@@ -164,7 +175,7 @@ def main() -> None:
                     dict(label=f"{label}, {PHASES[phase]}", fmt="F32", **common, **gguf_eval(gg, base, args))
                 )
                 print(records[-1], flush=True)
-                cleanup(gg)
+                files[records[-1]["label"]] = gg
                 if phase == "distill":  # + GPTQ q4_0 on the distilled model: minitron-75-distill-q4_0
                     qf = work / f"{name}-q4_0"
                     rq = run_compress({"calibration": cal, "stages": [q4]}, qf, model=str(folder))
@@ -175,11 +186,19 @@ def main() -> None:
                     )
                     row["compress_seconds"] += rq["total_seconds"]
                     records.append(row)
+                    files[row["label"]] = gq
                     print(records[-1], flush=True)
                     cleanup(qf)
-                    cleanup(gq)
                 cleanup(folder)
                 write(args, records)
+        if args.speed_rounds > 0:
+            runs = alternating_speed(files, args.speed_rounds, args.threads)
+            for r in records:
+                dec = [x["decode"] for x in runs[r["label"]]]
+                r["decode"] = statistics.median(dec)
+                r["prefill"] = statistics.median(x["prefill"] for x in runs[r["label"]])
+                r["decode_range"] = [min(dec), max(dec)]
+                r["speed_rounds"] = args.speed_rounds
     finally:
         cleanup(work)
     write(args, records)
@@ -228,13 +247,18 @@ def write(args, records: list[dict]) -> None:
         f"{args.windows} windows x {args.seq_len} tokens of the second half of WikiText-2 `valid.nounk.txt`; KL "
         "against the dense F32 GGUF; calibration / training: the first half (32 x 512 calibration windows; "
         f"distillation: 512-token windows, shipped distill settings, budget {args.minutes:g} min or "
-        f"{args.max_tokens:,} tokens). Speed: 512-token prompt, 128 greedy tokens, {args.threads} threads. Token "
-        f"embedding {EMB} in every quantized file.",
+        f"{args.max_tokens:,} tokens). Speed: 512-token prompt, 128 greedy tokens, {args.threads} threads, "
+        + (
+            f"median of {args.speed_rounds} alternating rounds over all files at the end of the run"
+            if args.speed_rounds > 0
+            else "each file timed when it was made (median of 3)"
+        )
+        + f". Token embedding {EMB} in every quantized file.",
         "",
         markdown_table(header, rows),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_structured.py --minutes {args.minutes:g} "
-        f"--rows {args.rows}`.",
+        f"--rows {args.rows} --phases {args.phases} --speed-rounds {args.speed_rounds}`.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"rows": records}, indent=1))

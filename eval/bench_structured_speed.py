@@ -21,11 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODEL, TEXT, cleanup, machine_note, markdown_table  # noqa: E402
+from common import MODEL, TEXT, alternating_speed, cleanup, machine_note, markdown_table  # noqa: E402
 
 
 def llmopt(*args: str) -> None:
@@ -41,8 +39,6 @@ def main() -> None:
     ap.add_argument("--out", default="eval/results/structured-speed")
     a = ap.parse_args()
     import yaml
-
-    from llmopt.backends.llamacpp_backend import LlamaCppBackend
 
     work = Path(tempfile.mkdtemp(prefix="llmopt-sspeed-"))
     try:
@@ -67,13 +63,8 @@ def main() -> None:
                 llmopt("export", str(folder), "--to", "gguf", "--type", "q4_0", "--embedding-type", emb,
                        "--output", str(files[label]))  # fmt: skip
                 shapes[label] = shape
-        backends = {k: LlamaCppBackend(str(f), threads=a.threads) for k, f in files.items()}
-        prompt = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
-        runs = {k: [] for k in files}
-        for r in range(a.rounds):
-            for k, be in backends.items():
-                runs[k].append(be.time_generation(prompt, 128).decode_tok_s)
-            print(r, {k: round(v[-1], 1) for k, v in runs.items()}, flush=True)
+        timed = alternating_speed(files, a.rounds, a.threads)
+        runs = {k: [x["decode"] for x in v] for k, v in timed.items()}
         mib = {k: f.stat().st_size / 2**20 for k, f in files.items()}
     finally:
         cleanup(work)

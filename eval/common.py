@@ -87,6 +87,28 @@ class CachedBackend:
         return self._cache[key].float()
 
 
+def alternating_speed(files: dict[str, Path], rounds: int, threads: int) -> dict[str, list[dict]]:
+    """llama.cpp speed of each GGUF file in ``rounds`` alternating rounds (A, B, C, A, B, C, ...): one
+    512-token prompt and 128 greedy tokens per file per round, after one untimed warm-up each, so the
+    drift of a shared host over minutes falls on every file alike. Per file: each round's prefill/decode."""
+    from llmopt.backends.llamacpp_backend import LlamaCppBackend
+
+    prompt = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
+    backends = {k: LlamaCppBackend(str(f), threads=threads) for k, f in files.items()}
+    runs: dict[str, list[dict]] = {k: [] for k in files}
+    try:
+        for be in backends.values():
+            be.time_generation(prompt, 16)
+        for _ in range(rounds):
+            for k, be in backends.items():
+                r = be.time_generation(prompt, 128)
+                runs[k].append({"prefill": r.prefill_tok_s, "decode": r.decode_tok_s})
+    finally:
+        for be in backends.values():
+            be.close()
+    return runs
+
+
 def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = None, model: str = MODEL) -> dict:
     """``llmopt compress`` of ``model`` in a fresh process; returns its report (times, peak RSS)."""
     if isinstance(recipe, dict):
