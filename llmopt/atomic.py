@@ -67,6 +67,14 @@ def _imports_on(frame) -> int:
 
 _outer_imports = 0  # imports under way where the handlers were installed (a program run by an import)
 _held: list[int] = []  # the signal waiting for an import to end
+_raised: list[int] = []  # the signals raised as Interrupted in this process
+
+
+def signal_raised() -> int | None:
+    """The signal last raised as :class:`Interrupted`, if any. C code running a Python call when the
+    handler raised may replace the exception with its own (numpy's ``ndarray.tofile`` into gguf-py's
+    file reports a ``TypeError``), so the CLI asks this before calling an exception a bug."""
+    return _raised[-1] if _raised else None
 
 
 def _on_signal(signum, frame):  # the SIGINT / SIGTERM handler (runs in the main thread)
@@ -79,6 +87,7 @@ def _on_signal(signum, frame):  # the SIGINT / SIGTERM handler (runs in the main
             return
         except RuntimeError:  # no thread to wait with: act now
             _held.clear()
+    _raised.append(signum)
     raise Interrupted(signum)
 
 

@@ -31,6 +31,7 @@ from llmopt.atomic import (
     remove,
     remove_stale,
     siblings,
+    signal_raised,
     signals_deferred,
     temp_sibling,
 )
@@ -38,6 +39,7 @@ from llmopt.errors import LLMOptError
 
 __all__ = [
     "Interrupted",
+    "signal_raised",
     "atomic_output",
     "install_signal_handlers",
     "preflight",

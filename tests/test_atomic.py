@@ -126,3 +126,37 @@ def test_a_signal_during_an_import_acts_once_the_import_is_done(tmp_path, monkey
         importlib.import_module("swallower")
         _wait(2)  # the held signal comes back ~10 ms after the import
     assert sys.modules["swallower"].swallowed is False and "signalled" in sys.modules
+
+
+def test_an_interrupt_that_c_code_replaced_still_exits_as_the_signal(monkeypatch, own_handlers):
+    """numpy's ``ndarray.tofile`` into gguf-py's file, interrupted by SIGTERM, surfaced a ``TypeError``
+    (found by test_interruption[export-15-writing]: exit 1, "internal error"); it is the interrupt: 143."""
+    import argparse
+
+    import llmopt.cli as cli
+
+    monkeypatch.setattr(atomic, "_raised", [])
+
+    def command(args) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait(1.0)
+        except atomic.Interrupted:
+            raise TypeError("expected str, bytes or os.PathLike object, not BufferedWriter") from None
+        return 0
+
+    class Parser:
+        func = staticmethod(command)
+
+        def parse_args(self, argv):
+            return argparse.Namespace(verbose=False, func=self.func)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    assert cli._run([], debug=False) == 128 + signal.SIGTERM
+    monkeypatch.setattr(atomic, "_raised", [])
+
+    def buggy(args) -> int:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(Parser, "func", staticmethod(buggy))
+    assert cli._run([], debug=False) == 1  # no signal: still a bug

@@ -17,7 +17,7 @@ import traceback
 
 from llmopt.cli.parser import build_parser
 from llmopt.errors import LLMOptError
-from llmopt.outputs import Interrupted, install_signal_handlers
+from llmopt.outputs import Interrupted, install_signal_handlers, signal_raised
 
 __all__ = ["build_parser", "main"]
 
@@ -60,6 +60,8 @@ def _run(argv: list[str], debug: bool) -> int:
     except SystemExit:
         raise
     except Exception as e:  # a bug, not an input error: still one line unless --debug
+        if (signum := signal_raised()) is not None:  # the interrupt, replaced on its way out by C code
+            return _interrupted(Interrupted(signum), debug)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return _fail(f"error: internal error {type(e).__name__}: {msg} (--debug shows the traceback)", 1, debug)
 
