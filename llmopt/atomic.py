@@ -110,8 +110,10 @@ def _redeliver(signum: int) -> None:
 def install_signal_handlers() -> None:
     """SIGINT and SIGTERM → :class:`Interrupted` in the main thread, held while an import runs.
 
-    Leaves alone a signal that is ignored (a background job's SIGINT) or has a handler of its own."""
+    Leaves alone a signal that is ignored (a background job's SIGINT) or has a handler of its own. Called
+    at the start of each CLI run: no signal has been raised in this run yet (:func:`signal_raised`)."""
     global _outer_imports
+    _raised.clear()
     if threading.current_thread() is not threading.main_thread():
         return
     for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
