@@ -13,7 +13,7 @@ import torch
 
 from llmopt.errors import LLMOptError
 from llmopt.kernels.structured import block_influence, group_scores, head_channels, heads_to_groups, keep_top
-from llmopt.structured import measure, prune
+from llmopt.structured import measure, plan_cut, prune
 from llmopt.structured.config import StructuredConfig
 from llmopt.structured.layout import non_embedding_params, sizes_of
 from tests.conftest import make_tiny_tokenizer
@@ -25,7 +25,9 @@ TOL = 1e-4  # float32: the cut model and the zeroed original differ only in summ
 
 
 def cfg(**kw) -> StructuredConfig:
-    return StructuredConfig(stage="structured", **kw)
+    """The surgery tests rank depth by Block Influence (one pass, known before the cut); the greedy loss
+    ranking (the default) has its own tests below."""
+    return StructuredConfig(stage="structured", **{"depth_ranking": "block_influence", **kw})
 
 
 def tiny(arch: str, seed: int = 0, tied: bool = True):
@@ -184,6 +186,64 @@ def test_layers_with_least_block_influence_go():
     report = prune(model, cfg(num_layers=2), imp)
     bi = imp.block_influence
     assert report["removed_layers"] == [int(bi.argmin())]
+
+
+def _brute_force_greedy(model, ids, n_keep):
+    """Greedy removal by full forwards of the model with layers left out (no reuse of hidden states)."""
+    body, kept, losses = model.model, list(range(len(model.model.layers))), []
+    full = body.layers
+    while len(kept) > n_keep:
+        trial = []
+        for i in kept:
+            body.layers = torch.nn.ModuleList([full[j] for j in kept if j != i])
+            with torch.no_grad():
+                trial.append((model(input_ids=ids, labels=ids, use_cache=False).loss.item(), i))
+        body.layers = full
+        loss, i = min(trial, key=lambda t: t[0])  # the first of equal losses: the lower index
+        kept.remove(i)
+        losses.append(loss)
+    return kept, losses
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_depth_equals_removal_by_full_forwards(arch):
+    """The greedy ranking's reuse of hidden states (each candidate runs only the layers after it) gives the
+    layers and losses that full forwards of the model with those layers left out give."""
+    from llmopt.structured.depth import greedy_layers
+
+    model = tiny(arch)
+    while (L := len(model.model.layers)) < 4:  # 4 layers, the added ones perturbed copies
+        model.model.layers.append(copy.deepcopy(model.model.layers[L - 1]))
+        with torch.no_grad():
+            for p in model.model.layers[L].parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(L)))
+    model.config.num_hidden_layers = 4
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    ids = windows(8, 32)
+    got, got_losses = greedy_layers(model, ids, 2, batch_size=3, progress=False)
+    want, want_losses = _brute_force_greedy(model, ids, 2)
+    assert got == want
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+
+
+def test_depth_ranked_by_loss_on_the_width_cut_model():
+    """The default ranking: prune cuts the widths first, then removes the layers the greedy loss picks on
+    that model, and records them in the cut (which reconstruction reads)."""
+    from llmopt.structured.depth import greedy_layers
+
+    model = tiny("llama")
+    imp = measure(model, windows(), progress=False)
+    c = StructuredConfig(stage="structured", intermediate_size=64, num_layers=1, round_to=16)
+    assert c.depth_ranking == "loss"
+    cut, _ = plan_cut(model, c, imp)
+    assert cut.layers is None and cut.layers_by_loss == 1
+    widths_only = copy.deepcopy(model)
+    prune(widths_only, StructuredConfig(stage="structured", intermediate_size=64, round_to=16), imp)
+    want, losses = greedy_layers(widths_only, windows(), 1, progress=False)
+    report = prune(model, c, imp, cut, progress=False)
+    assert cut.layers == want == report["kept_layers"] and report["depth_ranking"] == "loss"
+    assert report["depth_losses"] == [round(x, 4) for x in losses]
 
 
 def test_params_budget_is_met_by_one_common_factor():

@@ -9,6 +9,7 @@ from torch import nn
 
 from llmopt.kernels.structured import keep_top
 from llmopt.structured.config import StructuredConfig
+from llmopt.structured.depth import greedy_layers
 from llmopt.structured.importance import Importance, measure
 from llmopt.structured.layout import Sizes, check_supported, non_embedding_params, sizes_of
 from llmopt.structured.plan import Cut, target_sizes
@@ -29,13 +30,19 @@ def plan_cut(model: nn.Module, cfg: StructuredConfig, imp: Importance) -> tuple[
     if t.hidden < s.hidden:
         cut.hidden = keep_top(imp.hidden, t.hidden)
     if t.layers < s.layers:
-        cut.layers = keep_top(imp.block_influence, t.layers).tolist()
+        if cfg.depth_ranking == "loss":
+            cut.layers_by_loss = t.layers
+        else:
+            cut.layers = keep_top(imp.block_influence, t.layers).tolist()
     return cut, t
 
 
-def prune(model: nn.Module, cfg: StructuredConfig, imp: Importance, cut: Cut | None = None) -> dict:
+def prune(
+    model: nn.Module, cfg: StructuredConfig, imp: Importance, cut: Cut | None = None, progress: bool = True
+) -> dict:
     """Cut ``model`` in place to the sizes ``cfg`` asks for, by the importances ``imp`` (or the given
-    ``cut`` of :func:`plan_cut`); returns the report."""
+    ``cut`` of :func:`plan_cut`); returns the report. Layers ranked by loss are chosen here, on the model
+    with its widths cut, from the windows ``imp`` was measured on, and written into ``cut.layers``."""
     flags = check_supported(model)
     s = sizes_of(model)
     plan, t = plan_cut(model, cfg, imp)
@@ -52,7 +59,13 @@ def prune(model: nn.Module, cfg: StructuredConfig, imp: Importance, cut: Cut | N
     eps = None
     if cut.hidden is not None:
         eps = prune_hidden(model, cut.hidden)
+    if cut.layers is None and cut.layers_by_loss is not None:
+        if imp.windows is None:
+            raise ValueError("ranking layers by loss needs the calibration windows (measure(...) keeps them)")
+        cut.layers, losses = greedy_layers(model, imp.windows, cut.layers_by_loss, progress=progress)
+        report["depth_losses"] = [round(x, 4) for x in losses]
     if cut.layers is not None:
+        report["depth_ranking"] = "loss" if cut.layers_by_loss is not None else "block_influence"
         drop_layers(model, cut.layers)
         report["kept_layers"] = cut.layers
         report["removed_layers"] = [i for i in range(s.layers) if i not in cut.layers]

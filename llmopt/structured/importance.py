@@ -18,6 +18,7 @@ class Importance:
     hidden: torch.Tensor  # (hidden,) mean |norm output|, summed over every RMSNorm
     block_influence: torch.Tensor  # (layers,) mean 1 − cos(layer input, layer output)
     tokens: int
+    windows: torch.Tensor | None = None  # the (N, L) token ids measured on (the greedy depth ranking reuses them)
 
 
 def measure(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Importance:
@@ -92,4 +93,5 @@ def measure(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progre
         hidden=hidden / tokens,
         block_influence=bi / tokens,
         tokens=tokens,
+        windows=windows,
     )

@@ -15,12 +15,15 @@ from llmopt.structured.layout import Sizes, non_embedding_params
 @dataclass
 class Cut:
     """What the cut keeps (sorted indices; None: that axis is not cut): per original layer, its MLP
-    channels and GQA groups; the residual-stream channels; the decoder layers."""
+    channels and GQA groups; the residual-stream channels; the decoder layers. ``layers_by_loss``: how
+    many layers to keep, chosen by :func:`llmopt.structured.depth.greedy_layers` once the widths are cut
+    (:func:`llmopt.structured.prune` then fills ``layers``)."""
 
     mlp: list[torch.Tensor] | None = None
     groups: list[torch.Tensor] | None = None
     hidden: torch.Tensor | None = None
     layers: list[int] | None = None
+    layers_by_loss: int | None = None
 
 
 def _width(name: str, v, full: int, round_to: int) -> int:
