@@ -124,6 +124,21 @@ def test_estimate_is_the_recipes_work(tmp_path):
     assert e3.parts["teacher cache"] == pytest.approx((16 + 4) * 512 / budget.teacher_tokens_per_second(n))
 
 
+def test_structured_stage_is_priced_by_its_parts():
+    """Importance pass + greedy depth ranking ((removed) x (left) partial forwards on SmolLM2's 30 layers,
+    22 kept at params 0.6 over MLP + depth) + reconstruction; each part goes with its option."""
+    from llmopt.pipeline.estimate import GREEDY_HEAD_S, GREEDY_LAYER_S, structured_seconds
+
+    def st(**kw):
+        return parse_recipe({"stages": [{"stage": "structured", "params": 0.6, **kw}]}).stages[0]
+
+    greedy = sum(GREEDY_LAYER_S * k * (k + 1) / 2 + GREEDY_HEAD_S * k for k in range(23, 31))
+    assert structured_seconds(st(), 2.0, 1.0) == pytest.approx(2 * (30 + greedy + 75))
+    assert structured_seconds(st(reconstruct=False), 1.0, 2.0) == pytest.approx(60 + greedy)
+    assert structured_seconds(st(depth_ranking="block_influence"), 1.0, 1.0) == pytest.approx(105)
+    assert structured_seconds(st(axes=["mlp"]), 1.0, 1.0) == pytest.approx(105)  # no layer goes: no ranking
+
+
 # --- the cache on a tiny model --------------------------------------------------------------------------
 
 

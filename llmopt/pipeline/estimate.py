@@ -56,6 +56,26 @@ def text_windows(spec: str, seq_len: int) -> int | None:
         return None
 
 
+REFERENCE_LAYERS = 30  # SmolLM2-135M's decoder layers: a structured stage's depth cut is priced on its shape
+GREEDY_LAYER_S = 0.043  # one decoder layer over the greedy depth ranking's 8 x 256 tokens at 135M (measured)
+GREEDY_HEAD_S = 0.96  # the output head and loss over them (49152-token vocabulary): most of the ranking's time
+
+
+def structured_seconds(st, scale: float, tokens: float) -> float:
+    """A structured stage at ``scale`` x 135M parameters: the importance pass (~30 s per 32 x 512 tokens),
+    the greedy depth ranking when layers go (:mod:`llmopt.structured.depth`: (removed) x (left) partial
+    forwards, priced on SmolLM2's 30 layers), the reconstruction (~75 s per 32 x 512 tokens)."""
+    from llmopt.structured.layout import Sizes
+    from llmopt.structured.plan import target_sizes
+
+    ref = Sizes(hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, layers=REFERENCE_LAYERS)
+    seconds = 30 * scale * tokens
+    keep = target_sizes(st, ref, {}).layers if st.depth_ranking == "loss" else REFERENCE_LAYERS
+    steps = range(keep + 1, REFERENCE_LAYERS + 1)  # layers left before each removal
+    seconds += sum(GREEDY_LAYER_S * k * (k + 1) / 2 + GREEDY_HEAD_S * k for k in steps) * scale
+    return seconds + 75 * scale * tokens * st.reconstruct
+
+
 def estimate(n_params: int, recipe, opts: PipelineOptions) -> Estimate:
     """What a run of ``recipe`` on a model of ``n_params`` parameters will take on this machine."""
     from llmopt.distill import budget
@@ -73,7 +93,7 @@ def estimate(n_params: int, recipe, opts: PipelineOptions) -> Estimate:
         elif name in ("rtn", "magnitude"):
             est.add("stages", 5 * scale)
         elif name == "structured":
-            est.add("stages", 30 * scale * tokens)  # one forward pass with importance hooks
+            est.add("stages", structured_seconds(st, scale, tokens))
             current = budget.student_params(recipe.stages, i + 1, int(current))
         elif name == "distill":
             student = budget.student_params(recipe.stages, i, n_params)

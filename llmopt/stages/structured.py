@@ -2,7 +2,8 @@
 
 A whole-model stage: one forward pass over the calibration windows scores channels, heads and layers
 on the model as the stages before it left it, then the model is cut to a smaller dense one (new config
-sizes); with ``reconstruct`` (the default) every kept Linear is then refitted by least squares to the
+sizes; decoder layers by default removed one at a time by the loss their removal costs, on the model with
+its widths cut); with ``reconstruct`` (the default) every kept Linear is then refitted by least squares to the
 uncut model's layer outputs (a copy of the uncut model is held meanwhile). It must come before any
 pruning or quantization stage: their masks and codes name Linears of the uncut shapes."""
 
