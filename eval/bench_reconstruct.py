@@ -5,6 +5,7 @@ the second half of WikiText-2 valid and on the Lee news text (nothing calibrates
 32 x 512 windows of the first half, seed 0, as the shipped recipes. Writes OUT.md and OUT.json.
 
     python eval/bench_reconstruct.py [--params 0.6] [--windows 8] [--axes 'mlp,depth;mlp,hidden,depth']
+        [--depth-ranking loss|block_influence]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
         default="mlp,hidden,depth;mlp,depth;mlp,hidden;mlp,hidden,depth,heads",
         help="axis sets that params shrinks, one row pair each, split by ';'",
     )
+    ap.add_argument("--depth-ranking", default="loss", choices=["loss", "block_influence"])
     args = ap.parse_args()
     out = Path(args.out or f"eval/results/reconstruct-{round(args.params * 100)}")
 
@@ -54,7 +56,7 @@ def main() -> None:
 
     results = []
     for axes in [a.split(",") for a in args.axes.split(";")]:
-        cfg = StructuredConfig(stage="structured", params=args.params, axes=axes)
+        cfg = StructuredConfig(stage="structured", params=args.params, axes=axes, depth_ranking=args.depth_ranking)
         model = copy.deepcopy(base)
         cut, sizes = plan_cut(model, cfg, imp)
         prune(model, cfg, imp, cut)
@@ -79,14 +81,14 @@ def main() -> None:
         f"# One-shot structured cut to {args.params:g} of the non-embedding parameters, with and without "
         "reconstruction, by the axes that shrink",
         "",
-        f"Perplexity (x that shape's plain cut), torch, {args.windows} x 2048-token windows of each text. Calibration: "
+        f"Depth ranked by {args.depth_ranking.replace('_', ' ')}. Perplexity (x that shape's plain cut), torch, {args.windows} x 2048-token windows of each text. Calibration: "
         "32 x 512 windows of the first half of WikiText-2 valid (nothing calibrates on the Lee news text). "
         "Reconstruction took " + ", ".join(f"{r['seconds']:.0f}" for r in results) + " s.",
         "",
         markdown_table(["shape", "cut"] + list(texts), table),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_reconstruct.py --params {args.params} "
-        f"--windows {args.windows} --axes '{args.axes}'`.",
+        f"--windows {args.windows} --axes '{args.axes}' --depth-ranking {args.depth_ranking}`.",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
