@@ -107,6 +107,7 @@ class LlamaCppBackend(Backend):
                 "is it a complete GGUF of a supported architecture?"
             ) from e
         self.extra_buffers = bool(self.llm.model_params.use_extra_bufts)  # off where AMX kernels crash
+        self.buffers = getattr(self.llm, "llmopt_buffers", "extra")  # extra / repack / plain (llamacpp_probe)
         self._n_ctx = n_ctx
         _OPEN.add(self)
 

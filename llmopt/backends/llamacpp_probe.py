@@ -8,7 +8,11 @@ decodes two tokens first; if the child dies, the file is loaded without the extr
 ``use_extra_bufts = false``, its ``--no-extra-bufts``): the same results, slower. Without AMX nothing is
 probed and llama.cpp runs as it always does.
 
-``LLMOPT_LLAMACPP_EXTRA_BUFFERS=0`` / ``=1`` skips the probe and forces the choice.
+Where the AMX buffers crash, the repacked Q4_0 weights (llama.cpp's ``CPU_REPACK`` buffer, about twice the
+decode speed of the plain layout) are asked for by name instead (:mod:`llmopt.backends.llamacpp_repack`),
+after a second child probe with them; only if that crashes too do the weights stay plain.
+
+``LLMOPT_LLAMACPP_EXTRA_BUFFERS=0`` / ``=1`` / ``=repack`` skips the probes and forces the choice.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
         if not ok:
             log.warning(
                 "llama.cpp's AMX kernels crash on this machine (ggml-org/llama.cpp#20824); loading %s without "
-                "its extra buffer types (same results, slower). For full speed build llama-cpp-python without "
-                "AMX: %s",
+                "its AMX buffers (same results; its repacked Q4_0 weights kept where they run, else slower). "
+                "For full speed build llama-cpp-python without AMX: %s",
                 path.name,
                 NO_AMX_BUILD,
             )
@@ -76,20 +80,76 @@ def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
     return _verdicts[key]
 
 
+def repack_works(path: Path, probe: str | None = None) -> bool:
+    """Where the AMX buffers crash: whether llama.cpp runs ``path`` with its repacked Q4_0 weights asked for
+    by name (:mod:`llmopt.backends.llamacpp_repack`), probed in a child as the AMX buffers are. False where
+    the file has no tensor the repack takes or the build has no ``CPU_REPACK`` buffer type."""
+    from llmopt.backends.llamacpp_repack import repack_buffer_type, repackable_tensors
+
+    st = path.stat()
+    key = (str(path.resolve()) + "#repack", st.st_size, st.st_mtime_ns)
+    if key not in _verdicts:
+        ok = bool(repackable_tensors(path)) and repack_buffer_type() is not None
+        if ok:
+            try:
+                r = subprocess.run(
+                    [sys.executable, "-c", probe or PROBE_REPACK, str(path)],
+                    capture_output=True,
+                    timeout=300,
+                    stdin=subprocess.DEVNULL,
+                )
+                ok = r.returncode == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+        _verdicts[key] = ok
+    return _verdicts[key]
+
+
+# The repack probe: the same steps with the repacked weights asked for by name (and no AMX buffers).
+PROBE_REPACK = """
+import sys
+from llmopt.backends.llamacpp_probe import open_with
+llm = open_with("repack", sys.argv[1], n_ctx=64, n_batch=64, n_threads=1, verbose=False)
+llm.eval([1, 2, 3, 4])
+llm.eval([5])
+"""
+
+
+def buffer_mode(path: Path) -> str:
+    """How llama.cpp holds the weights of ``path`` here: ``extra`` (its extra buffer types, the default),
+    ``repack`` (AMX crashes: the repacked Q4_0 weights only) or ``plain`` (neither). ``LLMOPT_LLAMACPP_EXTRA_BUFFERS``
+    = ``1`` / ``0`` / ``repack`` forces one."""
+    if os.environ.get(ENV) == "repack":
+        return "repack"
+    if extra_buffers_work(path):
+        return "extra"
+    if os.environ.get(ENV) == "0":
+        return "plain"
+    return "repack" if repack_works(path) else "plain"
+
+
 @contextlib.contextmanager
-def model_params(use_extra_bufts: bool) -> Iterator[None]:
-    """While active, ``llama_cpp.Llama(...)`` builds its model parameters with ``use_extra_bufts`` as given
-    (llama-cpp-python does not expose the field; it reads ``llama_model_default_params()`` at construction)."""
+def model_params(mode: str, path: str | Path | None = None) -> Iterator[None]:
+    """While active, ``llama_cpp.Llama(...)`` builds its model parameters for the :func:`buffer_mode` ``mode``
+    (llama-cpp-python does not expose ``use_extra_bufts`` or the tensor overrides; it reads
+    ``llama_model_default_params()`` at construction). ``repack`` needs the GGUF ``path``."""
     import llama_cpp.llama_cpp as lib
 
-    if use_extra_bufts:
+    if mode == "extra":
         yield
         return
+    overrides = None
+    if mode == "repack":
+        from llmopt.backends.llamacpp_repack import Overrides, repack_buffer_type, repackable_tensors
+
+        overrides = Overrides(repackable_tensors(Path(path)), repack_buffer_type())  # alive until the load ends
     default = lib.llama_model_default_params
 
     def without_extra_bufts():
         p = default()
         p.use_extra_bufts = False
+        if overrides is not None:
+            p.tensor_buft_overrides = overrides.address
         return p
 
     lib.llama_model_default_params = without_extra_bufts
@@ -100,11 +160,20 @@ def model_params(use_extra_bufts: bool) -> Iterator[None]:
 
 
 def open_llama(path: str | Path, **kwargs):
-    """``llama_cpp.Llama(model_path=path, **kwargs)``, without the extra buffer types where they crash.
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, without the AMX buffers where they crash (the repacked
+    Q4_0 weights kept where they run, :func:`buffer_mode`); the mode is left on the object as ``llmopt_buffers``.
 
     Everything that decodes with llama.cpp in-process (the backend, tests, scripts) opens files through
     this, so a machine where AMX crashes falls back instead of killing the process."""
+    return open_with(buffer_mode(Path(path)), path, **kwargs)
+
+
+def open_with(mode: str, path: str | Path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` in the :func:`buffer_mode` ``mode`` given, unprobed
+    (the probes' children and tests; everything else goes through :func:`open_llama`)."""
     import llama_cpp
 
-    with model_params(use_extra_bufts=extra_buffers_work(Path(path))):
-        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    with model_params(mode, path):
+        llm = llama_cpp.Llama(model_path=str(path), **kwargs)
+    llm.llmopt_buffers = mode
+    return llm
