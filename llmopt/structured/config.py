@@ -49,7 +49,7 @@ class StructuredConfig(StageConfig):
     num_layers: Size = None
     params: float | None = Field(None, gt=0.0, lt=1.0)
     # what ``params`` shrinks. Default MLP + depth: at 60% of SmolLM2-135M's non-embedding parameters it
-    # loses far less than also shrinking the hidden width (one shot 75 vs 140 reconstructed, 54.5 vs 76.6
+    # loses far less than also shrinking the hidden width (one shot 75 vs 140 reconstructed, 53.7 vs 76.6
     # after 30 min of distillation + GPTQ q4_0; eval/results/reconstruct-60.md, structured.md)
     axes: list[Axis] = ["mlp", "depth"]
     round_to: int = Field(32, ge=1)
