@@ -91,7 +91,9 @@ def measure(name: str, max_minutes: float | None, work: Path) -> dict:
     rec_path = recipe_file(name, max_minutes, work)
     env = {**os.environ, "LLMOPT_CACHE": str(cold_cache(work)), "PYTHONPATH": str(REPO)}
     cli = [sys.executable, "-m", "llmopt.cli", "compress"]
-    uses_hub = "wikitext2" in rec_path.read_text()
+    raw = yaml.safe_load(rec_path.read_text())
+    datas = [raw.get("calibration", {}).get("data")] + [st.get("data") for st in raw.get("stages", [])]
+    uses_hub = "wikitext2" in datas  # the recipe's own data, not its comments
     extra = (["--calib", CALIB] if uses_hub else []) + WHOLE_LOOP.get(name, [])
     model = MODEL
     if name in PRUNED_INPUT:
@@ -109,7 +111,7 @@ def measure(name: str, max_minutes: float | None, work: Path) -> dict:
         recipe=name,
         commit=commit.stdout.strip(),
         date=time.strftime("%Y-%m-%d"),
-        command=" ".join(["llmopt compress", model, "--recipe", name, *extra]),
+        command=" ".join(["llmopt compress", model, "--recipe", name, *extra]).replace(str(REPO.parent), ".."),
         max_minutes=max_minutes,
         printed=line,
         printed_minutes=int(m.group(1)) if m else None,
