@@ -294,10 +294,10 @@ def atomic_write(
         remove_stale(target)
     tmp = temp_sibling(target)
     remove(tmp)
-    if kind == "folder":
-        tmp.mkdir()
     install_signal_handlers()
-    try:
+    try:  # the folder is made inside: a signal right after mkdir still reaches the clean-up below
+        if kind == "folder":
+            tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
         with signals_deferred():
