@@ -81,7 +81,8 @@ def main() -> None:
         f"# One-shot structured cut to {args.params:g} of the non-embedding parameters, with and without "
         "reconstruction, by the axes that shrink",
         "",
-        f"Depth ranked by {args.depth_ranking.replace('_', ' ')}. Perplexity (x that shape's plain cut), torch, {args.windows} x 2048-token windows of each text. Calibration: "
+        f"Depth ranked by {args.depth_ranking.replace('_', ' ')}. Perplexity (x that shape's plain cut), torch, "
+        f"{args.windows} x 2048-token windows of each text. Calibration: "
         "32 x 512 windows of the first half of WikiText-2 valid (nothing calibrates on the Lee news text). "
         "Reconstruction took " + ", ".join(f"{r['seconds']:.0f}" for r in results) + " s.",
         "",

@@ -53,7 +53,9 @@ def repack_buffer_type() -> int | None:
     dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     if not dev:
         return None
-    fn = base.ggml_backend_reg_get_proc_address(base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    fn = base.ggml_backend_reg_get_proc_address(
+        base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts"
+    )
     if not fn:
         return None
     bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)

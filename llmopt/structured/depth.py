@@ -55,7 +55,9 @@ def greedy_layers(
         for h, y in zip(hs, targets, strict=True):
             logits = head(norm(h))[:, :-1].float()
             y = y[:, 1:].to(logits.device)
-            total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+            total += float(
+                nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            )
             n += y.numel()
         return total / n
 
