@@ -39,7 +39,7 @@ llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, n_threads=1,
 llm.eval([1, 2, 3, 4])
 llm.eval([5])
 """
-_verdicts: dict[tuple[str, int, int], bool] = {}
+_verdicts: dict[tuple[str, str, int, int], bool] = {}
 
 
 def amx_compiled() -> bool:
@@ -58,16 +58,9 @@ def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
         return forced == "1"
     if not amx_compiled():
         return True
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = _key(path, "extra")
     if key not in _verdicts:
-        try:
-            r = subprocess.run(
-                [sys.executable, "-c", probe, str(path)], capture_output=True, timeout=300, stdin=subprocess.DEVNULL
-            )
-            ok = r.returncode == 0
-        except subprocess.TimeoutExpired:
-            ok = False
+        ok = _child_runs(probe, path)
         if not ok:
             log.warning(
                 "llama.cpp's AMX kernels crash on this machine (ggml-org/llama.cpp#20824); loading %s without "
@@ -80,28 +73,31 @@ def extra_buffers_work(path: Path, probe: str = PROBE) -> bool:
     return _verdicts[key]
 
 
+def _key(path: Path, what: str) -> tuple[str, str, int, int]:
+    """One verdict per file (path, size, mtime), kind of probe and process."""
+    st = path.stat()
+    return (str(path.resolve()), what, st.st_size, st.st_mtime_ns)
+
+
+def _child_runs(probe: str, path: Path) -> bool:
+    """Whether a child running ``probe`` on ``path`` exits cleanly (a segfault or a hang: no)."""
+    try:
+        cmd = [sys.executable, "-c", probe, str(path)]
+        return subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def repack_works(path: Path, probe: str | None = None) -> bool:
     """Where the AMX buffers crash: whether llama.cpp runs ``path`` with its repacked Q4_0 weights asked for
     by name (:mod:`llmopt.backends.llamacpp_repack`), probed in a child as the AMX buffers are. False where
     the file has no tensor the repack takes or the build has no ``CPU_REPACK`` buffer type."""
     from llmopt.backends.llamacpp_repack import repack_buffer_type, repackable_tensors
 
-    st = path.stat()
-    key = (str(path.resolve()) + "#repack", st.st_size, st.st_mtime_ns)
+    key = _key(path, "repack")
     if key not in _verdicts:
         ok = bool(repackable_tensors(path)) and repack_buffer_type() is not None
-        if ok:
-            try:
-                r = subprocess.run(
-                    [sys.executable, "-c", probe or PROBE_REPACK, str(path)],
-                    capture_output=True,
-                    timeout=300,
-                    stdin=subprocess.DEVNULL,
-                )
-                ok = r.returncode == 0
-            except subprocess.TimeoutExpired:
-                ok = False
-        _verdicts[key] = ok
+        _verdicts[key] = ok and _child_runs(probe or PROBE_REPACK, path)
     return _verdicts[key]
 
 
@@ -119,12 +115,11 @@ def buffer_mode(path: Path) -> str:
     """How llama.cpp holds the weights of ``path`` here: ``extra`` (its extra buffer types, the default),
     ``repack`` (AMX crashes: the repacked Q4_0 weights only) or ``plain`` (neither). ``LLMOPT_LLAMACPP_EXTRA_BUFFERS``
     = ``1`` / ``0`` / ``repack`` forces one."""
-    if os.environ.get(ENV) == "repack":
-        return "repack"
+    forced = os.environ.get(ENV)
+    if forced in ("0", "1", "repack"):
+        return {"0": "plain", "1": "extra"}.get(forced, forced)
     if extra_buffers_work(path):
         return "extra"
-    if os.environ.get(ENV) == "0":
-        return "plain"
     return "repack" if repack_works(path) else "plain"
 
 

@@ -16,6 +16,7 @@ ggml libraries it ships and has already loaded (``ggml_backend_dev_by_type``, th
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return base, ggml
 
 
+@functools.cache  # the registry's buffer types live as long as the process
 def repack_buffer_type() -> int | None:
     """The address of llama.cpp's ``CPU_REPACK`` buffer type, or None where this build has none."""
     try:
