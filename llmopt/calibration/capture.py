@@ -114,7 +114,11 @@ def capture_layer_inputs(
     return batches
 
 
+def hidden_of(out) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tuple in some transformers versions, a tensor in others)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def layer_forward(layer: nn.Module, batch: Batch, i: int) -> torch.Tensor:
     args, kwargs = batch.layer_args[i]
-    out = layer(batch.hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return hidden_of(layer(batch.hidden, *args, **kwargs))

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmopt.errors import LLMOptError
-from llmopt.hub.card import BASELINE_DIR, README, build_card
+from llmopt.hub.artifacts import BASELINE_DIR, README
+from llmopt.hub.card import build_card
 from llmopt.outputs import write_text
 
 _REPO_ID_HELP = "OWNER/NAME, e.g. my-user/smollm2-sparsegpt50"

@@ -20,13 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmopt.calibration.capture import capture_layer_inputs
+from llmopt.calibration.capture import capture_layer_inputs, hidden_of
 
 LOSS_WINDOWS, LOSS_TOKENS = 8, 256  # the calibration windows' first rows and tokens the losses are taken on
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
 
 
 @torch.no_grad()
@@ -47,7 +43,7 @@ def greedy_layers(
     def run(h: torch.Tensor, k: int, order: list[int]) -> torch.Tensor:
         for i in order:
             args, kwargs = batches[k].layer_args[i]
-            h = _out(layers[i](h, *args, **kwargs))
+            h = hidden_of(layers[i](h, *args, **kwargs))
         return h
 
     def loss(hs: list[torch.Tensor]) -> float:

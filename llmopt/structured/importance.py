@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmopt.calibration.capture import hidden_of
 from llmopt.kernels.structured import block_influence, group_scores, head_scores
 
 
@@ -62,7 +63,7 @@ def measure(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progre
 
     def layer_out(i: int):
         def hook(_m, _args, _kwargs, out):
-            y = out[0] if isinstance(out, tuple) else out
+            y = hidden_of(out)
             bi[i] += block_influence(inputs.pop(i).detach(), y.detach()).cpu()
 
         return hook

@@ -25,15 +25,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmopt.calibration.capture import StopForward, capture_layer_inputs
+from llmopt.calibration.capture import StopForward, capture_layer_inputs, hidden_of
 from llmopt.kernels.reconstruct import fit_gain, refit
 from llmopt.kernels.structured import head_channels, heads_to_groups
 from llmopt.structured.layout import sizes_of
 from llmopt.structured.plan import Cut
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +58,7 @@ class _Capture:
         self.got = {}
         args, kwargs = layer_args
         try:
-            return _out(layer(hidden, *args, **kwargs))
+            return hidden_of(layer(hidden, *args, **kwargs))
         except StopForward:
             return None
 
@@ -138,7 +134,7 @@ class _Run:
 
     def _forward(self, layer: nn.Module, h: list, i: int) -> None:
         for k, b in enumerate(self.batches):
-            h[k] = _out(layer(h[k], *b.layer_args[i][0], **b.layer_args[i][1]))
+            h[k] = hidden_of(layer(h[k], *b.layer_args[i][0], **b.layer_args[i][1]))
 
     def _teacher(self, i: int, nxt: int) -> tuple[list, list]:
         """The uncut layer i's Linear inputs and residuals per batch; then its removed layers up to ``nxt``."""
