@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="override every distill budget (smoke runs)")
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "estimates"))
     ap.add_argument("--fresh", action="store_true", help="drop the rows OUT.json holds instead of merging into them")
+    ap.add_argument("--keep", default=None, help="move each recipe's output folder to KEEP/<recipe> (to evaluate it)")
     args = ap.parse_args()
     require_text()
     names = args.recipes.split(",")
@@ -185,6 +186,11 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"bench-est-{name}-"))
         try:
             records.append(measure(name, args.max_minutes, work))
+            if args.keep:
+                dest = Path(args.keep) / name
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(work / "out"), dest)
             r = records[-1]
             print(f"{name}: estimate {r['estimate_seconds'] / 60:.1f} min, measured {r['measured_seconds'] / 60:.1f}"
                   f" min ({r['ratio']:.2f}), peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB", flush=True)  # fmt: skip
