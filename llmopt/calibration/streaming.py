@@ -75,33 +75,23 @@ def check_streamable(stages) -> None:
             )
 
 
-#: the in-memory path is kept while the model's float32 size fits in this fraction of the available memory
-MEMORY_FRACTION = 0.5
-
-
 def choose_streaming(spec: str, stages, calib_data: str | None, low_memory: bool | None):
     """The folder to stream from, or None to load the model whole. ``low_memory`` True forces streaming (any
     obstacle is an error), False never streams, None streams when the model's float32 size exceeds
-    :data:`MEMORY_FRACTION` of the available memory (logged; a warning when the recipe cannot be streamed)."""
+    :data:`~llmopt.models.lazy.MEMORY_FRACTION` of the available memory (logged; a warning when the recipe
+    cannot be streamed)."""
     from llmopt.models import streamable_folder
-    from llmopt.models.lazy import memory_shortfall
+    from llmopt.models.lazy import MEMORY_FRACTION, oversized_folder
 
     if low_memory is False:
         return None
     if low_memory:
         _check_recipe(stages, calib_data)
         return streamable_folder(spec)
-    if spec.lower().endswith(".gguf") or spec.startswith("bundled:"):
-        return None  # a GGUF's float32 size is known once converted, and the in-memory path converts it
-    try:
-        folder = streamable_folder(spec)
-        short = memory_shortfall(folder, MEMORY_FRACTION)
-    except LLMOptError as e:  # the in-memory path reports what is wrong, in its own order
-        log.debug("not streaming: %s", e)
+    big = oversized_folder(spec)
+    if big is None:
         return None
-    if short is None:
-        return None
-    need, avail = short
+    folder, need, avail = big
     why = f"the model's float32 size ({need:.0f} MiB) exceeds {100 * MEMORY_FRACTION:.0f}% of the available memory"
     try:
         _check_recipe(stages, calib_data)

@@ -188,6 +188,28 @@ class LazyModel:
         return 4 * self.ckpt.parameters()
 
 
+#: stream when the model's float32 size exceeds this share of the available memory (compress and export alike)
+MEMORY_FRACTION = 0.5
+
+
+def oversized_folder(spec: str) -> tuple[Path, float, float] | None:
+    """(the safetensors folder, its float32 MiB, the available MiB) of a model too large to load whole (its
+    float32 size over :data:`MEMORY_FRACTION` of the available memory); None when it fits, when ``spec`` is a
+    GGUF file or ``bundled:`` (their float32 size is known once converted), or when the folder cannot be read
+    (the in-memory path then reports what is wrong, in its own words)."""
+    from llmopt.models import streamable_folder
+
+    if spec.lower().endswith(".gguf") or spec.startswith("bundled:"):
+        return None
+    try:
+        folder = streamable_folder(spec)
+        short = memory_shortfall(folder, MEMORY_FRACTION)
+    except LLMOptError as e:
+        log.debug("not streaming %s: %s", spec, e)
+        return None
+    return None if short is None else (folder, *short)
+
+
 def memory_shortfall(folder: Path, fraction: float) -> tuple[float, float] | None:
     """(the float32 size of the folder's weights, the available memory), MiB, when that size exceeds ``fraction``
     of what is available (:func:`llmopt.memory.available_mib`); None when it fits or nothing can be read."""

@@ -24,16 +24,13 @@ from llmopt.errors import LLMOptError
 
 log = logging.getLogger(__name__)
 
-#: stream when the model's float32 size exceeds this share of the available memory (as ``compress`` does)
-MEMORY_FRACTION = 0.5
-
 
 def stream_folder(model_spec: str, low_memory: bool | None, imatrix_from_data: bool) -> Path | None:
     """The safetensors folder to stream ``model_spec`` from, or None to load it whole. ``low_memory`` True
     forces streaming (an obstacle is an error), False never streams, None streams when the float32 size
-    exceeds :data:`MEMORY_FRACTION` of the available memory (logged)."""
+    exceeds :data:`~llmopt.models.lazy.MEMORY_FRACTION` of the available memory (logged)."""
     from llmopt.models import streamable_folder
-    from llmopt.models.lazy import memory_shortfall
+    from llmopt.models.lazy import MEMORY_FRACTION, oversized_folder
 
     if low_memory is False:
         return None
@@ -44,17 +41,10 @@ def stream_folder(model_spec: str, low_memory: bool | None, imatrix_from_data: b
                 "imatrix file (llama.cpp's llama-imatrix writes one) or run without --low-memory"
             )
         return streamable_folder(model_spec)
-    if imatrix_from_data or model_spec.lower().endswith(".gguf") or model_spec.startswith("bundled:"):
+    big = None if imatrix_from_data else oversized_folder(model_spec)
+    if big is None:
         return None
-    try:
-        folder = streamable_folder(model_spec)
-        short = memory_shortfall(folder, MEMORY_FRACTION)
-    except LLMOptError as e:  # the in-memory path reports what is wrong, in its own words
-        log.debug("not streaming the export: %s", e)
-        return None
-    if short is None:
-        return None
-    need, avail = short
+    folder, need, avail = big
     log.info(
         "the model's float32 size (%.0f MiB) exceeds %d%% of the available memory (%.0f MiB): writing the GGUF "
         "tensor by tensor from its shards (--no-low-memory loads it whole)",
