@@ -157,7 +157,9 @@ def write(records: list[dict], out: Path, args) -> None:
         "the recipe changes.\n\n"
         + markdown_table(header, rows)
         + f"\n\nMachine: {machine_note()}. Each row produced by `python eval/bench_estimates.py --recipes R`"
-        + (f" (this run: `{' '.join(sys.argv[1:])}`)" if sys.argv[1:] else "")
+        + f" (this run: `--recipes {args.recipes}`"
+        + ("" if args.max_minutes is None else f" `--max-minutes {args.max_minutes}`")
+        + ")"
         + ".\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
