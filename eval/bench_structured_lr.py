@@ -135,9 +135,11 @@ def main() -> None:
         ),
         "",
         f"{machine_note()} Produced by `python eval/bench_structured_lr.py "
+        + (f"--recipe {a.recipe} " if a.recipe != "minitron-60-distill-q4_0" else "")
         + (f"--variants '{a.variants}'" if a.variants else f"--lrs {a.lrs}")
         + f" --minutes {a.minutes:g}"
         + "".join(f" --eval {e}" for e in a.eval or [])
+        + (f" --out eval/results/{out.name}" if out.name != "structured-lr" else "")
         + "`.",
         "",
     ]
