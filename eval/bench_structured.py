@@ -66,7 +66,7 @@ def shipped_stage(recipe: str, kind: str, default: str | None = None) -> dict:
 ROWS = {
     "mlp25": ("MLP -25%", "structured-mlp25"),
     "depth20": ("depth -20%", "structured-depth20"),
-    "minitron-75": ("Minitron 75% (width + depth)", "minitron-75-distill"),
+    "minitron-75": ("Minitron 75% (MLP + depth)", "minitron-75-distill"),
     "minitron-60": ("Minitron 60% (MLP + depth)", "minitron-60-distill-q4_0"),
 }
 PHASES = {"plain": "plain cut", "cut": "reconstructed cut", "distill": "reconstructed cut + distill"}
@@ -81,7 +81,7 @@ def gguf_eval(path: Path, base, args) -> dict:
         seq_len=args.seq_len,
         max_windows=args.windows,
         base=base,
-        speed=True,
+        speed=args.speed_rounds == 0,  # else every file is timed in the alternating rounds at the end
         threads=args.threads,
         progress=False,
     )
@@ -90,8 +90,8 @@ def gguf_eval(path: Path, base, args) -> dict:
         kl=r.kl.mean if r.kl is not None else 0.0,
         top1=r.kl.top1_agreement if r.kl is not None else 1.0,
         mib=path.stat().st_size / 2**20,
-        prefill=r.speed.prefill_tok_s,
-        decode=r.speed.decode_tok_s,
+        prefill=r.speed.prefill_tok_s if r.speed else None,
+        decode=r.speed.decode_tok_s if r.speed else None,
     )
 
 
@@ -237,7 +237,7 @@ def write(args, records: list[dict]) -> None:
                 fmt(r["top1"], 3),
                 fmt(r["prefill"], 0),
                 fmt(r["decode"], 1),
-                fmt(r["decode"] / dense_q4["decode"], 2) + "x" if dense_q4 else "",
+                fmt(r["decode"] / dense_q4["decode"], 2) + "x" if dense_q4 and r["decode"] else "",
                 f"{r['tokens']:,}" if r.get("tokens") else "",
             ]
         )
@@ -270,7 +270,7 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.subplots()
-    for r in records:
+    for r in (r for r in records if r["decode"]):  # untimed until the speed rounds at the end
         marker = "s" if r["row"] == "dense" else ("o" if r["fmt"] == "F32" else "D")
         ax.scatter(r["decode"], r["ppl"], marker=marker)
         ax.annotate(r["label"], (r["decode"], r["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
