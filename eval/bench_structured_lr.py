@@ -134,7 +134,7 @@ def main() -> None:
             ],
         ),
         "",
-        f"{machine_note()} Produced by `python eval/bench_structured_lr.py "
+        f"{machine_note()}. Produced by `python eval/bench_structured_lr.py "
         + (f"--recipe {a.recipe} " if a.recipe != "minitron-60-distill-q4_0" else "")
         + (f"--variants '{a.variants}'" if a.variants else f"--lrs {a.lrs}")
         + f" --minutes {a.minutes:g}"
