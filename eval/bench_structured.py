@@ -258,7 +258,9 @@ def write(args, records: list[dict]) -> None:
         markdown_table(header, rows),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_structured.py --minutes {args.minutes:g} "
-        f"--rows {args.rows} --phases {args.phases} --speed-rounds {args.speed_rounds}`.",
+        f"--rows {args.rows} --phases {args.phases} --speed-rounds {args.speed_rounds}"
+        + (f" --out eval/results/{Path(args.out).name}" if Path(args.out).name != "structured" else "")
+        + "`.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"rows": records}, indent=1))
