@@ -60,7 +60,10 @@ class StructuredConfig(StageConfig):
     depth_ranking: Literal["loss", "block_influence"] = "loss"
     # least-squares refit of every cut Linear to the uncut model's layer outputs (llmopt.structured.reconstruct)
     reconstruct: bool = True
-    damp: float = Field(0.01, gt=0.0, lt=1.0)  # its ridge term: damp · mean(diag H), as GPTQ's
+    # its ridge term, λ = damp · mean(diag H), pulling the refit toward zero: at minitron-60 on SmolLM2-135M
+    # (4 windows, wiki / Lee) 0.01 gave 74.5 / 122.3, 0.003 66.5 / 112.0, 0.001 65.9 / 113.0, 0.1 594 / 911
+    # (eval/results/reconstruct-60.md, probe of 2026-12-05)
+    damp: float = Field(0.003, gt=0.0, lt=1.0)
 
     @field_validator("intermediate_size", "num_attention_heads", "hidden_size", "num_layers")
     @classmethod

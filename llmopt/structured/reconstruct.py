@@ -100,7 +100,7 @@ def reconstruct(
     cut: Cut,
     windows: torch.Tensor,
     batch_size: int = 4,
-    damp: float = 0.01,
+    damp: float = 0.003,  # StructuredConfig.damp's default
     fold: bool = True,
     progress: bool = True,
 ) -> dict:
