@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     fmt,
     machine_note,
     markdown_table,
+    out_flag,
     require_text,
     run_compress,
 )
@@ -259,7 +260,7 @@ def write(args, records: list[dict]) -> None:
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_structured.py --minutes {args.minutes:g} "
         f"--rows {args.rows} --phases {args.phases} --speed-rounds {args.speed_rounds}"
-        + (f" --out eval/results/{Path(args.out).name}" if Path(args.out).name != "structured" else "")
+        + out_flag(args.out, "structured")
         + "`.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")

@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     fmt,
     machine_note,
     markdown_table,
+    out_flag,
     require_text,
     run_compress,
     text_bench_args,
@@ -139,7 +140,7 @@ def main() -> None:
         + (f"--variants '{a.variants}'" if a.variants else f"--lrs {a.lrs}")
         + f" --minutes {a.minutes:g}"
         + "".join(f" --eval {e}" for e in a.eval or [])
-        + (f" --out eval/results/{out.name}" if out.name != "structured-lr" else "")
+        + out_flag(out, "structured-lr")
         + "`.",
         "",
     ]

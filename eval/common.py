@@ -217,6 +217,12 @@ def paired_diff(a: list[float], b: list[float]) -> tuple[float, float, float, in
     return mean, mean - half, mean + half, sum(x < 0 for x in d), n
 
 
+def out_flag(out: str | Path, default: str) -> str:
+    """`` --out eval/results/NAME`` for a result's "Produced by" line; empty where NAME is the default."""
+    name = Path(out).name
+    return "" if name == default else f" --out eval/results/{name}"
+
+
 def fmt(x: float, nd: int = 3) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from llmopt.calibration.capture import StopForward, capture_layer_inputs, hidden_of
 from llmopt.kernels.reconstruct import fit_gain, refit
 from llmopt.kernels.structured import head_channels, heads_to_groups
+from llmopt.structured.config import StructuredConfig
 from llmopt.structured.layout import sizes_of
 from llmopt.structured.plan import Cut
 
@@ -100,7 +101,7 @@ def reconstruct(
     cut: Cut,
     windows: torch.Tensor,
     batch_size: int = 4,
-    damp: float = 0.003,  # StructuredConfig.damp's default
+    damp: float = StructuredConfig.model_fields["damp"].default,
     fold: bool = True,
     progress: bool = True,
 ) -> dict:
