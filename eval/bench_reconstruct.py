@@ -2,10 +2,11 @@
 torch, for each set of axes that ``params`` shrinks (``--axes``: width and depth, depth and MLP only, ...):
 perplexity of the plain cut (``reconstruct: false``) and the reconstructed cut (the default) on
 the second half of WikiText-2 valid and on the Lee news text (nothing calibrates on it). Calibration:
-32 x 512 windows of the first half, seed 0, as the shipped recipes. Writes OUT.md and OUT.json.
+``--samples`` x 512 windows of the first half, seed 0 (by default as many as ``configs/minitron-60.yaml``
+calibrates on). Writes OUT.md and OUT.json.
 
     python eval/bench_reconstruct.py [--params 0.6] [--windows 8] [--axes 'mlp,depth;mlp,hidden,depth']
-        [--depth-ranking loss|block_influence]
+        [--depth-ranking loss|block_influence] [--samples N]
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EVAL, LEE, MODEL, TEXT, machine_note, markdown_table  # noqa: E402
+from common import EVAL, LEE, MODEL, REPO, TEXT, machine_note, markdown_table  # noqa: E402
+
+
+def shipped_samples() -> int:
+    """How many calibration windows the shipped one-shot recipe (minitron-60) takes."""
+    import yaml
+
+    from llmopt.recipe import CalibrationConfig
+
+    raw = yaml.safe_load((REPO / "configs" / "minitron-60.yaml").read_text())
+    return CalibrationConfig(**raw.get("calibration", {})).samples
 
 
 def main() -> None:
@@ -34,7 +45,9 @@ def main() -> None:
         help="axis sets that params shrinks, one row pair each, split by ';'",
     )
     ap.add_argument("--depth-ranking", default="loss", choices=["loss", "block_influence"])
+    ap.add_argument("--samples", type=int, default=None, help="calibration windows (default: minitron-60's)")
     args = ap.parse_args()
+    args.samples = args.samples or shipped_samples()
     out = Path(args.out or f"eval/results/reconstruct-{round(args.params * 100)}")
 
     from llmopt.backends.torch_backend import TorchBackend
@@ -47,7 +60,7 @@ def main() -> None:
 
     texts = {"wikitext-2 valid, 2nd half": EVAL, "lee news": f"text:{LEE}"}
     base = load_model(MODEL).model
-    windows = calibration_windows(f"text:{TEXT}#0:0.5", load_tokenizer(MODEL), 32, 512, 0)
+    windows = calibration_windows(f"text:{TEXT}#0:0.5", load_tokenizer(MODEL), args.samples, 512, 0)
     imp = measure(base, windows, progress=False)  # the ranking does not depend on the axes
 
     def scores(m) -> dict:
@@ -83,13 +96,15 @@ def main() -> None:
         "",
         f"Depth ranked by {args.depth_ranking.replace('_', ' ')}. Perplexity (x that shape's plain cut), torch, "
         f"{args.windows} x 2048-token windows of each text. Calibration: "
-        "32 x 512 windows of the first half of WikiText-2 valid (nothing calibrates on the Lee news text). "
+        f"{args.samples} x 512 windows of the first half of WikiText-2 valid "
+        "(nothing calibrates on the Lee news text). "
         "Reconstruction took " + ", ".join(f"{r['seconds']:.0f}" for r in results) + " s.",
         "",
         markdown_table(["shape", "cut"] + list(texts), table),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_reconstruct.py --params {args.params} "
-        f"--windows {args.windows} --axes '{args.axes}' --depth-ranking {args.depth_ranking}`.",
+        f"--windows {args.windows} --axes '{args.axes}' --depth-ranking {args.depth_ranking} "
+        f"--samples {args.samples}`.",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")

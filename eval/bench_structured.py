@@ -50,12 +50,23 @@ from common import (  # noqa: E402
 EMB = "q8_0"
 
 
+def _shipped(recipe: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
+
+
+def shipped_calibration(recipe: str) -> dict:
+    """A shipped recipe's calibration block (sizes and seed; the data is replaced by ``--calib``)."""
+    from llmopt.recipe import CalibrationConfig
+
+    return CalibrationConfig(**_shipped(recipe).get("calibration", {})).model_dump()
+
+
 def shipped_stage(recipe: str, kind: str, default: str | None = None) -> dict:
     """The first ``kind`` stage of a shipped recipe, as the YAML says it (so the benchmark runs the configs);
     that of recipe ``default`` where ``recipe`` has none."""
-    import yaml
-
-    raw = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
+    raw = _shipped(recipe)
     found = next((s for s in raw["stages"] if s["stage"] == kind), None)
     if found is None and default is not None:
         return shipped_stage(default, kind)
@@ -126,7 +137,6 @@ def main() -> None:
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
     from llmopt.exporters import export_gguf
 
-    cal = {"data": "wikitext2", "samples": 32, "seq_len": 512, "seed": 0}  # run_compress passes --calib
     budget = {"max_minutes": args.minutes, "max_tokens": args.max_tokens}
     q4 = shipped_stage("gptq-q4_0", "gptq")
     work = Path(tempfile.mkdtemp(prefix="bench-structured-"))
@@ -152,6 +162,7 @@ def main() -> None:
         for name in names:
             label, recipe = ROWS[name]
             cut = shipped_stage(recipe, "structured")
+            cal = shipped_calibration(recipe)  # its sizes; run_compress passes --calib (the text)
             # the row's own recipe's distill settings (minitron-75-distill's where the recipe has none)
             distill = shipped_stage(recipe, "distill", default="minitron-75-distill") | budget
             runs = {"plain": [cut | {"reconstruct": False}], "cut": [cut], "distill": [cut, distill]}
@@ -171,6 +182,7 @@ def main() -> None:
                     tokens=d.get("tokens"),
                     train_minutes=d.get("minutes"),
                     compress_seconds=rep["total_seconds"],
+                    calibration=f"{cal['samples']} x {cal['seq_len']}",
                 )
                 records.append(
                     dict(label=f"{label}, {PHASES[phase]}", fmt="F32", **common, **gguf_eval(gg, base, args))
@@ -246,7 +258,10 @@ def write(args, records: list[dict]) -> None:
         "# Structured pruning: SmolLM2-135M-Instruct (bundled), run by llama.cpp",
         "",
         f"{args.windows} windows x {args.seq_len} tokens of the second half of WikiText-2 `valid.nounk.txt`; KL "
-        "against the dense F32 GGUF; calibration / training: the first half (32 x 512 calibration windows; "
+        "against the dense F32 GGUF; calibration / training: the first half (calibration windows as each "
+        "row's recipe says: "
+        + ", ".join(sorted({f"{r['row']} {r['calibration']}" for r in records if "calibration" in r}))
+        + "; "
         f"distillation: 512-token windows, shipped distill settings, budget {args.minutes:g} min or "
         f"{args.max_tokens:,} tokens). Speed: 512-token prompt, 128 greedy tokens, {args.threads} threads, "
         + (

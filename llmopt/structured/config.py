@@ -61,9 +61,10 @@ class StructuredConfig(StageConfig):
     # least-squares refit of every cut Linear to the uncut model's layer outputs (llmopt.structured.reconstruct)
     reconstruct: bool = True
     # its ridge term, λ = damp · mean(diag H), pulling the refit toward zero: at minitron-60 on SmolLM2-135M
-    # (4 windows, wiki / Lee) 0.01 gave 74.5 / 122.3, 0.003 66.5 / 112.0, 0.001 65.9 / 113.0, 0.1 594 / 911
-    # (eval/results/reconstruct-60.md, probe of 2026-12-05)
-    damp: float = Field(0.003, gt=0.0, lt=1.0)
+    # (4 windows, wiki / Lee) with 32 calibration windows 0.01 gave 74.5 / 122.3, 0.003 66.5 / 112.0, 0.001
+    # 65.9 / 113.0, 0.1 594 / 911; with 128 (the minitron recipes') 0.003 60.1 / 87.5, 0.001 58.5 / 86.3
+    # (eval/results/reconstruct-60.md, probes of 2026-12-05)
+    damp: float = Field(0.001, gt=0.0, lt=1.0)
 
     @field_validator("intermediate_size", "num_attention_heads", "hidden_size", "num_layers")
     @classmethod
