@@ -106,22 +106,41 @@ def big_vocab_folder(tmp_path_factory, tiny_text_file):
     return folder
 
 
-def test_kl_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tiny_text_file):
-    from llmopt.evaluation import evaluate
-    from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
+_KL_262K = """
+import json, sys
+from llmopt.evaluation import evaluate
+from llmopt.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
-    data = f"text:{tiny_text_file}"
-    evaluate(str(big_vocab_folder), data=data, seq_len=16, max_windows=1, progress=False, threads=1)  # warm
-    if not reset_peak_rss() or rss_mib() is None:
+folder, data = sys.argv[1], sys.argv[2]
+evaluate(folder, data=data, seq_len=16, max_windows=1, progress=False, threads=1)  # warm
+if not reset_peak_rss() or rss_mib() is None:
+    print(json.dumps(None))
+    sys.exit(0)
+before = rss_mib()
+r = evaluate(folder, data=data, seq_len=1024, max_windows=2, base=folder, progress=False)
+print(json.dumps(dict(grew=peak_rss_mib() - before, kl=r.kl.mean, top1=r.kl.top1_agreement, ppl=r.perplexity)))
+"""
+
+
+def test_kl_on_a_262k_vocabulary_in_bounded_memory(big_vocab_folder, tiny_text_file):
+    """Measured in a fresh process, as a user's run: inside the test session the heap that earlier tests
+    left (glibc's raised mmap threshold, fragmentation) moved the same peak from ~460 to ~780 MiB."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _KL_262K, str(big_vocab_folder), f"text:{tiny_text_file}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    if r is None:
         pytest.skip("needs Linux's resettable VmHWM")
-    before = rss_mib()
-    r = evaluate(
-        str(big_vocab_folder), data=data, seq_len=1024, max_windows=2, base=str(big_vocab_folder), progress=False
-    )
-    grew = peak_rss_mib() - before
     # one window's float32 logits alone: 1024 x 262144 x 4 B = 1 GiB per model (the whole-window code: ~5 GiB)
-    assert grew < 700, f"peak RSS grew by {grew:.0f} MiB"
-    assert r.kl.mean == pytest.approx(0.0, abs=1e-6) and r.kl.top1_agreement == 1.0 and math.isfinite(r.perplexity)
+    assert r["grew"] < 700, f"peak RSS grew by {r['grew']:.0f} MiB"
+    assert r["kl"] == pytest.approx(0.0, abs=1e-6) and r["top1"] == 1.0 and math.isfinite(r["ppl"])
 
 
 @pytest.mark.llamacpp

@@ -6,8 +6,11 @@ is the one-pass proxy. Removing several layers interacts (two neighbours each ch
 together), so here the layers go one at a time: at each step every remaining layer is tried, and the one
 whose removal raises the calibration loss least goes. It runs on the model *after* its width cuts, so the
 choice sees the model that will be kept. Measured on SmolLM2-135M at 60% of the non-embedding parameters
-(MLP 1152, 22 of 30 layers, eval/results/reconstruct-60.md): one shot, WikiText-2's second half / Lee news,
-the plain cut 131 / 165 against Block Influence's 171 / 244, reconstructed 74.5 / 122 against 79 / 135.
+(MLP 1152, 22 of 30 layers, eval/results/reconstruct-60.md, 32 calibration windows, reconstruction damp 0.01):
+one shot, WikiText-2's second half / Lee news, the plain cut 131 / 165 against Block Influence's 171 / 244,
+reconstructed 74.5 / 122 against 79 / 135. On 8 x 256 tokens the choice is noisy: ranking the MLP channels
+on 128 windows instead of 32 kept ~98% of the same channels yet led to other layers (plain 163 / 258,
+reconstructed on 128 windows about the same, 59.6 / 96.1 vs 58.8 / 90.3).
 
 Cost: (layers removed) × (layers left) partial forwards over ``LOSS_WINDOWS`` × ``LOSS_TOKENS`` tokens; each
 candidate reuses the hidden state entering it and runs only the layers after it (~8 minutes on 2 CPU cores
