@@ -20,17 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EVAL, LEE, MODEL, REPO, TEXT, machine_note, markdown_table  # noqa: E402
-
-
-def shipped_samples() -> int:
-    """How many calibration windows the shipped one-shot recipe (minitron-60) takes."""
-    import yaml
-
-    from llmopt.recipe import CalibrationConfig
-
-    raw = yaml.safe_load((REPO / "configs" / "minitron-60.yaml").read_text())
-    return CalibrationConfig(**raw.get("calibration", {})).samples
+from common import EVAL, LEE, MODEL, TEXT, machine_note, markdown_table, shipped_calibration  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +37,7 @@ def main() -> None:
     ap.add_argument("--depth-ranking", default="loss", choices=["loss", "block_influence"])
     ap.add_argument("--samples", type=int, default=None, help="calibration windows (default: minitron-60's)")
     args = ap.parse_args()
-    args.samples = args.samples or shipped_samples()
+    args.samples = args.samples or shipped_calibration("minitron-60")["samples"]
     out = Path(args.out or f"eval/results/reconstruct-{round(args.params * 100)}")
 
     from llmopt.backends.torch_backend import TorchBackend

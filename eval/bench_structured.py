@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     out_flag,
     require_text,
     run_compress,
+    shipped_calibration,
 )
 
 EMB = "q8_0"
@@ -54,13 +55,6 @@ def _shipped(recipe: str) -> dict:
     import yaml
 
     return yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
-
-
-def shipped_calibration(recipe: str) -> dict:
-    """A shipped recipe's calibration block (sizes and seed; the data is replaced by ``--calib``)."""
-    from llmopt.recipe import CalibrationConfig
-
-    return CalibrationConfig(**_shipped(recipe).get("calibration", {})).model_dump()
 
 
 def shipped_stage(recipe: str, kind: str, default: str | None = None) -> dict:

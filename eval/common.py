@@ -217,6 +217,16 @@ def paired_diff(a: list[float], b: list[float]) -> tuple[float, float, float, in
     return mean, mean - half, mean + half, sum(x < 0 for x in d), n
 
 
+def shipped_calibration(recipe: str) -> dict:
+    """A shipped recipe's calibration block with its defaults (sizes and seed; benches replace the data)."""
+    import yaml
+
+    from llmopt.recipe import CalibrationConfig
+
+    raw = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
+    return CalibrationConfig(**raw.get("calibration", {})).model_dump()
+
+
 def out_flag(out: str | Path, default: str) -> str:
     """`` --out eval/results/NAME`` for a result's "Produced by" line; empty where NAME is the default."""
     name = Path(out).name
