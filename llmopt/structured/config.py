@@ -49,8 +49,8 @@ class StructuredConfig(StageConfig):
     num_layers: Size = None
     params: float | None = Field(None, gt=0.0, lt=1.0)
     # what ``params`` shrinks. Default MLP + depth: at 60% of SmolLM2-135M's non-embedding parameters it
-    # loses less than also shrinking the hidden width (one shot 59.6 vs 89.5 reconstructed, 53.7 vs 76.6
-    # after 30 min of distillation + GPTQ q4_0; eval/results/reconstruct-60.md, structured.md)
+    # loses less than also shrinking the hidden width (one shot 59.6 vs 89.5 reconstructed; after 30 min of
+    # distillation + GPTQ q4_0 49.7, the hidden-448 shape 76.6 in an earlier run; reconstruct-60.md, structured.md)
     axes: list[Axis] = ["mlp", "depth"]
     round_to: int = Field(32, ge=1)
     # which decoder layers go: "loss" removes them one at a time, each step the layer whose removal raises
