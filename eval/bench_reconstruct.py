@@ -36,8 +36,13 @@ def main() -> None:
     )
     ap.add_argument("--depth-ranking", default="loss", choices=["loss", "block_influence"])
     ap.add_argument("--samples", type=int, default=None, help="calibration windows (default: minitron-60's)")
+    ap.add_argument("--refine-epochs", type=int, default=None, help="block-wise refinement (default: minitron-60's)")
     args = ap.parse_args()
     args.samples = args.samples or shipped_calibration("minitron-60")["samples"]
+    if args.refine_epochs is None:
+        from llmopt.recipe import parse_recipe
+
+        args.refine_epochs = parse_recipe("minitron-60").stages[0].refine_epochs
     out = Path(args.out or f"eval/results/reconstruct-{round(args.params * 100)}")
 
     from llmopt.backends.torch_backend import TorchBackend
@@ -65,7 +70,8 @@ def main() -> None:
         prune(model, cfg, imp, cut)
         plain = scores(model)
         t0 = time.perf_counter()
-        reconstruct(base, model, cut, windows, damp=cfg.damp, progress=False)
+        kw = dict(damp=cfg.damp, refine_epochs=args.refine_epochs, refine_lr=cfg.refine_lr)
+        reconstruct(base, model, cut, windows, progress=False, **kw)
         seconds = time.perf_counter() - t0
         rec = scores(model)
         results.append(dict(axes=axes, sizes=vars(sizes), seconds=seconds, plain=plain, reconstructed=rec))
@@ -80,6 +86,8 @@ def main() -> None:
         for kind in ("plain", "reconstructed"):
             v, plain = r[kind], r["plain"]
             table.append([shape, kind] + [f"{v[t]:.2f} ({v[t] / plain[t]:.3f}x)" for t in texts])
+    refined = f"Reconstructed: least squares + {args.refine_epochs} epochs of block-wise refinement. "
+    refined = refined if args.refine_epochs else ""
     md = [
         f"# One-shot structured cut to {args.params:g} of the non-embedding parameters, with and without "
         "reconstruction, by the axes that shrink",
@@ -88,17 +96,21 @@ def main() -> None:
         f"{args.windows} x 2048-token windows of each text. Calibration: "
         f"{args.samples} x 512 windows of the first half of WikiText-2 valid "
         "(nothing calibrates on the Lee news text). "
-        "Reconstruction took " + ", ".join(f"{r['seconds']:.0f}" for r in results) + " s.",
+        + refined
+        + "Reconstruction took "
+        + ", ".join(f"{r['seconds']:.0f}" for r in results)
+        + " s.",
         "",
         markdown_table(["shape", "cut"] + list(texts), table),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_reconstruct.py --params {args.params} "
         f"--windows {args.windows} --axes '{args.axes}' --depth-ranking {args.depth_ranking} "
-        f"--samples {args.samples}`.",
+        f"--samples {args.samples} --refine-epochs {args.refine_epochs}`.",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"params": args.params, "results": results}, indent=1))
+    meta = {"params": args.params, "refine_epochs": args.refine_epochs}
+    out.with_suffix(".json").write_text(json.dumps(meta | {"results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -275,11 +275,13 @@ def test_saved_folder_reloads_with_the_same_logits(tmp_path, tiny_text_file, tin
     out = tmp_path / "cut"
     recipe = {
         "calibration": {"data": f"text:{tiny_text_file}", "samples": 8, "seq_len": 32},
-        "stages": [{"stage": "structured", **ALL_AXES, "num_attention_heads": 2}],
+        "stages": [{"stage": "structured", **ALL_AXES, "num_attention_heads": 2, "refine_epochs": 2}],
     }
     res = compress(str(tiny_model_dir), recipe, out)
     rep = res.report["model_stages"]["0:structured"]
     assert rep["after"]["hidden"] == 48 and rep["non_embedding_fraction"] < 0.6
+    refine = rep["reconstruction"]["refine"]  # the stage passes its refinement settings through
+    assert refine["epochs"] == 2 and len(refine["layer_error_before_after"]) == 2
     cfgj = json.loads((out / "config.json").read_text())
     assert (cfgj["hidden_size"], cfgj["intermediate_size"], cfgj["num_hidden_layers"]) == (48, 64, 2)
     eps0 = json.loads((tiny_model_dir / "config.json").read_text())["rms_norm_eps"]

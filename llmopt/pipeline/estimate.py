@@ -59,12 +59,15 @@ def text_windows(spec: str, seq_len: int) -> int | None:
 REFERENCE_LAYERS = 30  # SmolLM2-135M's decoder layers: a structured stage's depth cut is priced on its shape
 GREEDY_LAYER_S = 0.043  # one decoder layer over the greedy depth ranking's 8 x 256 tokens at 135M (measured)
 GREEDY_HEAD_S = 0.96  # the output head and loss over them (49152-token vocabulary): most of the ranking's time
+# one epoch of the reconstruction's refinement per 32 x 512 tokens at 135M (minitron-60, bfloat16 with AMX: 4
+# epochs over 128 x 512 tokens took ~300 s); float32 where bfloat16 is not native (not measured: ~3x)
+REFINE_EPOCH_S = {True: 19.0, False: 57.0}
 
 
 def structured_seconds(st, scale: float, tokens: float) -> float:
     """A structured stage at ``scale`` x 135M parameters: the importance pass (~30 s per 32 x 512 tokens),
     the greedy depth ranking when layers go (:mod:`llmopt.structured.depth`: (removed) x (left) partial
-    forwards, priced on SmolLM2's 30 layers), the reconstruction (~75 s per 32 x 512 tokens)."""
+    forwards, priced on SmolLM2's 30 layers), the reconstruction (~75 s per 32 x 512 tokens) and its refinement."""
     from llmopt.structured.layout import Sizes
     from llmopt.structured.plan import target_sizes
 
@@ -73,7 +76,14 @@ def structured_seconds(st, scale: float, tokens: float) -> float:
     keep = target_sizes(st, ref, {}).layers if st.depth_ranking == "loss" else REFERENCE_LAYERS
     steps = range(keep + 1, REFERENCE_LAYERS + 1)  # layers left before each removal
     seconds += sum(GREEDY_LAYER_S * k * (k + 1) / 2 + GREEDY_HEAD_S * k for k in steps) * scale
-    return seconds + 75 * scale * tokens * st.reconstruct
+    if st.reconstruct:
+        import torch
+
+        from llmopt.distill.precision import native_bf16
+
+        seconds += 75 * scale * tokens
+        seconds += REFINE_EPOCH_S[native_bf16(torch.device("cpu"))] * scale * tokens * st.refine_epochs
+    return seconds
 
 
 def estimate(n_params: int, recipe, opts: PipelineOptions) -> Estimate:

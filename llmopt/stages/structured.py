@@ -70,6 +70,15 @@ class StructuredStage(Stage):
         t2 = time.perf_counter()
         report.update(importance_seconds=round(t1 - t0, 2), cut_seconds=round(t2 - t1, 2))
         if teacher is not None:
-            rec = reconstruct(teacher, model, cut, ctx.windows, batch_size=batch, damp=self.cfg.damp)
+            rec = reconstruct(
+                teacher,
+                model,
+                cut,
+                ctx.windows,
+                batch_size=batch,
+                damp=self.cfg.damp,
+                refine_epochs=self.cfg.refine_epochs,
+                refine_lr=self.cfg.refine_lr,
+            )
             report["reconstruction"] = rec | {"seconds": round(time.perf_counter() - t2, 2)}
         return report

@@ -39,7 +39,8 @@ class StructuredConfig(StageConfig):
     ``reconstruct`` (default on): after the cut, every kept Linear is refitted by least squares so each
     layer keeps the uncut model's outputs on the calibration windows (the cut model fed its own
     activations forward, layer by layer; :mod:`llmopt.structured.reconstruct`). ``damp`` is its ridge
-    term. Off: the plain cut (the kept weights as they were).
+    term. Off: the plain cut (the kept weights as they were). ``refine_epochs``: then each layer is refined
+    as a whole by gradient descent toward the same target (:mod:`llmopt.structured.refine`).
     """
 
     stage: Literal["structured"]
@@ -65,6 +66,13 @@ class StructuredConfig(StageConfig):
     # 65.9 / 113.0, 0.1 594 / 911; with 128 (the minitron recipes') 0.003 60.1 / 87.5, 0.001 58.5 / 86.3
     # (eval/results/reconstruct-60.md, probes of 2026-12-05)
     damp: float = Field(0.001, gt=0.0, lt=1.0)
+    # after each layer's refits, epochs of Adam on the whole layer toward the same target (llmopt.structured.refine,
+    # BRECQ-style; bfloat16 autocast where the CPU has AMX / AVX512-BF16). At minitron-60 on SmolLM2-135M one shot
+    # (128 windows, wiki / Lee): 0 epochs 59.6 / 96.1, 4 at lr 1e-4 56.1 / 87.8, 4 at 3e-4 53.5 / 80.3 (+~6 min on 2
+    # cores with AMX; eval/results/reconstruct-60.md, a probe). Off by default until the one-shot table and the
+    # distilled recipes are re-run with it (the shipped recipes' numbers are without it); 0: least squares alone
+    refine_epochs: int = Field(0, ge=0)
+    refine_lr: float = Field(3e-4, gt=0.0, lt=1.0)
 
     @field_validator("intermediate_size", "num_attention_heads", "hidden_size", "num_layers")
     @classmethod

@@ -14,6 +14,9 @@ calibration engine), so each refit also absorbs what the cuts before it changed:
   the next kept layer);
 * the output head: refitted the same way when untied; a tied embedding stays, and the final norm's
   weight is fitted instead (:func:`~llmopt.kernels.reconstruct.fit_gain`) on the uncut logits.
+
+With ``refine_epochs``, each layer is then refined as a whole by gradient descent toward the same target
+(:mod:`llmopt.structured.refine`) before its outputs feed the next one.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmopt.calibration.capture import StopForward, capture_layer_inputs, hidden_of
+from llmopt.distill.precision import native_bf16
 from llmopt.kernels.reconstruct import fit_gain, refit
 from llmopt.kernels.structured import head_channels, heads_to_groups
 from llmopt.structured.config import StructuredConfig
 from llmopt.structured.layout import sizes_of
 from llmopt.structured.plan import Cut
+from llmopt.structured.refine import refine_layer
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -104,14 +109,28 @@ def reconstruct(
     damp: float = StructuredConfig.model_fields["damp"].default,
     fold: bool = True,
     progress: bool = True,
+    refine_epochs: int = 0,
+    refine_lr: float = StructuredConfig.model_fields["refine_lr"].default,
 ) -> dict:
-    """Refit ``student`` (``teacher`` cut by ``cut``) in place on ``windows`` (N, L); returns a small report."""
+    """Refit ``student`` (``teacher`` cut by ``cut``) in place on ``windows`` (N, L); returns a small report.
+    ``refine_epochs`` > 0: each refitted layer is then refined as a whole
+    (:func:`~llmopt.structured.refine.refine_layer`)."""
     run = _Run(teacher, student, cut, windows, batch_size, damp, fold)
-    for j in tqdm(range(len(student.model.layers)), desc="reconstruct", unit="layer", disable=not progress):
+    run.refine = (refine_epochs, refine_lr)
+    bar = tqdm(range(len(student.model.layers)), desc="reconstruct", unit="layer", disable=not progress)
+    for j in bar:
         run.layer(j)
-    return {"damp": damp, "fold": fold, "tokens": int(windows.numel())} | _head(
-        teacher, student, run.t_h, run.s_h, damp
-    )
+        if run.refined:
+            bar.set_postfix(error=f"{run.refined[-1][0]:.3g}->{run.refined[-1][1]:.3g}")
+    report = {"damp": damp, "fold": fold, "tokens": int(windows.numel())}
+    if refine_epochs:
+        report["refine"] = {
+            "epochs": refine_epochs,
+            "lr": refine_lr,
+            "bf16": run.bf16,
+            "layer_error_before_after": [[round(a, 5), round(b, 5)] for a, b in run.refined],
+        }
+    return report | _head(teacher, student, run.t_h, run.s_h, damp)
 
 
 class _Run:
@@ -128,6 +147,9 @@ class _Run:
         # Qwen3's per-head q/k norms: the cut scaled q/k rows by √(H/H') (llmopt.structured.surgery); so do the targets
         qk = self.hk is not None and hasattr(self.sl[0].self_attn, "q_norm")
         self.qk_scale = math.sqrt(self.s.hidden / self.hk.numel()) if qk else 1.0
+        self.refine: tuple[int, float] = (0, 0.0)
+        self.refined: list[tuple[float, float]] = []
+        self.bf16 = native_bf16(self.batches[0].hidden.device) if self.batches else False
 
     def kept_h(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The kept residual-stream channels of ``x`` along ``dim`` (the rows of a Linear writing the residual)."""
@@ -193,6 +215,11 @@ class _Run:
 
         acc = self._sums(S, i, "down", t_act, down_target)
         _set_weight(S.mlp.down_proj, refit(self.kept_h(T.mlp.down_proj.weight, 0), acc.H, acc.C, acc.E, damp))
+        epochs, lr = self.refine
+        if epochs:  # self.s_h is still this layer's input; self.t_h the uncut residual entering the next kept one
+            targets = [self.kept_h(t, -1) for t in self.t_h]
+            args = [b.layer_args[i] for b in self.batches]
+            self.refined.append(refine_layer(S, self.s_h, targets, args, epochs, lr, self.bf16, seed=j))
         self._forward(S, self.s_h, i)
 
 
