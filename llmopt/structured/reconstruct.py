@@ -115,8 +115,7 @@ def reconstruct(
     """Refit ``student`` (``teacher`` cut by ``cut``) in place on ``windows`` (N, L); returns a small report.
     ``refine_epochs`` > 0: each refitted layer is then refined as a whole
     (:func:`~llmopt.structured.refine.refine_layer`)."""
-    run = _Run(teacher, student, cut, windows, batch_size, damp, fold)
-    run.refine = (refine_epochs, refine_lr)
+    run = _Run(teacher, student, cut, windows, batch_size, damp, fold, (refine_epochs, refine_lr))
     bar = tqdm(range(len(student.model.layers)), desc="reconstruct", unit="layer", disable=not progress)
     for j in bar:
         run.layer(j)
@@ -136,7 +135,7 @@ def reconstruct(
 class _Run:
     """The state of one reconstruction: both models' hidden states per batch, advanced layer by layer."""
 
-    def __init__(self, teacher, student, cut: Cut, windows, batch_size: int, damp: float, fold: bool):
+    def __init__(self, teacher, student, cut: Cut, windows, batch_size: int, damp: float, fold: bool, refine):
         self.s, self.cut, self.damp, self.fold = sizes_of(teacher), cut, damp, fold
         self.tl, self.sl = teacher.model.layers, student.model.layers
         self.kept = cut.layers if cut.layers is not None else list(range(len(self.tl)))
@@ -147,7 +146,7 @@ class _Run:
         # Qwen3's per-head q/k norms: the cut scaled q/k rows by √(H/H') (llmopt.structured.surgery); so do the targets
         qk = self.hk is not None and hasattr(self.sl[0].self_attn, "q_norm")
         self.qk_scale = math.sqrt(self.s.hidden / self.hk.numel()) if qk else 1.0
-        self.refine: tuple[int, float] = (0, 0.0)
+        self.refine: tuple[int, float] = refine  # (epochs, lr)
         self.refined: list[tuple[float, float]] = []
         self.bf16 = native_bf16(self.batches[0].hidden.device) if self.batches else False
 
