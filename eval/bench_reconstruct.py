@@ -86,7 +86,11 @@ def main() -> None:
         for kind in ("plain", "reconstructed"):
             v, plain = r[kind], r["plain"]
             table.append([shape, kind] + [f"{v[t]:.2f} ({v[t] / plain[t]:.3f}x)" for t in texts])
-    refined = f"Reconstructed: least squares + {args.refine_epochs} epochs of block-wise refinement. "
+    lr = StructuredConfig.model_fields["refine_lr"].default
+    refined = (
+        f"Reconstructed: least squares + {args.refine_epochs} epochs of block-wise refinement "
+        f"(lr {lr:g} on a cosine decay). "
+    )
     refined = refined if args.refine_epochs else ""
     md = [
         f"# One-shot structured cut to {args.params:g} of the non-embedding parameters, with and without "
@@ -109,7 +113,7 @@ def main() -> None:
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    meta = {"params": args.params, "refine_epochs": args.refine_epochs}
+    meta = {"params": args.params, "refine_epochs": args.refine_epochs, "refine_lr": lr}
     out.with_suffix(".json").write_text(json.dumps(meta | {"results": results}, indent=1))
 
 

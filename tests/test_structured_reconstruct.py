@@ -225,7 +225,7 @@ def test_refinement_lowers_every_layer_error_below_the_least_squares(arch):
 
 def test_refinement_settings_and_zero_epochs_is_the_least_squares():
     st = StructuredConfig(stage="structured", params=0.6, refine_epochs=4)
-    assert st.refine_epochs == 4 and st.refine_lr == 3e-4
+    assert st.refine_epochs == 4 and st.refine_lr == 2e-3
     calib = _windows(8, 1)
     c = StructuredConfig(stage="structured", intermediate_size=64, round_to=16)
     model = _tiny(seed=3)
@@ -238,4 +238,22 @@ def test_refinement_settings_and_zero_epochs_is_the_least_squares():
     reconstruct(teacher, other, cut, calib, progress=False, refine_epochs=0)
     assert "refine" not in r0
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_refinement_that_ends_worse_keeps_the_least_squares_weights():
+    """A learning rate far too high diverges; every layer then keeps exactly what the least squares gave."""
+    calib = _windows(8, 2)
+    c = StructuredConfig(stage="structured", intermediate_size=64, round_to=16)
+    model = _tiny(seed=5)
+    imp = measure(model, calib, progress=False)
+    cut, _ = plan_cut(model, c, imp)
+    teacher = copy.deepcopy(model)
+    prune(model, c, imp, cut)
+    ls = copy.deepcopy(model)
+    reconstruct(teacher, ls, cut, calib, batch_size=4, progress=False)
+    report = reconstruct(teacher, model, cut, calib, batch_size=4, progress=False, refine_epochs=2, refine_lr=0.5)
+    for before, after in report["refine"]["layer_error_before_after"]:
+        assert after == pytest.approx(before, rel=1e-6)
+    for a, b in zip(model.parameters(), ls.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -67,12 +67,13 @@ class StructuredConfig(StageConfig):
     # (eval/results/reconstruct-60.md, probes of 2026-12-05)
     damp: float = Field(0.001, gt=0.0, lt=1.0)
     # after each layer's refits, epochs of Adam on the whole layer toward the same target (llmopt.structured.refine,
-    # BRECQ-style; bfloat16 autocast where the CPU has AMX / AVX512-BF16). At minitron-60 on SmolLM2-135M one shot
-    # (128 windows, wiki / Lee): 0 epochs 59.6 / 96.1, 4 at lr 1e-4 56.1 / 87.8, 4 at 3e-4 53.5 / 80.3 (+~6 min on 2
-    # cores with AMX; eval/results/reconstruct-60.md, a probe). Off by default until the one-shot table and the
-    # distilled recipes are re-run with it (the shipped recipes' numbers are without it); 0: least squares alone
+    # BRECQ-style; bfloat16 autocast where the CPU has AMX / AVX512-BF16), the lr decaying on a cosine from
+    # refine_lr. At minitron-60 on SmolLM2-135M one shot (128 windows, wiki / Lee): 0 epochs 59.6 / 96.1; 4 epochs
+    # at a constant 1e-4 56.1 / 87.8, 3e-4 53.5 / 80.3, 1e-3 53.6 / 77.2; cosine from 2e-3 51.6 / 76.1 (+~6 min on
+    # 2 cores with AMX; probes of 2026-12-05, llmopt.structured.refine). 0 (the stage default): least squares
+    # alone; the minitron-60 recipe ships 4 (the distilled recipes stay at 0 until re-run with it)
     refine_epochs: int = Field(0, ge=0)
-    refine_lr: float = Field(3e-4, gt=0.0, lt=1.0)
+    refine_lr: float = Field(2e-3, gt=0.0, lt=1.0)
 
     @field_validator("intermediate_size", "num_attention_heads", "hidden_size", "num_layers")
     @classmethod
