@@ -79,7 +79,7 @@ def structured_seconds(st, scale: float, tokens: float) -> float:
     if st.reconstruct:
         import torch
 
-        from llmopt.distill.precision import native_bf16
+        from llmopt.precision import native_bf16
 
         seconds += 75 * scale * tokens
         seconds += REFINE_EPOCH_S[native_bf16(torch.device("cpu"))] * scale * tokens * st.refine_epochs

@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmopt.calibration.capture import StopForward, capture_layer_inputs, hidden_of
-from llmopt.distill.precision import native_bf16
 from llmopt.kernels.reconstruct import fit_gain, refit
 from llmopt.kernels.structured import head_channels, heads_to_groups
+from llmopt.precision import native_bf16
 from llmopt.structured.config import StructuredConfig
 from llmopt.structured.layout import sizes_of
 from llmopt.structured.plan import Cut
