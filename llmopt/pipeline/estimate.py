@@ -60,8 +60,9 @@ REFERENCE_LAYERS = 30  # SmolLM2-135M's decoder layers: a structured stage's dep
 GREEDY_LAYER_S = 0.043  # one decoder layer over the greedy depth ranking's 8 x 256 tokens at 135M (measured)
 GREEDY_HEAD_S = 0.96  # the output head and loss over them (49152-token vocabulary): most of the ranking's time
 # one epoch of the reconstruction's refinement per 32 x 512 tokens at 135M (minitron-60, bfloat16 with AMX: 4
-# epochs over 128 x 512 tokens took ~300 s); float32 where bfloat16 is not native (not measured: ~3x)
-REFINE_EPOCH_S = {True: 19.0, False: 57.0}
+# epochs over 128 x 512 tokens took ~410 s, eval/results/reconstruct-60.md 683 s vs 275 s of least squares);
+# float32 where bfloat16 is not native (not measured: ~3x)
+REFINE_EPOCH_S = {True: 25.5, False: 76.0}
 
 
 def structured_seconds(st, scale: float, tokens: float) -> float:
