@@ -71,7 +71,8 @@ class StructuredConfig(StageConfig):
     # refine_lr. At minitron-60 on SmolLM2-135M one shot (128 windows, wiki / Lee): 0 epochs 59.6 / 96.1; 4 epochs
     # at a constant 1e-4 56.1 / 87.8, 3e-4 53.5 / 80.3, 1e-3 53.6 / 77.2; cosine from 2e-3 51.6 / 76.1 (+~6 min on
     # 2 cores with AMX; probes of 2026-12-05, llmopt.structured.refine). 0 (the stage default): least squares
-    # alone; the minitron-60 recipe ships 4 (the distilled recipes stay at 0 until re-run with it)
+    # alone; both minitron-60 recipes ship 4 (distilled + GPTQ q4_0: 46.0 vs 49.7, eval/results/structured.md); the
+    # recipes not re-measured with it (structured-mlp25, -depth20, minitron-75*) and this default stay at 0
     refine_epochs: int = Field(0, ge=0)
     refine_lr: float = Field(2e-3, gt=0.0, lt=1.0)
 
