@@ -61,8 +61,9 @@ GREEDY_LAYER_S = 0.043  # one decoder layer over the greedy depth ranking's 8 x 
 GREEDY_HEAD_S = 0.96  # the output head and loss over them (49152-token vocabulary): most of the ranking's time
 # one epoch of the reconstruction's refinement per 32 x 512 tokens at 135M (minitron-60, bfloat16 with AMX: 4
 # epochs over 128 x 512 tokens took ~410 s, eval/results/reconstruct-60.md 683 s vs 275 s of least squares);
-# float32 where bfloat16 is not native (not measured: ~3x)
-REFINE_EPOCH_S = {True: 25.5, False: 76.0}
+# float32 where bfloat16 is not native: ~1.33x (one SmolLM2 layer, one epoch over 32 x 512 tokens on the same
+# host, autocast off vs on: 3.6-4.0 s vs 2.7-3.1 s)
+REFINE_EPOCH_S = {True: 25.5, False: 34.0}
 
 
 def structured_seconds(st, scale: float, tokens: float) -> float:
