@@ -204,13 +204,7 @@ def test_refinement_lowers_every_layer_error_below_the_least_squares(arch):
     on the calibration windows is closer to the uncut one than with the least squares alone."""
     calib = _windows(16, 0)
     c = StructuredConfig(stage="structured", intermediate_size=64, num_attention_heads=2, hidden_size=48, round_to=16)
-    model = _tiny(arch=arch)
-    imp = measure(model, calib, progress=False)
-    cut, _ = plan_cut(model, c, imp)
-    teacher = copy.deepcopy(model)
-    prune(model, c, imp, cut)
-    ls = copy.deepcopy(model)
-    reconstruct(teacher, ls, cut, calib, batch_size=4, progress=False)
+    teacher, model, ls, cut, _ = _cut_and_reconstruct(c, True, calib, arch=arch)
     frozen = [p.requires_grad for p in model.parameters()]
     report = reconstruct(teacher, model, cut, calib, batch_size=4, progress=False, refine_epochs=6, refine_lr=1e-3)
     errors = report["refine"]["layer_error_before_after"]
@@ -228,16 +222,10 @@ def test_refinement_settings_and_zero_epochs_is_the_least_squares():
     assert st.refine_epochs == 4 and st.refine_lr == 2e-3
     calib = _windows(8, 1)
     c = StructuredConfig(stage="structured", intermediate_size=64, round_to=16)
-    model = _tiny(seed=3)
-    imp = measure(model, calib, progress=False)
-    cut, _ = plan_cut(model, c, imp)
-    teacher = copy.deepcopy(model)
-    prune(model, c, imp, cut)
-    other = copy.deepcopy(model)
-    r0 = reconstruct(teacher, model, cut, calib, progress=False)
-    reconstruct(teacher, other, cut, calib, progress=False, refine_epochs=0)
+    teacher, other, ls, cut, r0 = _cut_and_reconstruct(c, True, calib, seed=3)
+    reconstruct(teacher, other, cut, calib, batch_size=4, progress=False, refine_epochs=0)
     assert "refine" not in r0
-    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+    for a, b in zip(ls.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -245,13 +233,7 @@ def test_refinement_that_ends_worse_keeps_the_least_squares_weights():
     """A learning rate far too high diverges; every layer then keeps exactly what the least squares gave."""
     calib = _windows(8, 2)
     c = StructuredConfig(stage="structured", intermediate_size=64, round_to=16)
-    model = _tiny(seed=5)
-    imp = measure(model, calib, progress=False)
-    cut, _ = plan_cut(model, c, imp)
-    teacher = copy.deepcopy(model)
-    prune(model, c, imp, cut)
-    ls = copy.deepcopy(model)
-    reconstruct(teacher, ls, cut, calib, batch_size=4, progress=False)
+    teacher, model, ls, cut, _ = _cut_and_reconstruct(c, True, calib, seed=5)
     report = reconstruct(teacher, model, cut, calib, batch_size=4, progress=False, refine_epochs=2, refine_lr=0.5)
     for before, after in report["refine"]["layer_error_before_after"]:
         assert after == pytest.approx(before, rel=1e-6)
