@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -33,12 +34,14 @@ from common import (  # noqa: E402
     MODEL,
     REPO,
     CachedBackend,
+    alternating_speed,
     cleanup,
     describe_text,
     eval_texts,
     fmt,
     machine_note,
     markdown_table,
+    out_flag,
     require_text,
     run_compress,
     text_bench_args,
@@ -72,6 +75,13 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(TYPES), help="comma-separated llama.cpp file types")
     ap.add_argument("--no-cpu10x", action="store_true", help="leave out the configs/cpu-10x.yaml row")
     ap.add_argument("--quick", action="store_true", help="2 windows of 512, 8x256 calibration: a smoke run")
+    ap.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=3,
+        help="time every file and torch F32 at the end in this many alternating rounds (the table's speeds: "
+        "medians); 0: each file once when it is made, torch F32 after the last",
+    )
     args = ap.parse_args()
     if args.plot_only:
         data = json.loads(Path(args.out + ".json").read_text())
@@ -104,12 +114,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-frontier-"))
     records = []
+    files: dict[str, Path] = {}  # label → GGUF, kept for the alternating speed rounds at the end
     try:
         f32 = work / "f32.gguf"
         export_gguf(MODEL, str(f32), type="f32")
         base = CachedBackend(LlamaCppBackend(str(f32), threads=args.threads))
-        for ftype, label, source, how in plan:
-            path, seconds = work / "model.gguf", None
+        for i_file, (ftype, label, source, how) in enumerate(plan):
+            path, seconds = work / f"model-{i_file}.gguf", None
             t0 = time.perf_counter()
             if source == "dense" and ftype == "F32":
                 path = f32
@@ -128,21 +139,45 @@ def main() -> None:
             rec["smaller_than_f32"] = 1 - path.stat().st_size / F32_BYTES
             rec["texts"] = {}
             for i, (name, spec) in enumerate(texts.items()):
-                r = evaluate(str(path), data=spec, seq_len=seq_len, max_windows=windows, base=base, speed=i == 0,
+                timed = i == 0 and args.speed_rounds == 0  # else in the alternating rounds at the end
+                r = evaluate(str(path), data=spec, seq_len=seq_len, max_windows=windows, base=base, speed=timed,
                              threads=args.threads, progress=False)  # fmt: skip
                 rec["texts"][name] = {"ppl": r.perplexity, "ppl_stderr": r.perplexity_stderr, "kl": r.kl.mean,
                                       "top1": r.kl.top1_agreement, "windows": r.windows}  # fmt: skip
-                if i == 0:
+                if timed:
                     rec["prefill_tok_s"], rec["decode_tok_s"] = r.speed.prefill_tok_s, r.speed.decode_tok_s
             records.append(rec)
             print(json.dumps(rec), flush=True)
             Path(args.out + ".partial.json").write_text(json.dumps({"rows": records}, indent=1))
-            if path != f32:
+            if args.speed_rounds > 0:
+                files[label] = path
+            elif path != f32:
                 path.unlink(missing_ok=True)
-        ts = torch_speed(args.threads)
+        ts = timed_rounds(records, files, args) if args.speed_rounds > 0 else torch_speed(args.threads)
     finally:
         cleanup(work)
     write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len)
+
+
+TORCH = "torch F32 eager"
+
+
+def timed_rounds(records: list[dict], files: dict[str, Path], args) -> dict:
+    """Every file and torch F32 timed in ``--speed-rounds`` alternating rounds (eval/common.alternating_speed):
+    each record's prefill / decode become the medians (with the decode range); returns torch F32's."""
+    runs = alternating_speed(files, args.speed_rounds, args.threads, torch_label=TORCH)
+    for r in records:
+        dec = [x["decode"] for x in runs[r["label"]]]
+        r["prefill_tok_s"] = statistics.median(x["prefill"] for x in runs[r["label"]])
+        r["decode_tok_s"], r["decode_range"] = statistics.median(dec), [min(dec), max(dec)]
+    dec = [x["decode"] for x in runs[TORCH]]
+    return {
+        "prefill_tok_s": statistics.median(x["prefill"] for x in runs[TORCH]),
+        "decode_tok_s": statistics.median(dec),
+        "decode_range": [min(dec), max(dec)],
+        "threads": args.threads,
+        "rounds": args.speed_rounds,
+    }
 
 
 def verdicts(records: list[dict], texts: list[str]) -> list[list[str]]:
@@ -170,7 +205,7 @@ def write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len) -> None:
     names = list(texts)
     header = ["type", "file", "MiB", "bits/weight", "smaller than F32"]
     header += [c for n in names for c in (f"ppl {n}", f"KL {n}", f"top-1 {n}")]
-    header += ["prefill tok/s", "decode tok/s", "decode × torch F32", "quantize s"]
+    header += ["prefill tok/s", "decode tok/s (range)", "decode × torch F32", "quantize s"]
     rows = []
     for r in records:
         cells = [
@@ -183,7 +218,9 @@ def write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len) -> None:
         for n in names:
             t = r["texts"][n]
             cells += [f"{t['ppl']:.3f} ± {t['ppl_stderr']:.3f}", fmt(t["kl"], 4), f"{100 * t['top1']:.1f}%"]
-        cells += [fmt(r["prefill_tok_s"], 0), fmt(r["decode_tok_s"], 1), fmt(r["decode_tok_s"] / ts["decode_tok_s"], 1)]
+        lo_hi = f" ({r['decode_range'][0]:.0f}-{r['decode_range'][1]:.0f})" if "decode_range" in r else ""
+        cells += [fmt(r["prefill_tok_s"], 0), fmt(r["decode_tok_s"], 1) + lo_hi]
+        cells.append(fmt(r["decode_tok_s"] / ts["decode_tok_s"], 1))
         cells.append(fmt(r["quantize_s"], 0))
         rows.append(cells)
     vh = ["type", "MiB llmopt vs llama.cpp+imatrix", *[f"{n}: ppl / KL llmopt vs llama.cpp+imatrix" for n in names]]
@@ -199,7 +236,14 @@ def write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len) -> None:
         "wide, so most K / IQ4_XS tensors fall back per tensor (Q4_K→Q5_0, Q6_K→Q8_0, IQ4_XS→IQ4_NL, "
         f"Q3_K→Q4_0) exactly as in llama.cpp's own file.{specs} Speed: 512-token prompt, 128 greedy tokens, "
         f"{args.threads} threads; torch F32 eager in the same run: prefill {ts['prefill_tok_s']:.0f} tok/s, decode "
-        f"{ts['decode_tok_s']:.1f} tok/s." + (" QUICK RUN." if args.quick else ""),
+        f"{ts['decode_tok_s']:.1f} tok/s."
+        + (
+            f" Speeds: medians of {ts['rounds']} alternating rounds over every file and torch F32 at the end of the "
+            "run (one warm-up each)."
+            if ts.get("rounds")
+            else " Speeds: each file timed once when it was made (median of 3 repeats), torch F32 after the last."
+        )
+        + (" QUICK RUN." if args.quick else ""),
         "",
         markdown_table(header, rows),
         "",
@@ -208,8 +252,13 @@ def write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len) -> None:
         markdown_table(vh + ["smaller-or-equal and better on every text"], verdicts(records, names)),
         "",
         f"Machine: {machine_note()}. Produced by `python eval/bench_gguf_frontier.py"
+        + (f" --types {args.types}" if args.types != ",".join(TYPES) else "")
+        + (" --no-cpu10x" if args.no_cpu10x else "")
+        + (" --quick" if args.quick else "")
         + "".join(f" --eval {a}" for a in (args.eval or []))
         + (f" --windows {args.windows}" if args.windows != 8 else "")
+        + (f" --speed-rounds {args.speed_rounds}" if args.speed_rounds != 3 else "")
+        + out_flag(args.out, "gguf-frontier")
         + "`.",
     ]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")

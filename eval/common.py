@@ -87,18 +87,26 @@ class CachedBackend:
         return self._cache[key].float()
 
 
-def alternating_speed(files: dict[str, Path], rounds: int, threads: int) -> dict[str, list[dict]]:
+def alternating_speed(
+    files: dict[str, Path], rounds: int, threads: int, torch_label: str | None = None
+) -> dict[str, list[dict]]:
     """llama.cpp speed of each GGUF file in ``rounds`` alternating rounds (A, B, C, A, B, C, ...): one
     512-token prompt and 128 greedy tokens per file per round, after one untimed warm-up each, so the
-    drift of a shared host over minutes falls on every file alike. Per file: each round's prefill/decode."""
+    drift of a shared host over minutes falls on every file alike. Per file: each round's prefill/decode.
+    ``torch_label``: the bundled model in torch float32 eager is timed in the same rounds under that key
+    (the reference of a speed ratio)."""
     from llmopt.backends.llamacpp_backend import LlamaCppBackend
 
     prompt = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
     backends = {k: LlamaCppBackend(str(f), threads=threads) for k, f in files.items()}
-    runs: dict[str, list[dict]] = {k: [] for k in files}
+    if torch_label is not None:
+        from llmopt.backends.torch_backend import TorchBackend
+
+        backends[torch_label] = TorchBackend.from_spec(MODEL, threads=threads)
+    runs: dict[str, list[dict]] = {k: [] for k in backends}
     try:
-        for be in backends.values():
-            be.time_generation(prompt, 16)
+        for k, be in backends.items():
+            be.time_generation(prompt, 128 if k == torch_label else 16)  # torch: the timed shape (its KV cache)
         for _ in range(rounds):
             for k, be in backends.items():
                 r = be.time_generation(prompt, 128)
