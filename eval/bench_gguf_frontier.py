@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from common import (  # noqa: E402
     markdown_table,
     out_flag,
     require_text,
+    round_medians,
     run_compress,
     text_bench_args,
 )
@@ -167,14 +167,12 @@ def timed_rounds(records: list[dict], files: dict[str, Path], args) -> dict:
     each record's prefill / decode become the medians (with the decode range); returns torch F32's."""
     runs = alternating_speed(files, args.speed_rounds, args.threads, torch_label=TORCH)
     for r in records:
-        dec = [x["decode"] for x in runs[r["label"]]]
-        r["prefill_tok_s"] = statistics.median(x["prefill"] for x in runs[r["label"]])
-        r["decode_tok_s"], r["decode_range"] = statistics.median(dec), [min(dec), max(dec)]
-    dec = [x["decode"] for x in runs[TORCH]]
+        r["prefill_tok_s"], r["decode_tok_s"], r["decode_range"] = round_medians(runs[r["label"]])
+    prefill, decode, decode_range = round_medians(runs[TORCH])
     return {
-        "prefill_tok_s": statistics.median(x["prefill"] for x in runs[TORCH]),
-        "decode_tok_s": statistics.median(dec),
-        "decode_range": [min(dec), max(dec)],
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "decode_range": decode_range,
         "threads": args.threads,
         "rounds": args.speed_rounds,
     }

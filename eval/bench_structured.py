@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +43,7 @@ from common import (  # noqa: E402
     markdown_table,
     out_flag,
     require_text,
+    round_medians,
     run_compress,
     shipped_calibration,
 )
@@ -201,10 +201,7 @@ def main() -> None:
         if args.speed_rounds > 0:
             runs = alternating_speed(files, args.speed_rounds, args.threads)
             for r in records:
-                dec = [x["decode"] for x in runs[r["label"]]]
-                r["decode"] = statistics.median(dec)
-                r["prefill"] = statistics.median(x["prefill"] for x in runs[r["label"]])
-                r["decode_range"] = [min(dec), max(dec)]
+                r["prefill"], r["decode"], r["decode_range"] = round_medians(runs[r["label"]])
                 r["speed_rounds"] = args.speed_rounds
     finally:
         cleanup(work)

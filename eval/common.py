@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,12 @@ def alternating_speed(
         for be in backends.values():
             be.close()
     return runs
+
+
+def round_medians(rounds: list[dict]) -> tuple[float, float, list[float]]:
+    """One file's alternating rounds (:func:`alternating_speed`): prefill median, decode median, decode [min, max]."""
+    dec = [x["decode"] for x in rounds]
+    return statistics.median(x["prefill"] for x in rounds), statistics.median(dec), [min(dec), max(dec)]
 
 
 def run_compress(recipe: str | dict, out_dir: Path, extra: list[str] | None = None, model: str = MODEL) -> dict:
