@@ -267,15 +267,19 @@ def write(args, records, texts, ts, seq_len, imatrix_n, imatrix_len) -> None:
 
 
 def plot(records: list[dict], texts: list[str], path: str) -> None:
-    """KL against file size per text (log-log), one marker style per source; the Pareto front of each source
-    joined by a line; F32 drawn as a reference line of size."""
+    """KL against file size per text (log KL, linear size over the quantized files), one marker style and label
+    colour per source, labels on the side of the point their source keeps (plain llama.cpp left, the rest
+    right); the Pareto front of each source joined by a line. F32 (KL 0, ~5x the size) is off the chart:
+    named in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 5.5), squeeze=False)
     styles = {"llama.cpp": ("s", "tab:gray"), "llama.cpp + imatrix": ("^", "tab:blue"), "llmopt": ("o", "tab:red")}
+    sizes = [r["file_mib"] for r in records if r["type"] != "F32"]
+    f32 = next((r for r in records if r["type"] == "F32"), None)
     for ax, t in zip(axes[0], texts):
         for kind, (marker, color) in styles.items():
             pts = [r for r in records if r["type"] != "F32" and source_of(r) == kind]
@@ -284,20 +288,25 @@ def plot(records: list[dict], texts: list[str], path: str) -> None:
             xs = [r["file_mib"] for r in pts]
             ys = [max(r["texts"][t]["kl"], 1e-4) for r in pts]
             ax.scatter(xs, ys, marker=marker, color=color, s=50, label=kind, zorder=3)
+            left = kind == "llama.cpp"
             for r, x, y in zip(pts, xs, ys):
-                ax.annotate(r["type"].upper(), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    r["type"].upper(), (x, y), fontsize=7, color=color, xytext=(-5 if left else 5, 0),
+                    textcoords="offset points", ha="right" if left else "left", va="center",
+                )  # fmt: skip
             front = pareto(list(zip(xs, ys)))
             ax.plot(*zip(*front), color=color, alpha=0.5, lw=1)
-        f32 = next((r for r in records if r["type"] == "F32"), None)
         if f32:
-            ax.axvline(f32["file_mib"], color="black", ls=":", lw=1, label=f"F32 ({f32['file_mib']:.0f} MiB)")
-        ax.set_xscale("log")
+            ax.plot([], [], " ", label=f"F32: {f32['file_mib']:.0f} MiB, KL 0 (off the chart)")
+        if sizes:
+            pad = 0.12 * (max(sizes) - min(sizes) or 10)
+            ax.set_xlim(min(sizes) - pad, max(sizes) + 1.6 * pad)  # room for the labels right
         ax.set_yscale("log")
-        ax.set_xlabel("file size (MiB, log)")
+        ax.set_xlabel("file size (MiB)")
         ax.set_ylabel("KL vs F32 (log)")
         ax.set_title(t)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper right")
     fig.suptitle("SmolLM2-135M GGUF: KL vs size (lower left is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
