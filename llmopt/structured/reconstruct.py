@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from llmopt.calibration.capture import StopForward, capture_layer_inputs, hidden_of
 from llmopt.kernels.reconstruct import fit_gain, refit
 from llmopt.kernels.structured import head_channels, heads_to_groups
+from llmopt.memory import release_freed_memory
 from llmopt.precision import native_bf16
 from llmopt.structured.config import StructuredConfig
 from llmopt.structured.layout import sizes_of
@@ -159,8 +160,11 @@ class _Run:
             h[k] = hidden_of(layer(h[k], *b.layer_args[i][0], **b.layer_args[i][1]))
 
     def _teacher(self, i: int, nxt: int) -> tuple[list, list]:
-        """The uncut layer i's Linear inputs and residuals per batch; then its removed layers up to ``nxt``."""
-        cap = _Capture(self.tl[i], PATHS)
+        """The uncut layer i's inputs (``t_in``) and, per batch, its residual after attention, o_proj's and
+        down_proj's inputs and its output; then its removed layers up to ``nxt``. q/k/v's and gate/up's inputs
+        are not kept: they are the layer's norms of ``t_in`` and of the residual after attention, recomputed
+        batch by batch where they are needed (two fewer hidden-wide activations held over all tokens)."""
+        cap = _Capture(self.tl[i], {key: PATHS[key] for key in ("o", "mid", "down")})
         t_in, t_act = [], []
         for k, b in enumerate(self.batches):
             y = cap.run(self.tl[i], self.t_h[k], b.layer_args[i])
@@ -172,13 +176,14 @@ class _Run:
             self._forward(self.tl[r], self.t_h, r)
         return t_in, t_act
 
-    def _sums(self, S: nn.Module, i: int, key: str, t_act: list, correction=None) -> _Sums:
-        """H, C (and E) of the cut layer's Linear input ``key`` against the uncut one's, over all batches."""
+    def _sums(self, S: nn.Module, i: int, key: str, uncut, correction=None) -> _Sums:
+        """H, C (and E) of the cut layer's Linear input ``key`` against the uncut one's (``uncut(k)`` for
+        batch k), over all batches."""
         acc = _Sums()
         c = _Capture(S, {key: PATHS[key], **({"mid": PATHS["mid"]} if key == "down" else {})}, stop=key)
         for k, b in enumerate(self.batches):
             c.run(S, self.s_h[k], b.layer_args[i])
-            acc.add(c.got[key], t_act[k][key], None if correction is None else correction(k, c.got))
+            acc.add(c.got[key], uncut(k), None if correction is None else correction(k, c.got))
         c.remove()
         return acc
 
@@ -192,15 +197,17 @@ class _Run:
             g = self.cut.groups[i]
             q_rows = head_channels(heads_to_groups(g, s.heads_per_group), s.head_dim)
             kv_rows = head_channels(g, s.head_dim)
-        acc = self._sums(S, i, "qkv", t_act)
+        acc = self._sums(S, i, "qkv", lambda k: _flat(T.input_layernorm(t_in[k])))
         for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             W = getattr(T.self_attn, name).weight
             W = (W if rows is None else W[rows]) * (self.qk_scale if name != "v_proj" else 1.0)
             _set_weight(getattr(S.self_attn, name), refit(W, acc.H, acc.C, damp=damp))
         # o_proj: the uncut attention output + the residual error carried into the layer (kept channels)
-        acc = self._sums(S, i, "o", t_act, lambda k, got: self.kept_h(t_in[k], 1) - _flat(self.s_h[k]))
+        acc = self._sums(
+            S, i, "o", lambda k: t_act[k]["o"], lambda k, got: self.kept_h(t_in[k], 1) - _flat(self.s_h[k])
+        )
         _set_weight(S.self_attn.o_proj, refit(self.kept_h(T.self_attn.o_proj.weight, 0), acc.H, acc.C, acc.E, damp))
-        acc = self._sums(S, i, "gate", t_act)
+        acc = self._sums(S, i, "gate", lambda k: _flat(T.post_attention_layernorm(t_act[k]["mid"])))
         mk = self.cut.mlp[i] if self.cut.mlp is not None else None
         for name in ("gate_proj", "up_proj"):
             W = getattr(T.mlp, name).weight
@@ -212,11 +219,16 @@ class _Run:
                 e += self.kept_h(_flat(self.t_h[k]) - t_act[k]["out"], 1)
             return e
 
-        acc = self._sums(S, i, "down", t_act, down_target)
+        acc = self._sums(S, i, "down", lambda k: t_act[k]["down"], down_target)
         _set_weight(S.mlp.down_proj, refit(self.kept_h(T.mlp.down_proj.weight, 0), acc.H, acc.C, acc.E, damp))
+        # the uncut layer's Linear inputs (~1.2 GiB over 128 x 512 tokens at SmolLM2's widths) are done with:
+        # freed before the refinement, whose own activations and Adam state would otherwise come on top of them
+        t_act.clear()
+        t_in.clear()
+        release_freed_memory()
         epochs, lr = self.refine
         if epochs:  # self.s_h is still this layer's input; self.t_h the uncut residual entering the next kept one
-            targets = [self.kept_h(t, -1) for t in self.t_h]
+            targets = self.t_h if self.hk is None else [self.kept_h(t, -1) for t in self.t_h]  # read only
             args = [b.layer_args[i] for b in self.batches]
             self.refined.append(refine_layer(S, self.s_h, targets, args, epochs, lr, self.bf16, seed=j))
         self._forward(S, self.s_h, i)
