@@ -6,7 +6,8 @@ model load and save included); calibration 32 x 512 tokens (seed 0) of the first
 valid.nounk.txt, evaluation on 2048-token windows of the second half with KL against the same dense
 logits. The "before" column is the same config's peak RSS from the results committed before the
 engine kept only codes (not float32 weights) of quantized Linears (quant.json / pruning.json of
-commit ce40368). Writes eval/results/engine.{md,json,png}.
+commit ce40368). Writes ``--out``.{md,json,png} (committed runs: eval/results/engine-float32.md,
+engine-dtypes.md; engine.md says which is newer).
 
     python eval/bench_engine.py [--windows 4] [--configs gptq-q4_0,gptq-w4g64] [--dtypes float32,bfloat16]
 """

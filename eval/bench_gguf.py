@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     REPO,
     CachedBackend,
     cleanup,
+    describe_text,
     eval_texts,
     fmt,
     machine_note,
@@ -244,7 +245,7 @@ def main() -> None:
         f"embedding (tied output) is {EMB} in every quantized file. Speed: 512-token prompt, 128 greedy "
         f"tokens, {args.threads} threads, llama.cpp's perf counters. `quantize s`: llama.cpp's quantizer (imatrix "
         "included) or llmopt's layer-wise engine (model load/save excluded)."
-        + "".join(f" Extra text `{n}` = `{s.replace(str(REPO.parent), '..')}`." for n, s in extra_texts.items())
+        + "".join(f" Extra text `{n}` = {describe_text(s)}." for n, s in extra_texts.items())
         + (" QUICK RUN." if args.quick else ""),
         "",
         markdown_table(header, rows),

@@ -34,6 +34,7 @@ from common import (  # noqa: E402,E501
     MODEL,
     REPO,
     cleanup,
+    describe_text,
     eval_texts,
     machine_note,
     markdown_table,
@@ -142,7 +143,7 @@ def main() -> None:
         + "), each scored by the F32 GGUF and both Q4_0 files in the same pass; KL against F32 on the same "
         "tokens. Calibration and imatrix: the same 32 x 512-token windows (seed 0) of the first half of "
         f"`valid.nounk.txt`. Token embedding (tied output) {EMB} in both quantized files. Texts: "
-        + ", ".join(f"`{n}` = `{s.replace(str(REPO.parent), '..')}`" for n, s in texts.items())
+        + ", ".join(f"`{n}` = {describe_text(s)}" for n, s in texts.items())
         + ". `quantize s`: llama.cpp's quantizer with its imatrix pass, or llmopt's layer-wise engine.",
         "",
         markdown_table(header, rows),

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     MODEL,
     REPO,
     cleanup,
+    describe_text,
     eval_texts,
     machine_note,
     markdown_table,
@@ -197,7 +198,7 @@ def main() -> None:
         "windows (seed 0) of the first half of `valid.nounk.txt`, exported with `--type auto` (q8_0 token "
         f"embedding, llama.cpp's tensor types for Q4_0) and scored by llama.cpp: {args.seq_len}-token windows "
         f"({n_windows}), KL against the F32 GGUF on the same tokens. Texts: "
-        + ", ".join(f"`{t}` = `{s.replace(str(REPO.parent), '..')}`" for t, s in texts.items())
+        + ", ".join(f"`{t}` = {describe_text(s)}" for t, s in texts.items())
         + ". Compression seconds and peak RSS come from a machine shared with other jobs: indicative only.",
         "",
         markdown_table(header, rows),

@@ -15,7 +15,7 @@
 windows) of the Linears of a few decoder layers are saved once; llm-compressor's GPTQ function
 (``llmcompressor_baseline.py --hessians``) and llmopt's ``gptq_quantize`` in several settings quantize
 the very same (W, H) pairs, and every result is scored by the layer objective tr((W − Ŵ) H (W − Ŵ)ᵀ)
-relative to RTN. Writes eval/results/gptq-layerwise.md (and .json), with kernel seconds::
+relative to RTN. Writes eval/results/gptq-layerwise-w<bits>.md (and .json), with kernel seconds::
 
     python eval/bench_llmcompressor.py --llmc-python /work/llmc-venv/bin/python --layerwise --bits 3
 """
@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     REPO,
     CachedBackend,
     cleanup,
+    describe_text,
     eval_texts,
     evaluate_folder,
     fmt,
@@ -341,7 +342,7 @@ def main() -> None:
         header += [f"ppl {name}", f"KL {name}"]
     header += ["seconds", "peak RSS GiB"]
     dense_txt = ", ".join(f"{n} {p:.3f}" for n, p in dense_ppl.items())
-    texts_txt = "; ".join(f"`{n}` = `{s.replace(str(REPO.parent), '..')}`" for n, s in texts.items())
+    texts_txt = "; ".join(f"`{n}` = {describe_text(s)}" for n, s in texts.items())
     md = [
         "# llmopt vs llm-compressor 0.14 (same model, scheme and calibration ids, one run)",
         "",

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     REPO,
     CachedBackend,
     cleanup,
+    describe_text,
     eval_texts,
     evaluate_folder,
     fmt,
@@ -181,7 +182,7 @@ def write(records: list[dict], dense_ppl: dict[str, float], texts: dict[str, str
         cells += [fmt(rec["bits_per_weight"], 3), fmt(rec["compress_seconds"], 1), fmt(rec["peak_rss_mib"] / 1024, 2)]
         rows.append(cells)
     dense_txt = ", ".join(f"{n} {p:.3f}" for n, p in dense_ppl.items())
-    texts_txt = "; ".join(f"`{n}` = `{s.replace(str(REPO.parent), '..')}`" for n, s in texts.items())
+    texts_txt = "; ".join(f"`{n}` = {describe_text(s)}" for n, s in texts.items())
     title = "GPTQ settings study" if args.study else "Quantization"
     md = [
         f"# {title}: SmolLM2-135M-Instruct (bundled)",
