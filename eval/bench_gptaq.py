@@ -250,12 +250,20 @@ def plot(summary: dict, variants: dict, path: str) -> None:
                 mean, lo, hi, _, _ = summary[t][n][key]
                 ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="o", capsize=4)
             ax.axvline(0, color="k", lw=1)
+            spans = [abs(v) for n in names for v in summary[t][n][key][:3]]
+            if max(spans) > 20 * min(x for x in spans if x > 0):  # a diverging variant would hide the others
+                ax.set_xscale("symlog", linthresh=0.01)  # linear within ±0.01 nats, logarithmic beyond
+                lo, hi = (min(summary[t][n][key][1] for n in names), max(summary[t][n][key][2] for n in names))
+                ax.set_xlim(min(lo * 3, -0.02), max(hi * 3, 0.02))  # room for the far points' whiskers
             ax.set_yticks(range(len(names)), names if col == 0 else [""] * len(names))
             ax.set_xlabel(f"{what}, variant − {REF}")
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(f"{t} ({summary[t][REF]['windows']} windows)")
-    fig.suptitle("GPTAQ variants against the shipped GPTQ q4_0 (negative = better; 95% interval over windows)")
+    fig.suptitle(
+        "GPTAQ variants against the shipped GPTQ q4_0 (negative = better; 95% interval over windows;\n"
+        "a symlog axis where one variant is far off: linear within ±0.01)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
