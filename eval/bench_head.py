@@ -103,7 +103,7 @@ def main() -> None:
             rep, head = info["compress"], info.get("head")
             raw[label] = {
                 "file_bytes": path.stat().st_size,
-                "eval": {t: r.to_dict() for t, r in evals.items()},
+                "eval": {t: {**r.to_dict(), "model": path.name, "data": t} for t, r in evals.items()},  # no paths
                 "compress_seconds": rep["compress_seconds"],
                 "peak_rss_mib": rep["peak_rss_mib"],
                 **({"head_seconds": head["seconds"], "head_loss": head["loss"]} if head else {}),

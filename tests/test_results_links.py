@@ -31,3 +31,14 @@ def test_cited_results_exist():
     assert len(cited) > 20  # the pattern still finds the citations
     missing = {n: sorted(srcs) for n, srcs in cited.items() if not (REPO / "eval" / "results" / n).is_file()}
     assert not missing, f"cited but not committed under eval/results/: {missing}"
+
+
+def test_results_name_no_machine_paths():
+    """Committed results name files relative to the repository (or by their role), never this machine's."""
+    machine = re.compile(r"(?<![\w.])/(?:tmp|work|root|home)/")
+    found = [
+        str(p.relative_to(REPO))
+        for p in sorted((REPO / "eval" / "results").rglob("*"))
+        if p.suffix in {".md", ".json"} and machine.search(p.read_text())
+    ]
+    assert not found, f"results naming this machine's paths: {found}"
