@@ -143,7 +143,7 @@ class _Run:
         self.hk = cut.hidden
         self.batches = capture_layer_inputs(teacher, self.tl, windows, batch_size)
         self.t_h = [b.hidden.clone() for b in self.batches]
-        self.s_h = [self.kept_h(h, -1) for h in self.t_h]
+        self.s_h = [self.kept_h(h, -1, copy=True) for h in self.t_h]
         # Qwen3's per-head q/k norms: the cut scaled q/k rows by √(H/H') (llmopt.structured.surgery); so do the targets
         qk = self.hk is not None and hasattr(self.sl[0].self_attn, "q_norm")
         self.qk_scale = math.sqrt(self.s.hidden / self.hk.numel()) if qk else 1.0
@@ -151,9 +151,12 @@ class _Run:
         self.refined: list[tuple[float, float]] = []
         self.bf16 = native_bf16(self.batches[0].hidden.device) if self.batches else False
 
-    def kept_h(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """The kept residual-stream channels of ``x`` along ``dim`` (the rows of a Linear writing the residual)."""
-        return x.clone() if self.hk is None else x.index_select(dim, self.hk.to(x.device))
+    def kept_h(self, x: torch.Tensor, dim: int, copy: bool = False) -> torch.Tensor:
+        """The kept residual-stream channels of ``x`` along ``dim`` (the rows of a Linear writing the residual).
+        Without a hidden cut that is ``x`` itself (to be read only), or a copy of it with ``copy``."""
+        if self.hk is None:
+            return x.clone() if copy else x
+        return x.index_select(dim, self.hk.to(x.device))
 
     def _forward(self, layer: nn.Module, h: list, i: int) -> None:
         for k, b in enumerate(self.batches):
@@ -228,7 +231,7 @@ class _Run:
         release_freed_memory()
         epochs, lr = self.refine
         if epochs:  # self.s_h is still this layer's input; self.t_h the uncut residual entering the next kept one
-            targets = self.t_h if self.hk is None else [self.kept_h(t, -1) for t in self.t_h]  # read only
+            targets = [self.kept_h(t, -1) for t in self.t_h]  # read only
             args = [b.layer_args[i] for b in self.batches]
             self.refined.append(refine_layer(S, self.s_h, targets, args, epochs, lr, self.bf16, seed=j))
         self._forward(S, self.s_h, i)
