@@ -12,45 +12,54 @@ many layers a file could keep and still decode 10x torch F32 eager here. Writes 
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, alternating_speed, round_medians
+from common import MODEL, alternating_speed, cleanup, round_medians
 from safetensors.torch import load_file, save_file
 
 from llmopt.exporters import export_gguf
 from llmopt.models import resolve_local_folder
 
-src = Path(resolve_local_folder(MODEL))
-work = Path("/tmp/probe-decode-depth")
-work.mkdir(parents=True, exist_ok=True)
-files = {}
-for k in (30, 15, 5, 1):
-    f = work / f"L{k}"
-    if not (f / "config.json").exists():
-        shutil.copytree(src, f, dirs_exist_ok=True)
-        cfg = json.loads((f / "config.json").read_text())
-        cfg["num_hidden_layers"] = k
-        (f / "config.json").write_text(json.dumps(cfg))
-        for st in f.glob("*.safetensors"):
-            d = load_file(st)
-            d = {n: t for n, t in d.items() if not (n.startswith("model.layers.") and int(n.split(".")[2]) >= k)}
-            save_file(d, st, metadata={"format": "pt"})
-        idx = f / "model.safetensors.index.json"
-        if idx.exists():
-            j = json.loads(idx.read_text())
-            j["weight_map"] = {
-                n: v
-                for n, v in j["weight_map"].items()
-                if not (n.startswith("model.layers.") and int(n.split(".")[2]) >= k)
-            }
-            idx.write_text(json.dumps(j))
-    g = work / f"L{k}-q4_0.gguf"
-    if not g.exists():
-        export_gguf(str(f), str(g), type="q4_0", embedding_type="q4_0")
-    files[f"L{k}"] = g
-runs = alternating_speed(files, 3, 2, torch_label="torch-f32")
-out = {k: round_medians(v) for k, v in runs.items()}
-for k, (p, d, r) in out.items():
-    print(k, f"prefill {p:.0f} decode {d:.1f} {r} ms/token {1000 / d:.2f}")
-Path(__file__).resolve().parent.joinpath("results", "decode-depth.json").write_text(json.dumps(out, indent=1))
+DEPTHS = (30, 15, 5, 1)
+
+
+def first_layers(src: Path, out: Path, k: int) -> None:
+    """The HF folder ``src`` with only its first ``k`` decoder layers, written to ``out``."""
+
+    def dropped(name: str) -> bool:
+        return name.startswith("model.layers.") and int(name.split(".")[2]) >= k
+
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": k}))
+    for st in out.glob("*.safetensors"):
+        save_file({n: t for n, t in load_file(st).items() if not dropped(n)}, st, metadata={"format": "pt"})
+    idx = out / "model.safetensors.index.json"
+    if idx.exists():
+        j = json.loads(idx.read_text())
+        j["weight_map"] = {n: v for n, v in j["weight_map"].items() if not dropped(n)}
+        idx.write_text(json.dumps(j))
+
+
+def main() -> None:
+    src = Path(resolve_local_folder(MODEL))
+    work = Path(tempfile.mkdtemp(prefix="probe-decode-depth-"))
+    try:
+        files = {}
+        for k in DEPTHS:
+            first_layers(src, work / f"L{k}", k)
+            files[f"L{k}"] = work / f"L{k}-q4_0.gguf"
+            export_gguf(str(work / f"L{k}"), str(files[f"L{k}"]), type="q4_0", embedding_type="q4_0")
+            cleanup(work / f"L{k}")
+        out = {k: round_medians(v) for k, v in alternating_speed(files, 3, 2, torch_label="torch-f32").items()}
+    finally:
+        cleanup(work)
+    for k, (pre, dec, rng) in out.items():
+        print(k, f"prefill {pre:.0f} decode {dec:.1f} {rng} ms/token {1000 / dec:.2f}")
+    Path(__file__).resolve().parent.joinpath("results", "decode-depth.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
